@@ -1,0 +1,107 @@
+-- pgsession schema, version 1.
+--
+-- pgsession applies this file itself (src/migrate.rs), inside one transaction under an advisory
+-- lock, after replacing each placeholder in double braces with a validated name:
+--   {{sessions}}    schema-qualified, quoted sessions table, e.g. "public"."sessions"
+--   {{prefix}}      the configured table prefix (lower-case letters, digits, '_'), may be empty
+--   {{create_fn}}   schema-qualified, quoted create function
+--   {{channel}}     the NOTIFY channel for cache invalidations
+--   {{lock_class}}  32-bit advisory-lock class of this table
+-- To apply it by hand, substitute the placeholders the same way.
+
+CREATE TABLE {{sessions}} (
+    id               uuid        PRIMARY KEY,
+    user_id          uuid        NOT NULL,
+    -- Incremented by every committed change of attributes or expiry; caches compare it.
+    version          bigint      NOT NULL CHECK (version > 0),
+    attributes       jsonb       NOT NULL CHECK (jsonb_typeof(attributes) = 'object'),
+    created_at       timestamptz NOT NULL,
+    updated_at       timestamptz NOT NULL,
+    last_accessed_at timestamptz NOT NULL,
+    expires_at       timestamptz NOT NULL
+) WITH (fillfactor = 90);
+-- last_accessed_at is rewritten by every batched access flush. It is deliberately in no index,
+-- and fillfactor leaves room on each page, so those updates stay HOT (no index writes, little
+-- bloat). Cleanup of idle sessions scans the table instead, once per cleanup_interval.
+
+-- Per-user cap, logout everywhere, "your sessions" lists.
+CREATE INDEX "{{prefix}}sessions_user_id_idx" ON {{sessions}} (user_id);
+-- Cleanup of sessions past their absolute expiry.
+CREATE INDEX "{{prefix}}sessions_expires_at_idx" ON {{sessions}} (expires_at);
+
+-- Creates a session while holding the user's cap, in one round trip.
+--
+-- Logins of one user are serialised by a transaction-scoped advisory lock. In READ COMMITTED
+-- every statement of a PL/pgSQL function takes a fresh snapshot, so the statements after the
+-- lock see every session a concurrent login of the same user committed; a single SQL statement
+-- could not, its snapshot being taken before the lock is granted.
+--
+-- Returns the ids of the sessions it deleted to make room (the user's least recently used live
+-- sessions beyond the cap, and dead ones of that user); other nodes learn of them through
+-- notifications sent in chunks small enough for NOTIFY's 8000-byte payload limit.
+-- With p_reject, a user already at the cap gets SQLSTATE PS001 and nothing is written.
+CREATE FUNCTION {{create_fn}}(
+    p_id           uuid,
+    p_user_id      uuid,
+    p_attributes   jsonb,
+    p_now          timestamptz,
+    p_expires_at   timestamptz,
+    p_idle_cutoff  timestamptz,  -- sessions last accessed at or before this are idle; NULL: no idle expiry
+    p_max_sessions integer,
+    p_reject       boolean
+) RETURNS uuid[]
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_live    bigint;
+    v_evicted uuid[];
+BEGIN
+    PERFORM pg_advisory_xact_lock({{lock_class}}, hashtext(p_user_id::text));
+
+    IF p_reject THEN
+        SELECT count(*) INTO v_live
+        FROM {{sessions}}
+        WHERE user_id = p_user_id
+          AND expires_at > p_now
+          AND (p_idle_cutoff IS NULL OR last_accessed_at > p_idle_cutoff);
+        IF v_live >= p_max_sessions THEN
+            RAISE EXCEPTION 'user % already has % live sessions (limit %)',
+                p_user_id, v_live, p_max_sessions
+                USING ERRCODE = 'PS001';
+        END IF;
+    END IF;
+
+    -- Keep the (cap - 1) most recently used live sessions, delete the rest: live ones rank
+    -- before dead ones, most recent first.
+    WITH ranked AS (
+        SELECT id,
+               row_number() OVER (
+                   ORDER BY (expires_at > p_now
+                             AND (p_idle_cutoff IS NULL OR last_accessed_at > p_idle_cutoff)) DESC,
+                            last_accessed_at DESC,
+                            id
+               ) AS rank
+        FROM {{sessions}}
+        WHERE user_id = p_user_id
+    ), deleted AS (
+        DELETE FROM {{sessions}} s
+        USING ranked r
+        WHERE s.id = r.id AND r.rank >= p_max_sessions
+        RETURNING s.id
+    )
+    SELECT array_agg(id) INTO v_evicted FROM deleted;
+
+    IF v_evicted IS NOT NULL THEN
+        PERFORM pg_notify('{{channel}}', 'd ' || string_agg(replace(c.id::text, '-', ''), ','))
+        FROM unnest(v_evicted) WITH ORDINALITY AS c(id, n)
+        GROUP BY (c.n - 1) / 200;
+    END IF;
+
+    INSERT INTO {{sessions}}
+        (id, user_id, version, attributes, created_at, updated_at, last_accessed_at, expires_at)
+    VALUES
+        (p_id, p_user_id, 1, p_attributes, p_now, p_now, p_now, p_expires_at);
+
+    RETURN coalesce(v_evicted, '{}');
+END
+$fn$;

@@ -1,0 +1,62 @@
+//! The periodic tasks: last-access flushing and expired-session cleanup.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::manager::Inner;
+use crate::shutdown::Signal;
+
+/// Write recorded accesses every `last_access_flush_interval`, or sooner when a buffer shard
+/// fills up; write the rest once more at shutdown.
+pub(crate) async fn flush_last_access(inner: Arc<Inner>, mut shutdown: Signal) {
+    let interval = inner.config.last_access_flush_interval;
+    let mut backoff = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => break,
+            _ = tokio::time::sleep(interval) => {}
+            _ = inner.touches.wake.notified() => {}
+        }
+        match inner.flush_touches().await {
+            Ok(_) => backoff = Duration::ZERO,
+            Err(e) => {
+                // Early-flush wake-ups would otherwise retry a failing database in a tight loop.
+                backoff = (backoff * 2).clamp(Duration::from_millis(100), interval);
+                tracing::warn!(error = %e, retry_in = ?backoff, "pgsession: last-access flush failed; will retry");
+                tokio::select! {
+                    _ = shutdown.recv() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+        }
+    }
+    // The final flush: accesses recorded until now must reach the database.
+    let result = inner.flush_touches().await;
+    *inner.final_flush.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.map(|_| ()));
+}
+
+/// Delete expired sessions every `cleanup_interval`. The first run comes at a random point of
+/// the first interval so that nodes started together do not all clean at once (they could;
+/// `SKIP LOCKED` keeps them out of each other's way, it would just be wasted work).
+pub(crate) async fn cleanup(inner: Arc<Inner>, mut shutdown: Signal) {
+    let interval = inner.config.cleanup_interval;
+    let fraction = (Uuid::new_v4().as_u64_pair().0 >> 11) as f64 / (1u64 << 53) as f64;
+    let mut wait = interval.mul_f64(fraction);
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = interval;
+        match inner.cleanup_expired().await {
+            Ok(n) => {
+                inner.cleanup_deleted.fetch_add(n, Ordering::Relaxed);
+                tracing::debug!(deleted = n, "pgsession: expired sessions cleaned up");
+            }
+            Err(e) => tracing::warn!(error = %e, "pgsession: cleanup of expired sessions failed"),
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! The in-process session cache: a sharded LRU whose entries are only ever installed when the
+//! node can vouch for them.
+//!
+//! # How staleness is ruled out
+//!
+//! * **Shards.** Sessions are spread over independent `Mutex<LruCache>` shards, so hits on
+//!   different sessions rarely meet on a lock and no lock is process-wide.
+//! * **Generations (I3).** Each shard counts the invalidations applied to it. A reader that
+//!   misses takes a [`FillToken`] (shard and generation) *before* it reads the database, and the
+//!   copy it read is installed only if the generation is unchanged: any invalidation applied in
+//!   between, which may describe a write the read did not see, makes the fill a no-op. Writes
+//!   made by this node take a token too and bump the generation when they land, so a slower
+//!   concurrent fill holding the previous state cannot overwrite them (I1).
+//! * **Versions.** Every entry carries the database version; an invalidation `u <id> <v>` only
+//!   evicts older copies, so a node's own update is not thrown away when its own notification
+//!   comes back, and an install never replaces a newer copy with an older one.
+//! * **Trust (I4).** While the listener is down or resynchronising the cache is *distrusted*:
+//!   lookups miss without a token (nothing is served, nothing is filled). Distrusting bumps
+//!   every shard's generation, so fills that started earlier are rejected too.
+//! * **Expiry (I5).** A lookup never serves an entry that is expired by its own timestamps
+//!   (absolute expiry, or idle by this node's last access) or older than `cache_max_age`; it
+//!   reports a miss and the caller re-reads the database, where another node may have recorded
+//!   a later access.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use chrono::{DateTime, Utc};
+use lru::LruCache;
+use uuid::Uuid;
+
+use crate::session::Session;
+
+/// Keeps each shard's lock on its own cache line so that two threads working on different
+/// shards do not slow each other down through false sharing.
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub T);
+
+/// Spread ids over `n` (a power of two) shards. Ids come from clients, so the mix is keyed with a
+/// per-process random seed.
+#[derive(Clone, Copy)]
+pub(crate) struct ShardPicker {
+    seed: u64,
+    mask: usize,
+}
+
+impl ShardPicker {
+    pub(crate) fn new(shards: usize) -> ShardPicker {
+        debug_assert!(shards.is_power_of_two());
+        ShardPicker {
+            seed: Uuid::new_v4().as_u64_pair().0 | 1,
+            mask: shards - 1,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn pick(&self, id: &Uuid) -> usize {
+        let (hi, lo) = id.as_u64_pair();
+        let h = (hi ^ lo.rotate_left(17) ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> 40) as usize & self.mask
+    }
+}
+
+/// A reasonable shard count: a few per core, a power of two, never more than the capacity.
+pub(crate) fn shard_count(capacity: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+    (cores * 8)
+        .next_power_of_two()
+        .clamp(1, 64)
+        .min(capacity.max(1).next_power_of_two())
+        .max(1)
+}
+
+struct Entry {
+    session: Session,
+    /// After this instant the entry must be re-read (`cache_max_age`).
+    stale_after: DateTime<Utc>,
+}
+
+struct Shard {
+    lru: LruCache<Uuid, Entry>,
+    /// Invalidations applied to this shard (see the module docs).
+    generation: u64,
+    hits: u64,
+    misses: u64,
+    fills_rejected: u64,
+}
+
+/// Permission to install what a read or write returns, if nothing changed meanwhile.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FillToken {
+    shard: usize,
+    generation: u64,
+}
+
+/// Outcome of a lookup.
+pub(crate) enum Lookup {
+    /// Served from memory; no database I/O needed.
+    Hit(Session),
+    /// Read the database; install the result with the token if there is one.
+    Miss(Option<FillToken>),
+}
+
+/// Counters summed over the shards.
+#[derive(Default)]
+pub(crate) struct CacheCounters {
+    pub hits: u64,
+    pub misses: u64,
+    pub fills_rejected: u64,
+    pub entries: usize,
+}
+
+pub(crate) struct Cache {
+    shards: Box<[Padded<Mutex<Shard>>]>,
+    picker: ShardPicker,
+    trusted: AtomicBool,
+    max_age: Option<chrono::Duration>,
+}
+
+impl Cache {
+    /// A cache of about `capacity` sessions; capacity 0 gives a cache that never holds anything.
+    pub(crate) fn new(capacity: usize, max_age: Option<chrono::Duration>) -> Cache {
+        let n = if capacity == 0 {
+            0
+        } else {
+            shard_count(capacity)
+        };
+        let per_shard = NonZeroUsize::new(capacity.div_ceil(n.max(1))).unwrap_or(NonZeroUsize::MIN);
+        let shards = (0..n)
+            .map(|_| {
+                Padded(Mutex::new(Shard {
+                    lru: LruCache::new(per_shard),
+                    generation: 0,
+                    hits: 0,
+                    misses: 0,
+                    fills_rejected: 0,
+                }))
+            })
+            .collect();
+        Cache {
+            shards,
+            picker: ShardPicker::new(n.max(1)),
+            trusted: AtomicBool::new(false),
+            max_age,
+        }
+    }
+
+    /// False when configured with capacity 0.
+    pub(crate) fn enabled(&self) -> bool {
+        !self.shards.is_empty()
+    }
+
+    fn lock(&self, i: usize) -> MutexGuard<'_, Shard> {
+        // A panic while holding a shard lock cannot leave an entry half-written (every critical
+        // section is a single LruCache call or a counter bump), so poisoning is ignored.
+        self.shards[i]
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn is_trusted(&self) -> bool {
+        self.trusted.load(Ordering::Acquire)
+    }
+
+    /// Look a session up. A hit records `now` as its last access in the cached copy.
+    pub(crate) fn lookup(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        idle: Option<chrono::Duration>,
+    ) -> Lookup {
+        if !self.enabled() {
+            return Lookup::Miss(None);
+        }
+        let i = self.picker.pick(&id);
+        let mut guard = self.lock(i);
+        let shard = &mut *guard;
+        if !self.is_trusted() {
+            shard.misses += 1;
+            return Lookup::Miss(None);
+        }
+        if let Some(entry) = shard.lru.get_mut(&id)
+            && now < entry.stale_after
+            && !entry.session.is_expired(now, idle)
+        {
+            if entry.session.last_accessed_at < now {
+                entry.session.last_accessed_at = now;
+            }
+            let session = entry.session.clone();
+            shard.hits += 1;
+            return Lookup::Hit(session);
+        }
+        shard.misses += 1;
+        Lookup::Miss(Some(FillToken {
+            shard: i,
+            generation: shard.generation,
+        }))
+    }
+
+    /// A token for a write this node is about to make, taken before the write is sent.
+    pub(crate) fn token_for(&self, id: Uuid) -> Option<FillToken> {
+        if !self.enabled() {
+            return None;
+        }
+        let i = self.picker.pick(&id);
+        let shard = self.lock(i);
+        self.is_trusted().then_some(FillToken {
+            shard: i,
+            generation: shard.generation,
+        })
+    }
+
+    /// Install a copy read from the database, unless an invalidation was applied to its shard
+    /// since the token was taken, or a newer copy is already cached. Returns whether it was
+    /// installed.
+    pub(crate) fn fill(&self, token: FillToken, session: &Session, now: DateTime<Utc>) -> bool {
+        let mut shard = self.lock(token.shard);
+        if !self.is_trusted() || shard.generation != token.generation {
+            shard.fills_rejected += 1;
+            return false;
+        }
+        if shard
+            .lru
+            .peek(&session.id)
+            .is_some_and(|e| e.session.version > session.version)
+        {
+            return false;
+        }
+        let entry = self.entry(session, now);
+        shard.lru.put(session.id, entry);
+        true
+    }
+
+    /// Record a write this node committed: install the new state if nothing was invalidated
+    /// since `token`, otherwise (or for a deletion, `session == None`) evict. Always bumps the
+    /// generation so that fills that read the previous state are rejected.
+    pub(crate) fn apply_own_write(
+        &self,
+        id: Uuid,
+        token: Option<FillToken>,
+        session: Option<&Session>,
+        now: DateTime<Utc>,
+    ) {
+        if !self.enabled() {
+            return;
+        }
+        let i = self.picker.pick(&id);
+        let mut shard = self.lock(i);
+        let unchanged =
+            self.is_trusted() && token.is_some_and(|t| t.generation == shard.generation);
+        shard.generation += 1;
+        match session {
+            Some(s) if unchanged => {
+                let newer_cached = shard
+                    .lru
+                    .peek(&id)
+                    .is_some_and(|e| e.session.version > s.version);
+                if !newer_cached {
+                    let entry = self.entry(s, now);
+                    shard.lru.put(id, entry);
+                }
+            }
+            _ => {
+                shard.lru.pop(&id);
+            }
+        }
+    }
+
+    /// Drop an entry the database no longer vouches for (found gone or expired on re-read).
+    pub(crate) fn remove(&self, id: Uuid) {
+        if self.enabled() {
+            self.lock(self.picker.pick(&id)).lru.pop(&id);
+        }
+    }
+
+    /// Another node (or this one) committed version `version` of `id`. Returns whether a copy
+    /// was evicted.
+    pub(crate) fn invalidate_version(&self, id: Uuid, version: i64) -> bool {
+        if !self.enabled() {
+            return false;
+        }
+        let mut shard = self.lock(self.picker.pick(&id));
+        shard.generation += 1;
+        let stale = shard
+            .lru
+            .peek(&id)
+            .is_some_and(|e| e.session.version < version);
+        if stale {
+            shard.lru.pop(&id);
+        }
+        stale
+    }
+
+    /// These sessions were deleted.
+    pub(crate) fn invalidate_deleted(&self, ids: &[Uuid]) -> usize {
+        let mut evicted = 0;
+        for id in ids {
+            if !self.enabled() {
+                break;
+            }
+            let mut shard = self.lock(self.picker.pick(id));
+            shard.generation += 1;
+            evicted += usize::from(shard.lru.pop(id).is_some());
+        }
+        evicted
+    }
+
+    /// Every session of `user_id` may have been deleted. Visits every shard (the cache is not
+    /// indexed by user: logouts everywhere are rare, lookups are not).
+    pub(crate) fn invalidate_user(&self, user_id: Uuid) -> usize {
+        let mut evicted = 0;
+        for i in 0..self.shards.len() {
+            let mut shard = self.lock(i);
+            shard.generation += 1;
+            let before = shard.lru.len();
+            shard.lru.retain(|_, e| e.session.user_id != user_id);
+            evicted += before - shard.lru.len();
+        }
+        evicted
+    }
+
+    /// Empty every shard.
+    pub(crate) fn clear(&self) {
+        for i in 0..self.shards.len() {
+            let mut shard = self.lock(i);
+            shard.generation += 1;
+            shard.lru.clear();
+        }
+    }
+
+    /// Stop serving and filling until [`trust`](Self::trust) is called; fills already under way
+    /// will be rejected.
+    pub(crate) fn distrust(&self) {
+        self.trusted.store(false, Ordering::Release);
+        for i in 0..self.shards.len() {
+            self.lock(i).generation += 1;
+        }
+    }
+
+    /// Serve and fill again (after a resynchronisation).
+    pub(crate) fn trust(&self) {
+        self.trusted.store(true, Ordering::Release);
+    }
+
+    /// Whether the cache is currently trusted.
+    pub(crate) fn trusted(&self) -> bool {
+        self.enabled() && self.is_trusted()
+    }
+
+    /// Ids and versions of every cached entry.
+    pub(crate) fn snapshot(&self) -> Vec<(Uuid, i64)> {
+        let mut out = Vec::new();
+        for i in 0..self.shards.len() {
+            let shard = self.lock(i);
+            out.extend(shard.lru.iter().map(|(id, e)| (*id, e.session.version)));
+        }
+        out
+    }
+
+    /// Keep only entries whose version equals the database's; `current` holds the database
+    /// versions of the snapshot's ids (missing: deleted). Called while distrusted, so nothing
+    /// was installed since the snapshot. Returns how many entries were evicted.
+    pub(crate) fn resync(&self, current: &HashMap<Uuid, i64>) -> usize {
+        let mut evicted = 0;
+        for i in 0..self.shards.len() {
+            let mut shard = self.lock(i);
+            shard.generation += 1;
+            let before = shard.lru.len();
+            shard
+                .lru
+                .retain(|id, e| current.get(id) == Some(&e.session.version));
+            evicted += before - shard.lru.len();
+        }
+        evicted
+    }
+
+    pub(crate) fn counters(&self) -> CacheCounters {
+        let mut c = CacheCounters::default();
+        for i in 0..self.shards.len() {
+            let shard = self.lock(i);
+            c.hits += shard.hits;
+            c.misses += shard.misses;
+            c.fills_rejected += shard.fills_rejected;
+            c.entries += shard.lru.len();
+        }
+        c
+    }
+
+    fn entry(&self, session: &Session, now: DateTime<Utc>) -> Entry {
+        let mut session = session.clone();
+        session.changes = Default::default();
+        Entry {
+            session,
+            stale_after: self
+                .max_age
+                .and_then(|age| now.checked_add_signed(age))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Changes;
+    use serde_json::Map;
+    use std::sync::Arc;
+
+    fn session(version: i64) -> Session {
+        let now = Utc::now();
+        Session {
+            id: Uuid::new_v4(),
+            user_id: Uuid::new_v4(),
+            version,
+            created_at: now,
+            updated_at: now,
+            last_accessed_at: now,
+            expires_at: now + chrono::Duration::hours(1),
+            attributes: Arc::new(Map::new()),
+            changes: Changes::default(),
+            max_attribute_size: 1024,
+        }
+    }
+
+    fn trusted_cache() -> Cache {
+        let cache = Cache::new(100, None);
+        cache.trust();
+        cache
+    }
+
+    fn token(cache: &Cache, id: Uuid) -> FillToken {
+        match cache.lookup(id, Utc::now(), None) {
+            Lookup::Miss(Some(t)) => t,
+            _ => panic!("expected a miss with a token"),
+        }
+    }
+
+    #[test]
+    fn fill_after_invalidation_is_rejected() {
+        let cache = trusted_cache();
+        let s = session(1);
+        let t = token(&cache, s.id);
+        cache.invalidate_version(s.id, 2);
+        assert!(!cache.fill(t, &s, Utc::now()));
+        assert!(matches!(
+            cache.lookup(s.id, Utc::now(), None),
+            Lookup::Miss(_)
+        ));
+    }
+
+    #[test]
+    fn fill_while_distrusted_or_after_distrust_is_rejected() {
+        let cache = trusted_cache();
+        let s = session(1);
+        let t = token(&cache, s.id);
+        cache.distrust();
+        cache.trust();
+        assert!(!cache.fill(t, &s, Utc::now()));
+        cache.distrust();
+        assert!(matches!(
+            cache.lookup(s.id, Utc::now(), None),
+            Lookup::Miss(None)
+        ));
+    }
+
+    #[test]
+    fn own_update_notification_does_not_evict_newer_copy() {
+        let cache = trusted_cache();
+        let mut s = session(3);
+        let t = cache.token_for(s.id);
+        cache.apply_own_write(s.id, t, Some(&s), Utc::now());
+        assert!(!cache.invalidate_version(s.id, 3));
+        assert!(matches!(
+            cache.lookup(s.id, Utc::now(), None),
+            Lookup::Hit(_)
+        ));
+        s.version = 2;
+        let t = cache.token_for(s.id).unwrap();
+        assert!(!cache.fill(t, &s, Utc::now()), "older copy replaced newer");
+    }
+
+    #[test]
+    fn own_write_after_concurrent_invalidation_evicts_instead_of_installing() {
+        let cache = trusted_cache();
+        let s = session(2);
+        let t = cache.token_for(s.id);
+        cache.invalidate_version(s.id, 3);
+        cache.apply_own_write(s.id, t, Some(&s), Utc::now());
+        assert!(matches!(
+            cache.lookup(s.id, Utc::now(), None),
+            Lookup::Miss(_)
+        ));
+    }
+
+    #[test]
+    fn expired_and_over_age_entries_are_not_served() {
+        let cache = Cache::new(100, Some(chrono::Duration::seconds(10)));
+        cache.trust();
+        let s = session(1);
+        let t = token(&cache, s.id);
+        let now = Utc::now();
+        assert!(cache.fill(t, &s, now));
+        assert!(matches!(cache.lookup(s.id, now, None), Lookup::Hit(_)));
+        let later = now + chrono::Duration::seconds(11);
+        assert!(matches!(
+            cache.lookup(s.id, later, None),
+            Lookup::Miss(Some(_))
+        ));
+        let idle = Some(chrono::Duration::seconds(5));
+        let idle_later = now + chrono::Duration::seconds(6);
+        assert!(matches!(
+            cache.lookup(s.id, idle_later, idle),
+            Lookup::Miss(Some(_))
+        ));
+    }
+
+    #[test]
+    fn user_invalidation_evicts_only_that_users_sessions() {
+        let cache = trusted_cache();
+        let a = session(1);
+        let mut b = session(1);
+        b.user_id = a.user_id;
+        let other = session(1);
+        for s in [&a, &b, &other] {
+            let t = token(&cache, s.id);
+            assert!(cache.fill(t, s, Utc::now()));
+        }
+        assert_eq!(cache.invalidate_user(a.user_id), 2);
+        assert_eq!(cache.counters().entries, 1);
+    }
+
+    #[test]
+    fn resync_keeps_only_entries_matching_database_versions() {
+        let cache = trusted_cache();
+        let same = session(4);
+        let changed = session(1);
+        let gone = session(1);
+        for s in [&same, &changed, &gone] {
+            let t = token(&cache, s.id);
+            assert!(cache.fill(t, s, Utc::now()));
+        }
+        let current = HashMap::from([(same.id, 4), (changed.id, 2)]);
+        assert_eq!(cache.resync(&current), 2);
+        assert_eq!(cache.snapshot(), vec![(same.id, 4)]);
+    }
+
+    #[test]
+    fn shard_picker_spreads_ids() {
+        let picker = ShardPicker::new(16);
+        let mut counts = [0usize; 16];
+        for _ in 0..16_000 {
+            counts[picker.pick(&Uuid::new_v4())] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 700), "{counts:?}");
+    }
+}

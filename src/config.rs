@@ -1,0 +1,328 @@
+//! Configuration: every knob, its default, and validation.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// What [`SessionManager::create_session`](crate::SessionManager::create_session) does when the
+/// user already has [`Config::max_sessions_per_user`] live sessions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MaxSessionsPolicy {
+    /// Delete the user's least recently used sessions, in the same transaction as the insert,
+    /// so that the new one fits. The default: a new login always works.
+    #[default]
+    EvictOldest,
+    /// Refuse the new session with [`Error::MaxSessionsReached`]; nothing is written.
+    Reject,
+}
+
+/// Configuration of a [`SessionManager`](crate::SessionManager).
+///
+/// All fields are public; start from [`Config::default()`] and change what you need. The
+/// manager validates the whole configuration when it is constructed and returns
+/// [`Error::InvalidConfig`] naming the offending field.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Most live sessions one user may have; `None` means unlimited. Default `Some(5)`.
+    pub max_sessions_per_user: Option<usize>,
+    /// What happens when a new session would exceed the cap. Default
+    /// [`MaxSessionsPolicy::EvictOldest`].
+    pub max_sessions_policy: MaxSessionsPolicy,
+    /// Largest JSON encoding of one attribute value, in bytes. Default 16 KiB (16384).
+    pub max_attribute_size: usize,
+    /// Absolute lifetime of a session from its creation. Default 30 days.
+    /// [`Session::set_expires_at`](crate::Session::set_expires_at) can move it.
+    pub session_ttl: Duration,
+    /// A session not accessed for this long is expired; `None` disables inactivity expiry.
+    /// Default `Some(48 hours)`. Accesses on other nodes count once they are flushed, within
+    /// [`last_access_flush_interval`](Self::last_access_flush_interval).
+    pub idle_timeout: Option<Duration>,
+    /// How often each node deletes expired sessions from the table. Default 1 hour. The first
+    /// run happens at a random point within the first interval so that nodes started together
+    /// spread out.
+    pub cleanup_interval: Duration,
+    /// Whether this node runs the periodic cleanup at all (turn it off when a single job does
+    /// it, e.g. a cron calling [`SessionManager::cleanup_expired`](crate::SessionManager)).
+    /// Default true.
+    pub run_cleanup: bool,
+    /// Rows deleted per cleanup statement (each its own short transaction). Default 1000.
+    pub cleanup_batch_size: usize,
+    /// Sessions held in the in-process cache; 0 disables the cache (every read goes to the
+    /// database). Default 10 000.
+    pub cache_capacity: usize,
+    /// Longest time a cached session is served without re-reading it; bounds how long writes
+    /// made outside pgsession (an admin's SQL) can go unseen. `None` = no bound. Default
+    /// `Some(5 minutes)`.
+    pub cache_max_age: Option<Duration>,
+    /// How often recorded accesses are written to `last_accessed_at`. Default 60 seconds.
+    pub last_access_flush_interval: Duration,
+    /// Most sessions per last-access UPDATE statement; a node with this many pending accesses
+    /// flushes early. Default 5000.
+    pub last_access_batch_size: usize,
+    /// Most accesses held in memory awaiting a flush (about 40 bytes each). When the database is
+    /// unreachable for long, accesses beyond this are dropped and counted in
+    /// [`Stats::touches_dropped`](crate::Stats). Default 100 000.
+    pub max_pending_touches: usize,
+    /// PostgreSQL schema holding the tables; `None` means `public`. Lower-case letters, digits
+    /// and `_`, not starting with a digit. Default `None`.
+    pub schema: Option<String>,
+    /// Prefix for table, function and index names (e.g. `"app_"` gives `app_sessions`). Same
+    /// character rules as `schema`, at most 24 characters. Default empty.
+    pub table_prefix: String,
+    /// Apply pending migrations from `migrations/` at start-up, under an advisory lock so that
+    /// nodes starting together do not race. When false, the manager only checks that the schema
+    /// is current. Default true.
+    pub run_migrations: bool,
+    /// Connection URL for the LISTEN connection, when the pool cannot carry LISTEN (PgBouncer in
+    /// transaction mode, a hot standby). `None` uses the pool's own connect options. Default
+    /// `None`.
+    pub listen_url: Option<String>,
+    /// When no notification has arrived for this long, the listener sends `SELECT 1` through its
+    /// connection to detect a silently dead (half-open) connection. Default 5 seconds.
+    pub listener_probe_interval: Duration,
+    /// How long the probe and a (re)connection of the listener may take before the connection is
+    /// considered dead. Default 3 seconds.
+    pub listener_timeout: Duration,
+    /// Longest wait between listener reconnection attempts (the wait starts at 50 ms and doubles).
+    /// Reconnection never gives up while the manager runs. Default 5 seconds.
+    pub listener_max_backoff: Duration,
+    /// How long [`SessionManager::shutdown`](crate::SessionManager::shutdown) waits for the
+    /// final flush and the background tasks before aborting them. Default 10 seconds.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_sessions_per_user: Some(5),
+            max_sessions_policy: MaxSessionsPolicy::EvictOldest,
+            max_attribute_size: 16 * 1024,
+            session_ttl: Duration::from_secs(30 * 86_400),
+            idle_timeout: Some(Duration::from_secs(48 * 3600)),
+            cleanup_interval: Duration::from_secs(3600),
+            run_cleanup: true,
+            cleanup_batch_size: 1000,
+            cache_capacity: 10_000,
+            cache_max_age: Some(Duration::from_secs(300)),
+            last_access_flush_interval: Duration::from_secs(60),
+            last_access_batch_size: 5000,
+            max_pending_touches: 100_000,
+            schema: None,
+            table_prefix: String::new(),
+            run_migrations: true,
+            listen_url: None,
+            listener_probe_interval: Duration::from_secs(5),
+            listener_timeout: Duration::from_secs(3),
+            listener_max_backoff: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Longest table prefix: the longest derived name (`<prefix>sessions_expires_at_idx`, 25 more
+/// characters) must fit PostgreSQL's 63-byte identifiers.
+const MAX_PREFIX_LEN: usize = 24;
+/// PostgreSQL truncates identifiers and channel names beyond 63 bytes.
+const MAX_IDENT_LEN: usize = 63;
+
+/// Database object names derived from a validated configuration.
+#[derive(Clone, Debug)]
+pub(crate) struct Names {
+    /// Quoted schema, e.g. `"public"`.
+    pub schema: String,
+    /// Unquoted schema name, for catalog lookups.
+    pub schema_raw: String,
+    /// Unquoted table prefix.
+    pub prefix: String,
+    /// Quoted, schema-qualified sessions table.
+    pub sessions: String,
+    /// Quoted, schema-qualified migrations bookkeeping table.
+    pub migrations: String,
+    /// Quoted, schema-qualified create function.
+    pub create_fn: String,
+    /// NOTIFY channel, unique per schema and prefix.
+    pub channel: String,
+    /// Advisory-lock class for this table (first key of the two-key lock functions).
+    pub lock_class: i32,
+}
+
+impl Config {
+    /// Check every field; the error names the first bad one.
+    pub(crate) fn validate(&self) -> Result<Names> {
+        let bad = |msg: String| Err(Error::InvalidConfig(msg));
+        if self.max_sessions_per_user == Some(0) {
+            return bad("max_sessions_per_user must be at least 1 (use None for unlimited)".into());
+        }
+        if self
+            .max_sessions_per_user
+            .is_some_and(|n| n > i32::MAX as usize)
+        {
+            return bad("max_sessions_per_user is too large".into());
+        }
+        if self.max_attribute_size == 0 {
+            return bad("max_attribute_size must be at least 1 byte".into());
+        }
+        for (name, d) in [
+            ("session_ttl", Some(self.session_ttl)),
+            ("idle_timeout", self.idle_timeout),
+            ("cleanup_interval", Some(self.cleanup_interval)),
+            ("cache_max_age", self.cache_max_age),
+            (
+                "last_access_flush_interval",
+                Some(self.last_access_flush_interval),
+            ),
+            (
+                "listener_probe_interval",
+                Some(self.listener_probe_interval),
+            ),
+            ("listener_timeout", Some(self.listener_timeout)),
+            ("listener_max_backoff", Some(self.listener_max_backoff)),
+            ("shutdown_timeout", Some(self.shutdown_timeout)),
+        ] {
+            if let Some(d) = d {
+                if d.is_zero() {
+                    return bad(format!("{name} must be greater than zero"));
+                }
+                // chrono durations and timestamps must be able to hold it.
+                if d > Duration::from_secs(100 * 365 * 86_400) {
+                    return bad(format!("{name} must be at most 100 years"));
+                }
+            }
+        }
+        for (name, n) in [
+            ("cleanup_batch_size", self.cleanup_batch_size),
+            ("last_access_batch_size", self.last_access_batch_size),
+            ("max_pending_touches", self.max_pending_touches),
+        ] {
+            if n == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+            if n > 1_000_000 {
+                return bad(format!("{name} must be at most 1000000"));
+            }
+        }
+
+        let schema = self.schema.as_deref().unwrap_or("public");
+        check_identifier("schema", schema, MAX_IDENT_LEN)?;
+        if !self.table_prefix.is_empty() {
+            check_identifier("table_prefix", &self.table_prefix, MAX_PREFIX_LEN)?;
+        }
+        let prefix = self.table_prefix.as_str();
+        let channel = format!("pgsession.{schema}.{prefix}sessions");
+        if channel.len() > MAX_IDENT_LEN {
+            return bad(format!(
+                "schema and table_prefix together are too long: the notification channel \
+                 {channel:?} must fit {MAX_IDENT_LEN} bytes"
+            ));
+        }
+        Ok(Names {
+            schema: format!("\"{schema}\""),
+            schema_raw: schema.to_owned(),
+            prefix: prefix.to_owned(),
+            sessions: format!("\"{schema}\".\"{prefix}sessions\""),
+            migrations: format!("\"{schema}\".\"{prefix}sessions_migrations\""),
+            create_fn: format!("\"{schema}\".\"{prefix}create_session\""),
+            lock_class: lock_class(&channel),
+            channel,
+        })
+    }
+}
+
+/// Accept only names that need no escaping anywhere: `[a-z_][a-z0-9_]*`.
+fn check_identifier(field: &str, value: &str, max_len: usize) -> Result<()> {
+    let mut chars = value.chars();
+    let ok_first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let ok_rest = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !ok_first || !ok_rest {
+        return Err(Error::InvalidConfig(format!(
+            "{field} {value:?} is not a valid identifier: use lower-case ASCII letters, digits \
+             and '_', not starting with a digit"
+        )));
+    }
+    if value.len() > max_len {
+        return Err(Error::InvalidConfig(format!(
+            "{field} {value:?} is longer than {max_len} characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A stable 32-bit key derived from the channel (FNV-1a), so that different schemas and prefixes
+/// use different advisory locks and none collide with the application's single-key locks.
+fn lock_class(channel: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in channel.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid_and_names_are_quoted() {
+        let names = Config::default().validate().unwrap();
+        assert_eq!(names.sessions, "\"public\".\"sessions\"");
+        assert_eq!(names.channel, "pgsession.public.sessions");
+    }
+
+    #[test]
+    fn identifiers_that_would_need_escaping_are_rejected() {
+        for bad in [
+            "Public",
+            "a-b",
+            "1abc",
+            "x\"; drop table y; --",
+            "",
+            "sch ema",
+        ] {
+            let config = Config {
+                schema: Some(bad.into()),
+                ..Config::default()
+            };
+            assert!(
+                matches!(config.validate(), Err(Error::InvalidConfig(_))),
+                "{bad:?} accepted"
+            );
+        }
+        let config = Config {
+            table_prefix: "a".repeat(25),
+            ..Config::default()
+        };
+        assert!(matches!(config.validate(), Err(Error::InvalidConfig(_))));
+    }
+
+    #[test]
+    fn zero_durations_and_sizes_are_rejected() {
+        let cases = [
+            Config {
+                session_ttl: Duration::ZERO,
+                ..Config::default()
+            },
+            Config {
+                idle_timeout: Some(Duration::ZERO),
+                ..Config::default()
+            },
+            Config {
+                max_sessions_per_user: Some(0),
+                ..Config::default()
+            },
+            Config {
+                last_access_batch_size: 0,
+                ..Config::default()
+            },
+            Config {
+                max_attribute_size: 0,
+                ..Config::default()
+            },
+        ];
+        for config in cases {
+            assert!(matches!(config.validate(), Err(Error::InvalidConfig(_))));
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The one error type of the crate.
+
+/// Everything that can go wrong in pgsession.
+///
+/// Variants are stable and meant to be matched on: input errors (`AttributeTooLarge`,
+/// `InvalidAttribute`, `AttributeType`, `InvalidConfig`) are the caller's to fix and nothing was
+/// written when they are returned; `NotFound` and `MaxSessionsReached` are outcomes a web handler
+/// maps to a response; `Database` is infrastructure (see [`Error::is_transient`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// One attribute's JSON encoding is larger than [`Config::max_attribute_size`](crate::Config).
+    #[error("attribute {key:?} is {size} bytes as JSON, over the limit of {limit} bytes")]
+    AttributeTooLarge {
+        /// The attribute's key.
+        key: String,
+        /// Size of the attribute's JSON encoding, in bytes.
+        size: usize,
+        /// The configured limit, in bytes.
+        limit: usize,
+    },
+
+    /// An attribute PostgreSQL's `jsonb` cannot store (a `\u0000` in a string or key), one that
+    /// could not be read back (nested too deeply), or a value that failed to serialize.
+    #[error("attribute {key:?} is invalid: {reason}")]
+    InvalidAttribute {
+        /// The attribute's key.
+        key: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// [`Session::get_as`](crate::Session::get_as) found the attribute but it does not
+    /// deserialize into the requested type.
+    #[error("attribute {key:?} does not have the requested type: {source}")]
+    AttributeType {
+        /// The attribute's key.
+        key: String,
+        /// The deserialization error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// The session does not exist (any more): deleted, expired, or never created. Updates of a
+    /// deleted session return this; they never recreate it.
+    #[error("session not found or expired")]
+    NotFound,
+
+    /// The user already has `max_sessions_per_user` live sessions and the policy is
+    /// [`MaxSessionsPolicy::Reject`](crate::MaxSessionsPolicy::Reject).
+    #[error("the user already has the maximum number of sessions")]
+    MaxSessionsReached,
+
+    /// The configuration is unusable; the message says which field and why.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// The database schema is not what this version of pgsession expects (a migration recorded
+    /// in the database differs from the one shipped, or migrations are off and the schema is
+    /// missing).
+    #[error("schema migration problem: {0}")]
+    Migration(String),
+
+    /// [`SessionManager::shutdown`](crate::SessionManager::shutdown) has been called.
+    #[error("the session manager has been shut down")]
+    ShutDown,
+
+    /// An operation did not finish in time (for example background tasks at shutdown).
+    #[error("timed out: {0}")]
+    Timeout(String),
+
+    /// The database failed or could not be reached.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl Error {
+    /// True for failures that may succeed when retried later: lost connections, pool timeouts,
+    /// a database that is restarting, serialization failures and deadlocks.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(e) => is_transient_db(e),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a database error is about the connection or a retryable conflict rather than about
+/// the statement itself.
+pub(crate) fn is_transient_db(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception, 57P: operator intervention (shutdown, terminate),
+            // 40001/40P01: serialization failure / deadlock, 53: insufficient resources.
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53")
+                || code == "40001"
+                || code == "40P01"
+        }),
+        _ => false,
+    }
+}
+
+/// Whether the error means the connection itself is gone, so the same idempotent read may be
+/// retried once on another connection.
+pub(crate) fn is_connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
+    }
+}
+
+/// Convenience alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

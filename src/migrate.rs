@@ -1,0 +1,175 @@
+//! Applies the versioned SQL in `migrations/` (the single source of truth for the schema).
+//!
+//! The files are templates: the schema and table prefix are configurable, so names are written
+//! as `{{placeholders}}` and replaced with validated identifiers here. Applied versions are
+//! recorded with a checksum of the template in `<prefix>sessions_migrations`; an applied
+//! migration whose file has since changed is an error, never silently re-run.
+
+use sqlx::{AssertSqlSafe, PgPool};
+
+use crate::config::Names;
+use crate::error::{Error, Result};
+
+/// One migration file, embedded at compile time.
+struct Migration {
+    version: i32,
+    name: &'static str,
+    template: &'static str,
+}
+
+/// Every migration, in order. Add new files here; never edit an applied one.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "create_sessions",
+    template: include_str!("../migrations/0001_create_sessions.sql"),
+}];
+
+/// Apply pending migrations, or with `apply == false` only check that none is pending.
+pub(crate) async fn run(pool: &PgPool, names: &Names, apply: bool) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    // Nodes starting together queue here; the second finds the work done. One bigint key: a
+    // different lock space from the two-key per-user locks of the create function.
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind((i64::from(names.lock_class) << 32) | 0x6d69_6772)
+        .execute(&mut *tx)
+        .await?;
+
+    let schema_exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&names.schema_raw)
+            .fetch_one(&mut *tx)
+            .await?;
+    let table_exists: bool = schema_exists
+        && sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
+        )
+        .bind(&names.schema_raw)
+        .bind(format!("{}sessions_migrations", names.prefix))
+        .fetch_one(&mut *tx)
+        .await?;
+
+    let applied: Vec<(i32, String)> = if table_exists {
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT version, checksum FROM {} ORDER BY version",
+            names.migrations
+        )))
+        .fetch_all(&mut *tx)
+        .await?
+    } else {
+        Vec::new()
+    };
+
+    for (version, checksum) in &applied {
+        if let Some(m) = MIGRATIONS.iter().find(|m| m.version == *version)
+            && *checksum != checksum_of(m.template)
+        {
+            return Err(Error::Migration(format!(
+                "migration {} ({}) was applied from a different file than the one in this \
+                 build of pgsession",
+                m.version, m.name
+            )));
+        }
+    }
+
+    let pending: Vec<&Migration> = MIGRATIONS
+        .iter()
+        .filter(|m| !applied.iter().any(|(v, _)| *v == m.version))
+        .collect();
+    if pending.is_empty() {
+        tx.commit().await?;
+        return Ok(());
+    }
+    if !apply {
+        return Err(Error::Migration(format!(
+            "the schema in {} lacks migration(s) {:?} and run_migrations is off",
+            names.schema_raw,
+            pending.iter().map(|m| m.version).collect::<Vec<_>>()
+        )));
+    }
+
+    if !schema_exists {
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {}", names.schema)))
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !table_exists {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE {} (
+                version    integer     PRIMARY KEY,
+                name       text        NOT NULL,
+                checksum   text        NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+            names.migrations
+        )))
+        .execute(&mut *tx)
+        .await?;
+    }
+    for m in pending {
+        sqlx::raw_sql(AssertSqlSafe(render(m.template, names)))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {} (version, name, checksum) VALUES ($1, $2, $3)",
+            names.migrations
+        )))
+        .bind(m.version)
+        .bind(m.name)
+        .bind(checksum_of(m.template))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Substitute the placeholders. Every value is built from identifiers validated by
+/// [`Config::validate`](crate::Config), which admits only `[a-z0-9_]`, so nothing here can
+/// break out of a quoted identifier or string literal.
+fn render(template: &str, names: &Names) -> String {
+    template
+        .replace("{{sessions}}", &names.sessions)
+        .replace("{{create_fn}}", &names.create_fn)
+        .replace("{{prefix}}", &names.prefix)
+        .replace("{{channel}}", &names.channel)
+        .replace("{{lock_class}}", &names.lock_class.to_string())
+}
+
+/// FNV-1a 64 of the template, hex: detects edits to applied files (not a security measure).
+fn checksum_of(template: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in template.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Config;
+
+    #[test]
+    fn rendered_migrations_have_no_placeholders_left() {
+        let names = Config {
+            schema: Some("auth".into()),
+            table_prefix: "app_".into(),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+        for m in MIGRATIONS {
+            let sql = render(m.template, &names);
+            assert!(!sql.contains("{{"), "placeholder left in {}", m.name);
+            assert!(sql.contains("\"auth\".\"app_sessions\""));
+        }
+    }
+
+    #[test]
+    fn versions_are_strictly_increasing() {
+        for pair in MIGRATIONS.windows(2) {
+            assert!(pair[0].version < pair[1].version);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The invalidation protocol carried by NOTIFY payloads.
+//!
+//! Every payload is at most about 7.3 kB, under PostgreSQL's 8000-byte limit, whatever the
+//! operation: bulk deletions list at most 200 ids per message (the SQL in [`crate::store`]
+//! chunks them) and "log out everywhere" names the user, not the sessions.
+//!
+//! | payload | sent by | meaning |
+//! |---|---|---|
+//! | `u <id> <version>` | update | the session now has `version`; older cached copies are stale |
+//! | `d <id>,<id>,...` | delete, cap eviction, cleanup | these sessions are gone |
+//! | `U <user_id>` | logout everywhere | every session of this user may be gone |
+//! | `C` | `clear_cache` | empty every cache |
+//!
+//! Ids are 32 lower-case hex digits (a UUID without dashes).
+
+use uuid::Uuid;
+
+/// A decoded invalidation.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Message {
+    /// A session changed and now has this version.
+    Updated { id: Uuid, version: i64 },
+    /// These sessions were deleted.
+    Deleted(Vec<Uuid>),
+    /// Sessions of this user were deleted.
+    UserDeleted(Uuid),
+    /// Drop everything.
+    Clear,
+}
+
+impl Message {
+    /// Decode a payload. `None` for anything malformed; the caller must then assume the worst
+    /// (clear its cache) rather than ignore it.
+    pub(crate) fn parse(payload: &str) -> Option<Message> {
+        let (kind, rest) = payload.split_once(' ').unwrap_or((payload, ""));
+        match kind {
+            "u" => {
+                let (id, version) = rest.split_once(' ')?;
+                Some(Message::Updated {
+                    id: Uuid::try_parse(id).ok()?,
+                    version: version.parse().ok()?,
+                })
+            }
+            "d" => rest
+                .split(',')
+                .map(|id| Uuid::try_parse(id).ok())
+                .collect::<Option<Vec<_>>>()
+                .map(Message::Deleted),
+            "U" => Some(Message::UserDeleted(Uuid::try_parse(rest).ok()?)),
+            "C" if rest.is_empty() => Some(Message::Clear),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_message_kind() {
+        let a = Uuid::new_v4();
+        let b = Uuid::new_v4();
+        let hex = |u: Uuid| u.simple().to_string();
+        assert_eq!(
+            Message::parse(&format!("u {} 42", hex(a))),
+            Some(Message::Updated { id: a, version: 42 })
+        );
+        assert_eq!(
+            Message::parse(&format!("d {},{}", hex(a), hex(b))),
+            Some(Message::Deleted(vec![a, b]))
+        );
+        assert_eq!(
+            Message::parse(&format!("U {}", hex(a))),
+            Some(Message::UserDeleted(a))
+        );
+        assert_eq!(Message::parse("C"), Some(Message::Clear));
+    }
+
+    #[test]
+    fn malformed_payloads_are_rejected_not_half_applied() {
+        let a = Uuid::new_v4().simple().to_string();
+        for bad in [
+            "".to_string(),
+            "x".into(),
+            format!("u {a}"),
+            format!("u {a} notanumber"),
+            format!("d {a},zz"),
+            "U nope".into(),
+            "C extra".into(),
+        ] {
+            assert_eq!(Message::parse(&bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn two_hundred_ids_fit_the_payload_limit() {
+        let ids: Vec<String> = (0..200)
+            .map(|_| Uuid::new_v4().simple().to_string())
+            .collect();
+        let payload = format!("d {}", ids.join(","));
+        assert!(payload.len() < 8000, "{}", payload.len());
+    }
+}

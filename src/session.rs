@@ -1,0 +1,317 @@
+//! The `Session` value handed to callers, and attribute validation.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// Deepest nesting accepted in an attribute value. serde_json refuses to parse documents nested
+/// deeper than 128 levels, so a deeper value would be stored and then be unreadable.
+pub(crate) const MAX_DEPTH: usize = 100;
+
+/// A session: identity, timestamps, and JSON attributes.
+///
+/// Values returned by the manager are snapshots; change them with [`set`](Self::set) and
+/// [`remove`](Self::remove), then persist the changes with
+/// [`SessionManager::update_session`](crate::SessionManager::update_session), which writes only
+/// the keys changed on this value (so concurrent requests changing different keys both keep
+/// their changes).
+///
+/// Cloning is cheap: the attribute map is shared until one of the clones changes it.
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// Random (v4) identifier; put it in the session cookie.
+    pub id: Uuid,
+    /// The user the session belongs to.
+    pub user_id: Uuid,
+    /// Incremented by every committed change (attributes or expiry); last-access updates do not
+    /// change it.
+    pub version: i64,
+    /// When the session was created.
+    pub created_at: DateTime<Utc>,
+    /// When attributes or expiry last changed.
+    pub updated_at: DateTime<Utc>,
+    /// Last recorded access (this read included, when the value comes from `get_session`).
+    pub last_accessed_at: DateTime<Utc>,
+    /// Absolute expiry; the session is never returned after this instant.
+    pub expires_at: DateTime<Utc>,
+    pub(crate) attributes: Arc<Map<String, Value>>,
+    pub(crate) changes: Changes,
+    pub(crate) max_attribute_size: usize,
+}
+
+/// Keys set or removed, and a new expiry, since the value was loaded or last saved.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Changes {
+    pub keys: BTreeSet<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl Changes {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.expires_at.is_none()
+    }
+}
+
+impl Session {
+    /// The attribute `key`, if present.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.attributes.get(key)
+    }
+
+    /// The attribute `key` deserialized into `T`; `Ok(None)` when absent,
+    /// [`Error::AttributeType`] when present but of another shape.
+    pub fn get_as<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.attributes.get(key) {
+            None => Ok(None),
+            Some(value) => T::deserialize(value)
+                .map(Some)
+                .map_err(|source| Error::AttributeType {
+                    key: key.to_owned(),
+                    source,
+                }),
+        }
+    }
+
+    /// Set attribute `key` to `value` (anything `Serialize`). Checked at once: a value over
+    /// [`Config::max_attribute_size`](crate::Config) bytes of JSON gives
+    /// [`Error::AttributeTooLarge`], one PostgreSQL cannot store gives
+    /// [`Error::InvalidAttribute`]; on error the session is unchanged.
+    pub fn set(&mut self, key: impl Into<String>, value: impl Serialize) -> Result<()> {
+        let key = key.into();
+        let value = match serde_json::to_value(value) {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(Error::InvalidAttribute {
+                    key,
+                    reason: format!("cannot serialize to JSON: {e}"),
+                });
+            }
+        };
+        validate_attribute(&key, &value, self.max_attribute_size)?;
+        Arc::make_mut(&mut self.attributes).insert(key.clone(), value);
+        self.changes.keys.insert(key);
+        Ok(())
+    }
+
+    /// Remove attribute `key`, returning its value if it was present. The removal is persisted
+    /// by the next `update_session`, even if this value did not have the key (another node
+    /// may have set it).
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        self.changes.keys.insert(key.to_owned());
+        if self.attributes.contains_key(key) {
+            Arc::make_mut(&mut self.attributes).remove(key)
+        } else {
+            None
+        }
+    }
+
+    /// All attributes.
+    pub fn attributes(&self) -> &Map<String, Value> {
+        &self.attributes
+    }
+
+    /// Move the absolute expiry (earlier or later); persisted by the next `update_session`.
+    /// For example `s.set_expires_at(Utc::now() + chrono::Duration::days(30))` on "remember me".
+    pub fn set_expires_at(&mut self, expires_at: DateTime<Utc>) {
+        self.expires_at = expires_at;
+        self.changes.expires_at = Some(expires_at);
+    }
+
+    /// True when the value has changes that `update_session` would write.
+    pub fn is_modified(&self) -> bool {
+        !self.changes.is_empty()
+    }
+
+    /// Whether the session is expired at `now`, given its last access.
+    pub(crate) fn is_expired(&self, now: DateTime<Utc>, idle: Option<chrono::Duration>) -> bool {
+        self.expires_at <= now || idle.is_some_and(|idle| self.last_accessed_at + idle <= now)
+    }
+}
+
+/// Validate every attribute of a new session and build the map; rejects before any SQL runs.
+pub(crate) fn build_attributes(
+    attributes: impl IntoIterator<Item = (String, Value)>,
+    max_size: usize,
+) -> Result<Map<String, Value>> {
+    let mut map = Map::new();
+    for (key, value) in attributes {
+        validate_attribute(&key, &value, max_size)?;
+        map.insert(key, value);
+    }
+    Ok(map)
+}
+
+/// Reject values `jsonb` cannot store, values too deep to read back, and values over the size
+/// limit. The size is that of the compact JSON encoding of the value.
+pub(crate) fn validate_attribute(key: &str, value: &Value, max_size: usize) -> Result<()> {
+    if key.contains('\0') {
+        return Err(Error::InvalidAttribute {
+            key: key.to_owned(),
+            reason:
+                "keys cannot contain the NUL character (\\u0000): PostgreSQL's jsonb rejects it"
+                    .into(),
+        });
+    }
+    check_value(key, value, 1)?;
+    let size = json_size(value);
+    if size > max_size {
+        return Err(Error::AttributeTooLarge {
+            key: key.to_owned(),
+            size,
+            limit: max_size,
+        });
+    }
+    Ok(())
+}
+
+fn check_value(key: &str, value: &Value, depth: usize) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(Error::InvalidAttribute {
+            key: key.to_owned(),
+            reason: format!("nested deeper than {MAX_DEPTH} levels"),
+        });
+    }
+    let nul = || Error::InvalidAttribute {
+        key: key.to_owned(),
+        reason: "strings cannot contain the NUL character (\\u0000): PostgreSQL's jsonb rejects it"
+            .into(),
+    };
+    match value {
+        Value::String(s) if s.contains('\0') => Err(nul()),
+        Value::Array(items) => items
+            .iter()
+            .try_for_each(|v| check_value(key, v, depth + 1)),
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            if k.contains('\0') {
+                return Err(nul());
+            }
+            check_value(key, v, depth + 1)
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Length of the compact JSON encoding, computed without allocating it.
+fn json_size(value: &Value) -> usize {
+    struct Counter(usize);
+    impl io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a Value to an infallible writer cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn session() -> Session {
+        let now = Utc::now();
+        Session {
+            id: Uuid::new_v4(),
+            user_id: Uuid::new_v4(),
+            version: 1,
+            created_at: now,
+            updated_at: now,
+            last_accessed_at: now,
+            expires_at: now + chrono::Duration::hours(1),
+            attributes: Arc::new(Map::new()),
+            changes: Changes::default(),
+            max_attribute_size: 32,
+        }
+    }
+
+    #[test]
+    fn set_rejects_oversized_value_and_leaves_session_unchanged() {
+        let mut s = session();
+        let err = s.set("big", "x".repeat(40)).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::AttributeTooLarge {
+                size: 42,
+                limit: 32,
+                ..
+            }
+        ));
+        assert!(s.get("big").is_none());
+        assert!(!s.is_modified());
+    }
+
+    #[test]
+    fn set_rejects_nul_in_nested_strings_and_keys() {
+        let mut s = session();
+        assert!(matches!(
+            s.set("a", json!({"x": ["ok", "bad\u{0}"]})),
+            Err(Error::InvalidAttribute { .. })
+        ));
+        assert!(matches!(
+            s.set("a", json!({"k\u{0}": 1})),
+            Err(Error::InvalidAttribute { .. })
+        ));
+        assert!(matches!(
+            s.set("k\u{0}", 1),
+            Err(Error::InvalidAttribute { .. })
+        ));
+        assert!(!s.is_modified());
+    }
+
+    #[test]
+    fn set_rejects_values_too_deep_to_read_back() {
+        let mut value = json!(1);
+        for _ in 0..MAX_DEPTH {
+            value = json!([value]);
+        }
+        let err = validate_attribute("deep", &value, usize::MAX).unwrap_err();
+        assert!(matches!(err, Error::InvalidAttribute { .. }));
+        let mut ok = json!(1);
+        for _ in 0..MAX_DEPTH - 1 {
+            ok = json!([ok]);
+        }
+        validate_attribute("deep", &ok, usize::MAX).unwrap();
+    }
+
+    #[test]
+    fn get_as_reports_type_mismatch() {
+        let mut s = session();
+        s.set("n", 5).unwrap();
+        assert_eq!(s.get_as::<u32>("n").unwrap(), Some(5));
+        assert_eq!(s.get_as::<u32>("missing").unwrap(), None);
+        assert!(matches!(
+            s.get_as::<String>("n"),
+            Err(Error::AttributeType { .. })
+        ));
+    }
+
+    #[test]
+    fn clones_share_attributes_until_one_changes() {
+        let mut a = session();
+        a.set("k", 1).unwrap();
+        let mut b = a.clone();
+        assert!(Arc::ptr_eq(&a.attributes, &b.attributes));
+        b.set("k", 2).unwrap();
+        assert_eq!(a.get("k"), Some(&json!(1)));
+        assert_eq!(b.get("k"), Some(&json!(2)));
+    }
+
+    #[test]
+    fn size_is_the_compact_json_length() {
+        assert_eq!(json_size(&json!({"a": [1, "b"]})), r#"{"a":[1,"b"]}"#.len());
+    }
+}

@@ -1,0 +1,324 @@
+//! Every SQL statement pgsession runs (apart from the schema in `migrations/`).
+//!
+//! Each write is one statement, hence one round trip, and carries its cache invalidation in the
+//! same statement (`pg_notify` in a CTE), so the notification is sent exactly when the write
+//! commits. Payloads follow the protocol in [`crate::notify`]; ids are sent as 32 hex digits.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, Row};
+use uuid::Uuid;
+
+use crate::config::Names;
+use crate::error::{Error, Result, is_connection_lost};
+use crate::session::{Changes, Session};
+
+/// SQLSTATE raised by the create function when the cap policy is "reject".
+const MAX_SESSIONS_SQLSTATE: &str = "PS001";
+
+const COLUMNS: &str =
+    "id, user_id, version, attributes, created_at, updated_at, last_accessed_at, expires_at";
+
+/// The statements, rendered once with this manager's table and channel names.
+struct Sql {
+    select_one: Arc<str>,
+    select_user: Arc<str>,
+    insert: Arc<str>,
+    create_capped: Arc<str>,
+    update: Arc<str>,
+    delete: Arc<str>,
+    delete_user: Arc<str>,
+    touch: Arc<str>,
+    cleanup: Arc<str>,
+    versions: Arc<str>,
+    clear: Arc<str>,
+}
+
+impl Sql {
+    fn new(names: &Names) -> Sql {
+        let render = |sql: &str| -> Arc<str> {
+            sql.replace("{t}", &names.sessions)
+                .replace("{create_fn}", &names.create_fn)
+                .replace("{ch}", &names.channel)
+                .replace("{cols}", COLUMNS)
+                .into()
+        };
+        Sql {
+            select_one: render("SELECT {cols} FROM {t} WHERE id = $1"),
+            select_user: render(
+                "SELECT {cols} FROM {t} WHERE user_id = $1 AND expires_at > $2 \
+                 ORDER BY last_accessed_at DESC",
+            ),
+            insert: render("INSERT INTO {t} ({cols}) VALUES ($1, $2, 1, $3, $4, $4, $4, $5)"),
+            create_capped: render("SELECT {create_fn}($1, $2, $3, $4, $5, $6, $7, $8)"),
+            // Delta: remove the removed keys, merge the set ones, never touch the others. The
+            // WHERE clause makes an update of a deleted or expired session a no-op (NotFound),
+            // never a re-insert. $7 is the latest access this node knows of, which may not be
+            // flushed yet.
+            update: render(
+                "WITH updated AS ( \
+                     UPDATE {t} SET \
+                         attributes = (attributes - $2::text[]) || $3::jsonb, \
+                         expires_at = coalesce($4, expires_at), \
+                         version = version + 1, \
+                         updated_at = $5, \
+                         last_accessed_at = greatest(last_accessed_at, $5) \
+                     WHERE id = $1 AND expires_at > $5 \
+                       AND ($6::timestamptz IS NULL OR greatest(last_accessed_at, $7) > $6) \
+                     RETURNING {cols} \
+                 ) \
+                 SELECT updated.*, \
+                        pg_notify('{ch}', 'u ' || replace(id::text, '-', '') || ' ' || version)::text \
+                 FROM updated",
+            ),
+            delete: render(
+                "WITH deleted AS (DELETE FROM {t} WHERE id = $1 RETURNING id) \
+                 SELECT pg_notify('{ch}', 'd ' || replace(id::text, '-', ''))::text FROM deleted",
+            ),
+            // One compact message however many sessions the user had.
+            delete_user: render(
+                "WITH deleted AS ( \
+                     DELETE FROM {t} WHERE user_id = $1 AND id <> ALL($2) RETURNING id \
+                 ), counted AS (SELECT count(*) AS n FROM deleted) \
+                 SELECT n, CASE WHEN n > 0 THEN \
+                     pg_notify('{ch}', 'U ' || replace($1::text, '-', ''))::text END \
+                 FROM counted",
+            ),
+            // Never moves a timestamp backwards; no notification (last access is not cached
+            // state that others could serve wrongly: idle checks re-read the database).
+            touch: render(
+                "UPDATE {t} AS s SET last_accessed_at = v.at \
+                 FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, at) \
+                 WHERE s.id = v.id AND s.last_accessed_at < v.at",
+            ),
+            // Bounded batches; SKIP LOCKED lets every node run cleanup at once without
+            // waiting on each other. Deleted ids are announced 200 per message (7.2 kB).
+            cleanup: render(
+                "WITH victims AS ( \
+                     SELECT id FROM {t} \
+                     WHERE expires_at <= $1 OR last_accessed_at <= $2 \
+                     LIMIT $3 FOR UPDATE SKIP LOCKED \
+                 ), deleted AS ( \
+                     DELETE FROM {t} s USING victims v WHERE s.id = v.id RETURNING s.id \
+                 ), chunks AS ( \
+                     SELECT (row_number() OVER () - 1) / 200 AS chunk, id FROM deleted \
+                 ), notified AS ( \
+                     SELECT pg_notify('{ch}', 'd ' || string_agg(replace(id::text, '-', ''), ','))::text AS m \
+                     FROM chunks GROUP BY chunk \
+                 ) \
+                 SELECT (SELECT count(*) FROM deleted), (SELECT count(m) FROM notified)",
+            ),
+            versions: render("SELECT id, version FROM {t} WHERE id = ANY($1)"),
+            clear: render("SELECT pg_notify('{ch}', 'C')::text"),
+        }
+    }
+}
+
+/// Arguments of a new session.
+pub(crate) struct NewSession<'a> {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub attributes: &'a Map<String, Value>,
+    pub now: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub idle_cutoff: Option<DateTime<Utc>>,
+    /// `Some((cap, reject))` when the per-user cap applies.
+    pub cap: Option<(usize, bool)>,
+}
+
+/// The delta of one `update_session`.
+pub(crate) struct Delta<'a> {
+    pub id: Uuid,
+    pub removed: Vec<&'a str>,
+    pub set: Map<String, Value>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub now: DateTime<Utc>,
+    pub idle_cutoff: Option<DateTime<Utc>>,
+    pub last_access: DateTime<Utc>,
+}
+
+/// The PostgreSQL side: a pool and the rendered statements.
+pub(crate) struct Store {
+    pool: PgPool,
+    sql: Sql,
+    max_attribute_size: usize,
+}
+
+impl Store {
+    pub(crate) fn new(pool: PgPool, names: &Names, max_attribute_size: usize) -> Store {
+        Store {
+            pool,
+            sql: Sql::new(names),
+            max_attribute_size,
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Read one session. Retried once when the pooled connection turns out to be dead (after a
+    /// database restart every idle connection is), since a read is safe to repeat.
+    pub(crate) async fn fetch(&self, id: Uuid) -> Result<Option<Session>> {
+        let query = || sqlx::query(AssertSqlSafe(self.sql.select_one.clone())).bind(id);
+        let row = match query().fetch_optional(&self.pool).await {
+            Err(e) if is_connection_lost(&e) => query().fetch_optional(&self.pool).await?,
+            other => other?,
+        };
+        row.map(|row| self.session_from_row(&row)).transpose()
+    }
+
+    /// Sessions of a user not past their absolute expiry, most recently used first.
+    pub(crate) async fn fetch_user(
+        &self,
+        user_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Session>> {
+        let rows = sqlx::query(AssertSqlSafe(self.sql.select_user.clone()))
+            .bind(user_id)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|row| self.session_from_row(row)).collect()
+    }
+
+    /// Insert a session, enforcing the per-user cap in the same transaction. Returns the ids of
+    /// sessions deleted to make room.
+    pub(crate) async fn create(&self, new: &NewSession<'_>) -> Result<Vec<Uuid>> {
+        let attributes = Json(new.attributes);
+        match new.cap {
+            None => {
+                sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
+                    .bind(new.id)
+                    .bind(new.user_id)
+                    .bind(attributes)
+                    .bind(new.now)
+                    .bind(new.expires_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(Vec::new())
+            }
+            Some((cap, reject)) => {
+                let result = sqlx::query_scalar(AssertSqlSafe(self.sql.create_capped.clone()))
+                    .bind(new.id)
+                    .bind(new.user_id)
+                    .bind(attributes)
+                    .bind(new.now)
+                    .bind(new.expires_at)
+                    .bind(new.idle_cutoff)
+                    // validated to fit i32
+                    .bind(cap as i32)
+                    .bind(reject)
+                    .fetch_one(&self.pool)
+                    .await;
+                match result {
+                    Ok(evicted) => Ok(evicted),
+                    Err(sqlx::Error::Database(e))
+                        if e.code().as_deref() == Some(MAX_SESSIONS_SQLSTATE) =>
+                    {
+                        Err(Error::MaxSessionsReached)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    /// Apply a delta; `None` when the session is gone or expired.
+    pub(crate) async fn update(&self, delta: &Delta<'_>) -> Result<Option<Session>> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.update.clone()))
+            .bind(delta.id)
+            .bind(&delta.removed)
+            .bind(Json(&delta.set))
+            .bind(delta.expires_at)
+            .bind(delta.now)
+            .bind(delta.idle_cutoff)
+            .bind(delta.last_access)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| self.session_from_row(&row)).transpose()
+    }
+
+    /// Delete one session; true when it existed.
+    pub(crate) async fn delete(&self, id: Uuid) -> Result<bool> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.delete.clone()))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Delete every session of a user except those in `keep`; returns how many.
+    pub(crate) async fn delete_user(&self, user_id: Uuid, keep: &[Uuid]) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.delete_user.clone()))
+            .bind(user_id)
+            .bind(keep)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    /// Write recorded accesses; `ids` must be sorted so that concurrent flushes from several
+    /// nodes lock rows in the same order.
+    pub(crate) async fn touch(&self, ids: &[Uuid], times: &[DateTime<Utc>]) -> Result<u64> {
+        let done = sqlx::query(AssertSqlSafe(self.sql.touch.clone()))
+            .bind(ids)
+            .bind(times)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Delete up to `limit` expired sessions; returns how many were deleted.
+    pub(crate) async fn cleanup_batch(
+        &self,
+        now: DateTime<Utc>,
+        idle_cutoff: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<u64> {
+        let (deleted, _messages): (i64, i64) =
+            sqlx::query_as(AssertSqlSafe(self.sql.cleanup.clone()))
+                .bind(now)
+                .bind(idle_cutoff)
+                .bind(limit as i64)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(deleted as u64)
+    }
+
+    /// Current versions of the given sessions (absent ones are missing from the result).
+    pub(crate) async fn versions(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64)>> {
+        Ok(sqlx::query_as(AssertSqlSafe(self.sql.versions.clone()))
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Tell every node to empty its cache.
+    pub(crate) async fn broadcast_clear(&self) -> Result<()> {
+        sqlx::query(AssertSqlSafe(self.sql.clear.clone()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    fn session_from_row(&self, row: &PgRow) -> Result<Session> {
+        let Json(attributes): Json<Map<String, Value>> = row.try_get("attributes")?;
+        Ok(Session {
+            id: row.try_get("id")?,
+            user_id: row.try_get("user_id")?,
+            version: row.try_get("version")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+            last_accessed_at: row.try_get("last_accessed_at")?,
+            expires_at: row.try_get("expires_at")?,
+            attributes: Arc::new(attributes),
+            changes: Changes::default(),
+            max_attribute_size: self.max_attribute_size,
+        })
+    }
+}

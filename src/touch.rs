@@ -1,0 +1,193 @@
+//! Last-access times recorded in memory and written in batches.
+//!
+//! A cache hit must not touch the database, so `get_session` only records the access here; a
+//! background task writes all pending accesses with one `UPDATE ... FROM unnest(...)` per
+//! `last_access_batch_size` sessions. Accesses to the same session merge (the latest wins), a
+//! failed flush puts its accesses back (merged with newer ones), and the SQL never moves a
+//! timestamp backwards. Memory is bounded by `max_pending_touches`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::cache::{Padded, ShardPicker, shard_count};
+use crate::error::Result;
+use crate::store::Store;
+
+type Pending = HashMap<Uuid, DateTime<Utc>>;
+
+pub(crate) struct Touches {
+    shards: Box<[Padded<Mutex<Pending>>]>,
+    picker: ShardPicker,
+    /// Entries in all shards. Only new entries change it (repeated accesses to a session merge
+    /// under the shard lock), so the hot path of a busy session never touches this shared
+    /// counter.
+    len: AtomicUsize,
+    /// Most entries held.
+    max: usize,
+    /// This many entries ask for an early flush.
+    flush_at: usize,
+    /// Wakes the flush task early.
+    pub(crate) wake: Notify,
+    dropped: AtomicU64,
+    /// Serialises flushes, so that a flush returning means everything recorded before it began
+    /// is written (an explicit flush waits for a background one under way).
+    flushing: tokio::sync::Mutex<()>,
+}
+
+impl Touches {
+    pub(crate) fn new(max_pending: usize, batch_size: usize) -> Touches {
+        let n = shard_count(max_pending);
+        Touches {
+            shards: (0..n).map(|_| Padded(Mutex::new(HashMap::new()))).collect(),
+            picker: ShardPicker::new(n),
+            len: AtomicUsize::new(0),
+            max: max_pending,
+            flush_at: batch_size.min(max_pending),
+            wake: Notify::new(),
+            dropped: AtomicU64::new(0),
+            flushing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn lock(&self, i: usize) -> MutexGuard<'_, Pending> {
+        // Each critical section is one map operation; a poisoned map is still consistent.
+        self.shards[i]
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Record an access at `at` (merged with any pending one for the same session).
+    pub(crate) fn record(&self, id: Uuid, at: DateTime<Utc>) {
+        let mut shard = self.lock(self.picker.pick(&id));
+        if let Some(t) = shard.get_mut(&id) {
+            if *t < at {
+                *t = at;
+            }
+            return;
+        }
+        let before = self.len.fetch_add(1, Ordering::Relaxed);
+        if before >= self.max {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        shard.insert(id, at);
+        if before + 1 == self.flush_at {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The pending (not yet written) access of a session, if any.
+    pub(crate) fn pending(&self, id: Uuid) -> Option<DateTime<Utc>> {
+        self.lock(self.picker.pick(&id)).get(&id).copied()
+    }
+
+    /// Take every pending access, sorted by id so that concurrent flushes on several nodes lock
+    /// rows in the same order (no deadlocks between them).
+    fn drain(&self) -> Vec<(Uuid, DateTime<Utc>)> {
+        let mut all = Vec::new();
+        for i in 0..self.shards.len() {
+            let taken = std::mem::take(&mut *self.lock(i));
+            self.len.fetch_sub(taken.len(), Ordering::Relaxed);
+            all.extend(taken);
+        }
+        all.sort_unstable_by_key(|(id, _)| *id);
+        all
+    }
+
+    /// Put accesses back after a failed write, keeping the later of two times.
+    fn restore(&self, items: impl IntoIterator<Item = (Uuid, DateTime<Utc>)>) {
+        for (id, at) in items {
+            self.record(id, at);
+        }
+    }
+
+    /// Accesses waiting to be written.
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// Accesses dropped because the buffer was full.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Write every pending access, `batch` sessions per statement. On failure the unwritten
+    /// accesses are put back for the next attempt and the error is returned.
+    pub(crate) async fn flush(&self, store: &Store, batch: usize) -> Result<u64> {
+        let _one_at_a_time = self.flushing.lock().await;
+        let mut items = self.drain();
+        let mut written = 0;
+        while !items.is_empty() {
+            let rest = items.split_off(batch.min(items.len()));
+            let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = items.iter().copied().unzip();
+            match store.touch(&ids, &times).await {
+                Ok(n) => written += n,
+                Err(e) => {
+                    self.restore(items);
+                    self.restore(rest);
+                    return Err(e);
+                }
+            }
+            items = rest;
+        }
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accesses_merge_to_the_latest_and_never_go_back() {
+        let touches = Touches::new(100, 10);
+        let id = Uuid::new_v4();
+        let t0 = Utc::now();
+        let t1 = t0 + chrono::Duration::seconds(1);
+        touches.record(id, t1);
+        touches.record(id, t0);
+        assert_eq!(touches.pending(id), Some(t1));
+        assert_eq!(touches.len(), 1);
+    }
+
+    #[test]
+    fn restore_keeps_newer_values_recorded_during_a_failed_flush() {
+        let touches = Touches::new(100, 10);
+        let id = Uuid::new_v4();
+        let t0 = Utc::now();
+        touches.record(id, t0);
+        let drained = touches.drain();
+        let t1 = t0 + chrono::Duration::seconds(1);
+        touches.record(id, t1);
+        touches.restore(drained);
+        assert_eq!(touches.pending(id), Some(t1));
+    }
+
+    #[test]
+    fn memory_is_bounded_and_overflow_is_counted() {
+        let touches = Touches::new(64, 64);
+        for _ in 0..10_000 {
+            touches.record(Uuid::new_v4(), Utc::now());
+        }
+        assert_eq!(touches.len(), 64);
+        assert_eq!(touches.dropped(), 10_000 - 64);
+    }
+
+    #[test]
+    fn drain_is_sorted_by_id() {
+        let touches = Touches::new(1000, 100);
+        for _ in 0..100 {
+            touches.record(Uuid::new_v4(), Utc::now());
+        }
+        let drained = touches.drain();
+        assert!(drained.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(touches.len(), 0);
+    }
+}

@@ -1,0 +1,118 @@
+//! Helpers shared by the integration tests: configurations, nodes, and waiting with deadlines.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pgsession::{Config, Session, SessionManager};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use uuid::Uuid;
+
+#[allow(unused_imports)] // not every test binary uses every helper
+pub use pgsession_testkit::{FaultProxy, TempPostgres, TestDatabase};
+
+/// Defaults suited to tests: quick failure detection, and no background work that would race
+/// with what a test checks (tests flush and clean up explicitly unless that is the subject).
+pub fn config() -> Config {
+    Config {
+        listener_probe_interval: Duration::from_millis(200),
+        listener_timeout: Duration::from_secs(2),
+        listener_max_backoff: Duration::from_millis(100),
+        last_access_flush_interval: Duration::from_secs(3600),
+        run_cleanup: false,
+        shutdown_timeout: Duration::from_secs(5),
+        ..Config::default()
+    }
+}
+
+/// A node: a manager with its own pool, as a separate process would have.
+pub async fn node(db: &TestDatabase, config: Config) -> SessionManager {
+    SessionManager::connect(config, db.url())
+        .await
+        .expect("manager starts")
+}
+
+/// A plain pool for checking the database directly.
+pub async fn pool(db: &TestDatabase) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect(db.url())
+        .await
+        .expect("test pool connects")
+}
+
+/// `(key, value)` attribute pairs.
+pub fn attrs(pairs: &[(&str, Value)]) -> Vec<(String, Value)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), v.clone()))
+        .collect()
+}
+
+/// A small attribute set.
+pub fn small() -> Vec<(String, Value)> {
+    attrs(&[("role", json!("admin")), ("theme", json!("dark"))])
+}
+
+/// Poll `check` until it returns true, failing the test after `limit`. Used where the event is
+/// another process's notification arriving, which a test cannot await directly; the limit is
+/// the bound being asserted.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("not within {limit:?}: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The socket address a database URL points at (for putting a proxy in front of it).
+pub async fn socket_addr(url: &str) -> SocketAddr {
+    let options: PgConnectOptions = url.parse().expect("valid URL");
+    let host = options.get_host().to_string();
+    let port = options.get_port();
+    tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .expect("host resolves")
+        .next()
+        .expect("an address")
+}
+
+/// The version stored in the database, `None` when the row is gone.
+pub async fn db_version(pool: &PgPool, id: Uuid) -> Option<i64> {
+    sqlx::query_scalar("SELECT version FROM sessions WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .expect("query")
+}
+
+/// Number of rows in the sessions table.
+pub async fn count_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM sessions")
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+/// Set one attribute and save.
+pub async fn set_and_save(
+    manager: &SessionManager,
+    session: &mut Session,
+    key: &str,
+    value: Value,
+) {
+    session.set(key, value).expect("valid attribute");
+    manager.update_session(session).await.expect("update");
+}

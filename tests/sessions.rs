@@ -1,0 +1,884 @@
+//! The core session manager against a real PostgreSQL: API, limits, expiry, the per-user cap,
+//! delta updates, last-access batching, cleanup, migrations and shutdown.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::*;
+use pgsession::{Config, Error, MaxSessionsPolicy, SessionManager};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn create_get_update_delete_round_trip() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let user = Uuid::new_v4();
+
+    let mut s = m.create_session(user, small()).await.unwrap();
+    assert_eq!(s.id.get_version_num(), 4);
+    assert_eq!((s.user_id, s.version), (user, 1));
+    assert_eq!(s.get("role"), Some(&json!("admin")));
+    assert!(s.expires_at > Utc::now() + chrono::Duration::days(29));
+
+    let got = m.get_session(s.id).await.unwrap().expect("session exists");
+    assert_eq!(got.attributes(), s.attributes());
+    assert_eq!(got.created_at, s.created_at);
+
+    s.set("theme", "light").unwrap();
+    s.remove("role");
+    m.update_session(&mut s).await.unwrap();
+    assert_eq!(s.version, 2);
+    assert!(!s.is_modified());
+
+    // A second manager reads the database, not the first one's cache.
+    let other = node(&db, config()).await;
+    let fresh = other.get_session(s.id).await.unwrap().unwrap();
+    assert_eq!(fresh.version, 2);
+    assert_eq!(fresh.get("theme"), Some(&json!("light")));
+    assert_eq!(fresh.get("role"), None);
+
+    assert!(m.delete_session(s.id).await.unwrap());
+    assert!(!m.delete_session(s.id).await.unwrap());
+    assert!(m.get_session(s.id).await.unwrap().is_none());
+    assert!(m.get_session(Uuid::new_v4()).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn concurrent_updates_of_different_keys_both_survive() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let b = node(&db, config()).await;
+    let s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+
+    // Two requests load the same session, each changes its own key.
+    let mut on_a = a.get_session(s.id).await.unwrap().unwrap();
+    let mut on_b = b.get_session(s.id).await.unwrap().unwrap();
+    on_a.set("cart", json!([1, 2])).unwrap();
+    on_b.set("theme", "light").unwrap();
+    on_b.remove("role");
+    let (ra, rb) = tokio::join!(a.update_session(&mut on_a), b.update_session(&mut on_b));
+    ra.unwrap();
+    rb.unwrap();
+
+    let stored = node(&db, config())
+        .await
+        .get_session(s.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.version, 3);
+    assert_eq!(stored.get("cart"), Some(&json!([1, 2])));
+    assert_eq!(stored.get("theme"), Some(&json!("light")));
+    assert_eq!(stored.get("role"), None);
+    // The value returned by the later update already includes the other writer's change.
+    let later = if on_a.version == 3 { &on_a } else { &on_b };
+    assert_eq!(later.attributes(), stored.attributes());
+}
+
+#[tokio::test]
+async fn update_of_deleted_session_is_not_found_and_does_not_recreate_it() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let check = pool(&db).await;
+    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    node(&db, config())
+        .await
+        .delete_session(s.id)
+        .await
+        .unwrap();
+
+    s.set("theme", "light").unwrap();
+    assert!(matches!(
+        m.update_session(&mut s).await,
+        Err(Error::NotFound)
+    ));
+    assert_eq!(db_version(&check, s.id).await, None);
+    assert!(m.get_session(s.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn update_without_changes_writes_nothing() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    m.update_session(&mut s).await.unwrap();
+    assert_eq!(s.version, 1);
+    assert_eq!(db_version(&pool(&db).await, s.id).await, Some(1));
+}
+
+#[tokio::test]
+async fn per_user_cap_evicts_the_least_recently_used_sessions() {
+    let db = TestDatabase::create().await;
+    let m = node(
+        &db,
+        Config {
+            max_sessions_per_user: Some(3),
+            ..config()
+        },
+    )
+    .await;
+    let user = Uuid::new_v4();
+    let first = m.create_session(user, small()).await.unwrap();
+    let second = m.create_session(user, small()).await.unwrap();
+    let third = m.create_session(user, small()).await.unwrap();
+    // Use the first session again: the second becomes the least recently used.
+    m.get_session(first.id).await.unwrap().unwrap();
+    m.flush_last_access().await.unwrap();
+
+    let fourth = m.create_session(user, small()).await.unwrap();
+    let live: HashSet<Uuid> = m
+        .list_user_sessions(user)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(live, HashSet::from([first.id, third.id, fourth.id]));
+    assert!(m.get_session(second.id).await.unwrap().is_none());
+    // Other users are untouched.
+    let other = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert!(m.get_session(other.id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn reject_policy_refuses_a_session_beyond_the_cap_and_writes_nothing() {
+    let db = TestDatabase::create().await;
+    let m = node(
+        &db,
+        Config {
+            max_sessions_per_user: Some(2),
+            max_sessions_policy: MaxSessionsPolicy::Reject,
+            ..config()
+        },
+    )
+    .await;
+    let check = pool(&db).await;
+    let user = Uuid::new_v4();
+    m.create_session(user, small()).await.unwrap();
+    let second = m.create_session(user, small()).await.unwrap();
+    assert!(matches!(
+        m.create_session(user, small()).await,
+        Err(Error::MaxSessionsReached)
+    ));
+    assert_eq!(count_rows(&check).await, 2);
+    // Logging out frees a place.
+    m.delete_session(second.id).await.unwrap();
+    m.create_session(user, small()).await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_logins_from_several_managers_never_exceed_the_cap() {
+    let db = TestDatabase::create().await;
+    let check = pool(&db).await;
+    for policy in [MaxSessionsPolicy::EvictOldest, MaxSessionsPolicy::Reject] {
+        let config = Config {
+            max_sessions_per_user: Some(3),
+            max_sessions_policy: policy,
+            ..config()
+        };
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(node(&db, config.clone()).await);
+        }
+        let user = Uuid::new_v4();
+        let mut logins = Vec::new();
+        for i in 0..30 {
+            let m = nodes[i % nodes.len()].clone();
+            logins.push(tokio::spawn(async move {
+                m.create_session(user, small()).await
+            }));
+        }
+        let mut created = 0;
+        for login in logins {
+            match login.await.unwrap() {
+                Ok(_) => created += 1,
+                Err(Error::MaxSessionsReached) => assert_eq!(policy, MaxSessionsPolicy::Reject),
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&check)
+            .await
+            .unwrap();
+        assert_eq!(rows, 3, "{policy:?}");
+        let expected_created = if policy == MaxSessionsPolicy::Reject {
+            3
+        } else {
+            30
+        };
+        assert_eq!(created, expected_created, "{policy:?}");
+    }
+}
+
+#[tokio::test]
+async fn absolutely_expired_session_is_never_returned_even_before_cleanup() {
+    let db = TestDatabase::create().await;
+    let ttl = Duration::from_millis(600);
+    let m = node(
+        &db,
+        Config {
+            session_ttl: ttl,
+            ..config()
+        },
+    )
+    .await;
+    let check = pool(&db).await;
+    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert!(m.get_session(s.id).await.unwrap().is_some(), "cached");
+    // Expiry is the behaviour under test: let the lifetime pass.
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    assert!(
+        m.get_session(s.id).await.unwrap().is_none(),
+        "served from cache"
+    );
+    let other = node(&db, config()).await;
+    assert!(
+        other.get_session(s.id).await.unwrap().is_none(),
+        "served from database"
+    );
+    assert_eq!(db_version(&check, s.id).await, Some(1), "row still there");
+    let mut s = s;
+    s.set("k", 1).unwrap();
+    assert!(matches!(
+        m.update_session(&mut s).await,
+        Err(Error::NotFound)
+    ));
+}
+
+#[tokio::test]
+async fn idle_session_expires_and_accesses_keep_it_alive() {
+    let db = TestDatabase::create().await;
+    let idle = Duration::from_millis(800);
+    let config = Config {
+        idle_timeout: Some(idle),
+        ..config()
+    };
+    let m = node(&db, config.clone()).await;
+    let used = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let unused = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    // Access one session every 200 ms for 1.2 s (longer than the idle timeout).
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(m.get_session(used.id).await.unwrap().is_some());
+    }
+    assert!(m.get_session(unused.id).await.unwrap().is_none());
+    // Another node sees the accesses once they are flushed.
+    m.flush_last_access().await.unwrap();
+    let other = node(&db, config).await;
+    assert!(other.get_session(used.id).await.unwrap().is_some());
+    assert!(other.get_session(unused.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn set_expires_at_extends_a_session() {
+    let db = TestDatabase::create().await;
+    let ttl = Duration::from_millis(500);
+    let m = node(
+        &db,
+        Config {
+            session_ttl: ttl,
+            ..config()
+        },
+    )
+    .await;
+    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let short = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let later = Utc::now() + chrono::Duration::hours(1);
+    s.set_expires_at(later);
+    m.update_session(&mut s).await.unwrap();
+    assert_eq!(s.version, 2);
+    assert_eq!(s.expires_at.timestamp_micros(), later.timestamp_micros());
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    assert!(m.get_session(s.id).await.unwrap().is_some());
+    assert!(m.get_session(short.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn oversized_attributes_are_rejected_and_nothing_is_written() {
+    let db = TestDatabase::create().await;
+    let limit = 64;
+    let m = node(
+        &db,
+        Config {
+            max_attribute_size: limit,
+            ..config()
+        },
+    )
+    .await;
+    let check = pool(&db).await;
+    let big = json!("x".repeat(100));
+
+    let err = m
+        .create_session(
+            Uuid::new_v4(),
+            attrs(&[("ok", json!(1)), ("big", big.clone())]),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::AttributeTooLarge { key, size: 102, limit: 64 } if key == "big"),
+        "{err:?}"
+    );
+    assert_eq!(count_rows(&check).await, 0);
+
+    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert!(matches!(
+        s.set("big", &big),
+        Err(Error::AttributeTooLarge { .. })
+    ));
+    // A value accepted under a larger limit elsewhere is still checked by this manager.
+    let lenient = node(
+        &db,
+        Config {
+            max_attribute_size: 1024,
+            ..config()
+        },
+    )
+    .await;
+    let mut from_lenient = lenient.get_session(s.id).await.unwrap().unwrap();
+    from_lenient.set("big", &big).unwrap();
+    assert!(matches!(
+        m.update_session(&mut from_lenient).await,
+        Err(Error::AttributeTooLarge { .. })
+    ));
+    assert_eq!(db_version(&check, s.id).await, Some(1));
+    s.set("fine", "yes").unwrap();
+    m.update_session(&mut s).await.unwrap();
+}
+
+#[tokio::test]
+async fn values_postgres_cannot_store_get_a_typed_error_before_any_sql() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let check = pool(&db).await;
+    for bad in [
+        attrs(&[("k", json!("nul \u{0} inside"))]),
+        attrs(&[("k", json!({"nested": ["a", "b\u{0}"]}))]),
+        attrs(&[("k\u{0}", json!(1))]),
+    ] {
+        let err = m.create_session(Uuid::new_v4(), bad).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidAttribute { .. }), "{err:?}");
+    }
+    let mut deep = json!(0);
+    for _ in 0..200 {
+        deep = json!([deep]);
+    }
+    assert!(matches!(
+        m.create_session(Uuid::new_v4(), attrs(&[("deep", deep)]))
+            .await,
+        Err(Error::InvalidAttribute { .. })
+    ));
+    assert_eq!(count_rows(&check).await, 0);
+
+    // Values that do not serialize to JSON are rejected by `set`.
+    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let not_json = std::collections::HashMap::from([((1, 2), 3)]);
+    assert!(matches!(
+        s.set("map", not_json),
+        Err(Error::InvalidAttribute { .. })
+    ));
+    assert!(!s.is_modified());
+}
+
+#[tokio::test]
+async fn typed_attributes_round_trip_and_mismatches_are_reported() {
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct Cart {
+        items: Vec<u32>,
+        coupon: Option<String>,
+    }
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let cart = Cart {
+        items: vec![3, 4],
+        coupon: None,
+    };
+    s.set("cart", &cart).unwrap();
+    m.update_session(&mut s).await.unwrap();
+    let fresh = node(&db, config())
+        .await
+        .get_session(s.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(fresh.get_as::<Cart>("cart").unwrap(), Some(cart));
+    assert!(matches!(
+        fresh.get_as::<Cart>("role"),
+        Err(Error::AttributeType { .. })
+    ));
+}
+
+#[tokio::test]
+async fn reads_only_record_accesses_and_the_flush_never_moves_them_backwards() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let check = pool(&db).await;
+    let mut ids = Vec::new();
+    for _ in 0..25 {
+        ids.push(m.create_session(Uuid::new_v4(), small()).await.unwrap().id);
+    }
+    let before: chrono::DateTime<Utc> =
+        sqlx::query_scalar("SELECT max(last_accessed_at) FROM sessions")
+            .fetch_one(&check)
+            .await
+            .unwrap();
+    // A session whose stored access is in the future (another node's clock, say) must not be
+    // moved back by an older access.
+    let future = Utc::now() + chrono::Duration::hours(1);
+    sqlx::query("UPDATE sessions SET last_accessed_at = $2 WHERE id = $1")
+        .bind(ids[0])
+        .bind(future)
+        .execute(&check)
+        .await
+        .unwrap();
+
+    for id in &ids {
+        m.get_session(*id).await.unwrap().unwrap();
+        m.get_session(*id).await.unwrap().unwrap();
+    }
+    assert_eq!(m.stats().pending_touches, 25);
+    // Reads did not write: nothing moved yet.
+    let moved: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sessions WHERE last_accessed_at > $1 AND last_accessed_at < $2",
+    )
+    .bind(before)
+    .bind(future)
+    .fetch_one(&check)
+    .await
+    .unwrap();
+    assert_eq!(moved, 0);
+
+    assert_eq!(m.flush_last_access().await.unwrap(), 24);
+    let moved: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sessions WHERE last_accessed_at > $1 AND last_accessed_at < $2",
+    )
+    .bind(before)
+    .bind(future)
+    .fetch_one(&check)
+    .await
+    .unwrap();
+    assert_eq!(moved, 24);
+    let kept: chrono::DateTime<Utc> =
+        sqlx::query_scalar("SELECT last_accessed_at FROM sessions WHERE id = $1")
+            .bind(ids[0])
+            .fetch_one(&check)
+            .await
+            .unwrap();
+    assert_eq!(kept.timestamp_micros(), future.timestamp_micros());
+    assert_eq!(m.stats().pending_touches, 0);
+}
+
+#[tokio::test]
+async fn background_task_flushes_last_access_every_interval() {
+    let db = TestDatabase::create().await;
+    let m = node(
+        &db,
+        Config {
+            last_access_flush_interval: Duration::from_millis(100),
+            ..config()
+        },
+    )
+    .await;
+    let check = pool(&db).await;
+    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let read = m.get_session(s.id).await.unwrap().unwrap();
+    assert!(read.last_accessed_at > s.last_accessed_at);
+    eventually(Duration::from_secs(5), "access flushed by the task", || {
+        let check = check.clone();
+        async move {
+            let stored: chrono::DateTime<Utc> =
+                sqlx::query_scalar("SELECT last_accessed_at FROM sessions WHERE id = $1")
+                    .bind(s.id)
+                    .fetch_one(&check)
+                    .await
+                    .unwrap();
+            stored == read.last_accessed_at
+        }
+    })
+    .await;
+    assert!(m.stats().flushes >= 1);
+}
+
+#[tokio::test]
+async fn a_batch_worth_of_pending_accesses_is_flushed_early() {
+    let db = TestDatabase::create().await;
+    let m = node(
+        &db,
+        Config {
+            last_access_batch_size: 10,
+            ..config()
+        },
+    )
+    .await;
+    let check = pool(&db).await;
+    let mut sessions = Vec::new();
+    for _ in 0..25 {
+        sessions.push(m.create_session(Uuid::new_v4(), small()).await.unwrap());
+    }
+    for s in &sessions {
+        m.get_session(s.id).await.unwrap().unwrap();
+    }
+    // The flush interval is an hour: only the early flush can write these.
+    let created = sessions[24].created_at;
+    eventually(Duration::from_secs(5), "early flush of 20 accesses", || {
+        let check = check.clone();
+        async move {
+            let moved: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM sessions WHERE last_accessed_at > $1")
+                    .bind(created)
+                    .fetch_one(&check)
+                    .await
+                    .unwrap();
+            moved >= 10
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_flushes_pending_accesses_and_later_calls_fail() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let check = pool(&db).await;
+    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let read = m.get_session(s.id).await.unwrap().unwrap();
+    assert_eq!(m.stats().pending_touches, 1);
+
+    let clone = m.clone();
+    m.shutdown().await.unwrap();
+    let stored: chrono::DateTime<Utc> =
+        sqlx::query_scalar("SELECT last_accessed_at FROM sessions WHERE id = $1")
+            .bind(s.id)
+            .fetch_one(&check)
+            .await
+            .unwrap();
+    assert_eq!(stored, read.last_accessed_at);
+
+    assert!(matches!(
+        clone.get_session(s.id).await,
+        Err(Error::ShutDown)
+    ));
+    assert!(matches!(
+        clone.create_session(Uuid::new_v4(), small()).await,
+        Err(Error::ShutDown)
+    ));
+    assert!(matches!(
+        clone.delete_session(s.id).await,
+        Err(Error::ShutDown)
+    ));
+    // Idempotent.
+    clone.shutdown().await.unwrap();
+    m.shutdown().await.unwrap();
+    // The pool built by `connect` is closed.
+    assert!(m.pool().is_closed());
+}
+
+#[tokio::test]
+async fn shutdown_with_the_database_gone_returns_the_flush_error_within_the_deadline() {
+    let server = TempPostgres::start().expect("private server");
+    let m = SessionManager::connect(
+        Config {
+            shutdown_timeout: Duration::from_secs(3),
+            ..config()
+        },
+        &server.url("postgres"),
+    )
+    .await
+    .unwrap();
+    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    m.get_session(s.id).await.unwrap();
+    server.stop().unwrap();
+    let started = std::time::Instant::now();
+    let result = m.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(
+        matches!(result, Err(Error::Database(_)) | Err(Error::Timeout(_))),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn cleanup_deletes_expired_sessions_in_batches_from_several_nodes_at_once() {
+    let db = TestDatabase::create().await;
+    let config = Config {
+        cleanup_batch_size: 100,
+        max_sessions_per_user: None,
+        idle_timeout: Some(Duration::from_secs(3600)),
+        ..config()
+    };
+    let a = node(&db, config.clone()).await;
+    let b = node(&db, config.clone()).await;
+    let check = pool(&db).await;
+    let user = Uuid::new_v4();
+    let mut keep = Vec::new();
+    for i in 0..1200 {
+        let s = a.create_session(user, small()).await.unwrap();
+        if i % 100 == 0 {
+            keep.push(s.id);
+        }
+    }
+    // Expire all but `keep`: most absolutely, some by inactivity.
+    sqlx::query(
+        "UPDATE sessions SET expires_at = now() - interval '1 second' \
+         WHERE id <> ALL($1) AND random() < 0.7",
+    )
+    .bind(&keep)
+    .execute(&check)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE sessions SET last_accessed_at = now() - interval '1 day' \
+         WHERE id <> ALL($1) AND expires_at > now()",
+    )
+    .bind(&keep)
+    .execute(&check)
+    .await
+    .unwrap();
+
+    let (da, db_) = tokio::join!(a.cleanup_expired(), b.cleanup_expired());
+    assert_eq!(da.unwrap() + db_.unwrap(), 1200 - keep.len() as u64);
+    assert_eq!(count_rows(&check).await, keep.len() as i64);
+    for id in keep {
+        assert!(a.get_session(id).await.unwrap().is_some());
+    }
+}
+
+#[tokio::test]
+async fn cleanup_leaves_sessions_whose_accesses_may_be_unflushed() {
+    let db = TestDatabase::create().await;
+    let m = node(
+        &db,
+        Config {
+            idle_timeout: Some(Duration::from_secs(3600)),
+            last_access_flush_interval: Duration::from_secs(60),
+            ..config()
+        },
+    )
+    .await;
+    let check = pool(&db).await;
+    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    // Idle by the stored time, but within two flush intervals of the timeout: another node
+    // may hold a newer access, so cleanup must not delete it yet.
+    sqlx::query("UPDATE sessions SET last_accessed_at = now() - interval '3601 seconds'")
+        .execute(&check)
+        .await
+        .unwrap();
+    assert_eq!(m.cleanup_expired().await.unwrap(), 0);
+    sqlx::query("UPDATE sessions SET last_accessed_at = now() - interval '3721 seconds'")
+        .execute(&check)
+        .await
+        .unwrap();
+    assert_eq!(m.cleanup_expired().await.unwrap(), 1);
+    assert_eq!(db_version(&check, s.id).await, None);
+}
+
+#[tokio::test]
+async fn periodic_cleanup_runs_in_the_background() {
+    let db = TestDatabase::create().await;
+    let m = node(
+        &db,
+        Config {
+            run_cleanup: true,
+            cleanup_interval: Duration::from_millis(100),
+            ..config()
+        },
+    )
+    .await;
+    let check = pool(&db).await;
+    m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 second'")
+        .execute(&check)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "expired row deleted", || {
+        let check = check.clone();
+        async move { count_rows(&check).await == 0 }
+    })
+    .await;
+    assert_eq!(m.stats().cleanup_deleted, 1);
+}
+
+#[tokio::test]
+async fn list_and_log_out_other_devices() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let user = Uuid::new_v4();
+    let phone = m.create_session(user, small()).await.unwrap();
+    let laptop = m.create_session(user, small()).await.unwrap();
+    let tablet = m.create_session(user, small()).await.unwrap();
+    m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    m.get_session(phone.id).await.unwrap();
+
+    let listed = m.list_user_sessions(user).await.unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0].id, phone.id, "most recently used first");
+
+    assert_eq!(
+        m.delete_other_user_sessions(user, laptop.id).await.unwrap(),
+        2
+    );
+    assert!(m.get_session(laptop.id).await.unwrap().is_some());
+    assert!(m.get_session(phone.id).await.unwrap().is_none());
+    assert!(m.get_session(tablet.id).await.unwrap().is_none());
+    assert_eq!(m.delete_all_user_sessions(user).await.unwrap(), 1);
+    assert!(m.list_user_sessions(user).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn nodes_starting_together_migrate_once_into_a_custom_schema() {
+    let db = TestDatabase::create().await;
+    let config = Config {
+        schema: Some("auth".into()),
+        table_prefix: "app_".into(),
+        ..config()
+    };
+    let starts: Vec<_> = (0..5)
+        .map(|_| {
+            let config = config.clone();
+            let url = db.url().to_string();
+            tokio::spawn(async move { SessionManager::connect(config, &url).await })
+        })
+        .collect();
+    let mut nodes = Vec::new();
+    for start in starts {
+        nodes.push(start.await.unwrap().expect("every node starts"));
+    }
+    let check = pool(&db).await;
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM auth.app_sessions_migrations")
+        .fetch_one(&check)
+        .await
+        .unwrap();
+    assert_eq!(applied, 1);
+    let s = nodes[0]
+        .create_session(Uuid::new_v4(), small())
+        .await
+        .unwrap();
+    let in_table: i64 = sqlx::query_scalar("SELECT count(*) FROM auth.app_sessions WHERE id = $1")
+        .bind(s.id)
+        .fetch_one(&check)
+        .await
+        .unwrap();
+    assert_eq!(in_table, 1);
+    // A different prefix is a different, independent store.
+    let other = node(
+        &db,
+        Config {
+            schema: Some("auth".into()),
+            table_prefix: "other_".into(),
+            ..config
+        },
+    )
+    .await;
+    assert!(other.get_session(s.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn schema_problems_are_reported_not_papered_over() {
+    let db = TestDatabase::create().await;
+    let no_migrations = Config {
+        run_migrations: false,
+        ..config()
+    };
+    assert!(matches!(
+        SessionManager::connect(no_migrations.clone(), db.url()).await,
+        Err(Error::Migration(_))
+    ));
+    node(&db, config()).await;
+    SessionManager::connect(no_migrations, db.url())
+        .await
+        .expect("current schema accepted");
+
+    let check = pool(&db).await;
+    sqlx::query("UPDATE sessions_migrations SET checksum = 'edited'")
+        .execute(&check)
+        .await
+        .unwrap();
+    assert!(matches!(
+        SessionManager::connect(config(), db.url()).await,
+        Err(Error::Migration(_))
+    ));
+}
+
+#[tokio::test]
+async fn invalid_configuration_is_rejected_with_the_field_named() {
+    let db = TestDatabase::create().await;
+    for (config, field) in [
+        (
+            Config {
+                schema: Some("Robert'); DROP TABLE x;--".into()),
+                ..config()
+            },
+            "schema",
+        ),
+        (
+            Config {
+                table_prefix: "bad-prefix".into(),
+                ..config()
+            },
+            "table_prefix",
+        ),
+        (
+            Config {
+                session_ttl: Duration::ZERO,
+                ..config()
+            },
+            "session_ttl",
+        ),
+        (
+            Config {
+                listen_url: Some("not a url".into()),
+                ..config()
+            },
+            "listen_url",
+        ),
+    ] {
+        match SessionManager::connect(config, db.url()).await {
+            Err(Error::InvalidConfig(msg)) => assert!(msg.contains(field), "{msg}"),
+            Err(e) => panic!("{field}: unexpected {e:?}"),
+            Ok(_) => panic!("{field}: accepted"),
+        }
+    }
+    assert!(matches!(
+        SessionManager::connect(config(), "definitely not a url").await,
+        Err(Error::InvalidConfig(_))
+    ));
+}
+
+#[tokio::test]
+async fn works_with_the_cache_disabled() {
+    let db = TestDatabase::create().await;
+    let m = node(
+        &db,
+        Config {
+            cache_capacity: 0,
+            ..config()
+        },
+    )
+    .await;
+    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    s.set("k", 1).unwrap();
+    m.update_session(&mut s).await.unwrap();
+    assert_eq!(m.get_session(s.id).await.unwrap().unwrap().version, 2);
+    let stats = m.stats();
+    assert_eq!((stats.hits, stats.entries), (0, 0));
+    assert!(!m.cache_trusted());
+    m.wait_for_cache().await;
+}
+
+#[tokio::test]
+async fn a_caller_supplied_pool_is_used_and_left_open() {
+    let db = TestDatabase::create().await;
+    let pool = pool(&db).await;
+    let m = SessionManager::new(config(), pool.clone()).await.unwrap();
+    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    m.shutdown().await.unwrap();
+    assert!(!pool.is_closed());
+    assert_eq!(db_version(&pool, s.id).await, Some(1));
+}
