@@ -1,0 +1,659 @@
+//! Cache coherence across nodes (invariants I1-I6 of the design brief), including faults:
+//! a killed listener backend, a half-open listener connection, a refused reconnect, and a
+//! restarted server. Every node is a manager with its own pool, as in separate processes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use pgsession::{Config, Error, SessionManager};
+use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+/// The cross-node visibility bound these tests assert. On loopback the delay is well under a
+/// millisecond (see BENCHMARKS.md); the bound leaves room for a loaded CI machine.
+const VISIBLE_WITHIN: Duration = Duration::from_secs(1);
+/// How long a test may wait for a listener to notice a fault or to come back.
+const RECOVERY: Duration = Duration::from_secs(15);
+
+fn unlimited() -> Config {
+    Config {
+        max_sessions_per_user: None,
+        ..config()
+    }
+}
+
+async fn version_on(node: &SessionManager, id: Uuid) -> Option<i64> {
+    node.get_session(id).await.unwrap().map(|s| s.version)
+}
+
+async fn wait_distrusted(node: &SessionManager) {
+    let node = node.clone();
+    eventually(RECOVERY, "the node distrusts its cache", move || {
+        let node = node.clone();
+        async move { !node.cache_trusted() }
+    })
+    .await;
+}
+
+async fn wait_trusted(node: &SessionManager) {
+    tokio::time::timeout(RECOVERY, node.wait_for_cache())
+        .await
+        .expect("the cache is trusted again");
+}
+
+#[tokio::test]
+async fn update_and_delete_on_one_node_are_seen_on_another_within_a_second() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let b = node(&db, config()).await;
+    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert_eq!(version_on(&b, s.id).await, Some(1));
+    assert_eq!(version_on(&b, s.id).await, Some(1));
+    assert_eq!(
+        b.stats().hits,
+        1,
+        "the second read is served from B's cache"
+    );
+
+    set_and_save(&a, &mut s, "theme", json!("light")).await;
+    let seen = b.clone();
+    eventually(VISIBLE_WITHIN, "B serves version 2", move || {
+        let b = seen.clone();
+        async move { version_on(&b, s.id).await == Some(2) }
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(version_on(&b, s.id).await, Some(2), "never flips back");
+    }
+    assert!(b.stats().invalidations >= 1);
+
+    assert!(a.delete_session(s.id).await.unwrap());
+    let seen = b.clone();
+    eventually(
+        VISIBLE_WITHIN,
+        "B stops serving the deleted session",
+        move || {
+            let b = seen.clone();
+            async move { version_on(&b, s.id).await.is_none() }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_never_serves_the_state_before_its_own_write() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    for i in 0..50 {
+        assert!(a.get_session(s.id).await.unwrap().is_some(), "cached");
+        set_and_save(&a, &mut s, "n", json!(i)).await;
+        let read = a.get_session(s.id).await.unwrap().unwrap();
+        assert_eq!(read.version, s.version);
+        assert_eq!(read.get("n"), Some(&json!(i)));
+    }
+    assert!(a.stats().hits >= 50);
+    assert!(a.delete_session(s.id).await.unwrap());
+    assert!(a.get_session(s.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn logout_everywhere_evicts_hundreds_of_sessions_on_other_nodes() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, unlimited()).await;
+    let b = node(&db, unlimited()).await;
+    let user = Uuid::new_v4();
+    let mut ids = Vec::new();
+    for _ in 0..350 {
+        ids.push(a.create_session(user, small()).await.unwrap().id);
+    }
+    for id in &ids {
+        assert!(b.get_session(*id).await.unwrap().is_some());
+    }
+    assert_eq!(b.stats().entries, 350);
+
+    // One notification for all of them: listing 350 ids would exceed NOTIFY's 8000 bytes and
+    // roll the delete back.
+    assert_eq!(a.delete_all_user_sessions(user).await.unwrap(), 350);
+    let seen = b.clone();
+    eventually(VISIBLE_WITHIN, "B evicted all 350", move || {
+        let b = seen.clone();
+        async move { b.stats().entries == 0 }
+    })
+    .await;
+    for id in &ids {
+        assert!(b.get_session(*id).await.unwrap().is_none());
+    }
+}
+
+#[tokio::test]
+async fn cap_eviction_of_hundreds_of_sessions_reaches_other_nodes() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, unlimited()).await;
+    let b = node(&db, unlimited()).await;
+    let capped = node(
+        &db,
+        Config {
+            max_sessions_per_user: Some(5),
+            ..config()
+        },
+    )
+    .await;
+    let user = Uuid::new_v4();
+    let mut ids = Vec::new();
+    for _ in 0..300 {
+        ids.push(a.create_session(user, small()).await.unwrap().id);
+    }
+    for id in &ids {
+        b.get_session(*id).await.unwrap().unwrap();
+    }
+    // The cap was lowered: one login deletes 296 sessions in its transaction and announces
+    // them in chunks that each fit the payload limit.
+    let newest = capped.create_session(user, small()).await.unwrap();
+    assert_eq!(capped.list_user_sessions(user).await.unwrap().len(), 5);
+    let seen = b.clone();
+    eventually(VISIBLE_WITHIN, "B evicted the 296", move || {
+        let b = seen.clone();
+        async move { b.stats().entries == 4 }
+    })
+    .await;
+    let live: Vec<Uuid> = capped
+        .list_user_sessions(user)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert!(live.contains(&newest.id));
+    for id in &ids {
+        assert_eq!(
+            b.get_session(*id).await.unwrap().is_some(),
+            live.contains(id)
+        );
+    }
+}
+
+#[tokio::test]
+async fn cleanup_of_thousands_of_expired_sessions_evicts_them_on_other_nodes() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, unlimited()).await;
+    let b = node(&db, unlimited()).await;
+    let check = pool(&db).await;
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO sessions \
+         SELECT gen_random_uuid(), gen_random_uuid(), 1, '{}', now(), now(), now(), \
+                now() + interval '1 day' \
+         FROM generate_series(1, 2500) RETURNING id",
+    )
+    .fetch_all(&check)
+    .await
+    .unwrap();
+    for id in &ids {
+        b.get_session(*id).await.unwrap().unwrap();
+    }
+    // Expire them behind pgsession's back: B's copies still look valid to B...
+    sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 second'")
+        .execute(&check)
+        .await
+        .unwrap();
+    assert!(b.get_session(ids[0]).await.unwrap().is_some());
+    // ...until cleanup deletes them and says so, 200 ids per notification.
+    assert_eq!(a.cleanup_expired().await.unwrap(), 2500);
+    let seen = b.clone();
+    eventually(VISIBLE_WITHIN, "B evicted all 2500", move || {
+        let b = seen.clone();
+        async move { b.stats().entries == 0 }
+    })
+    .await;
+    assert!(b.get_session(ids[0]).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_fill_that_read_before_an_invalidation_is_not_installed_after_it() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    // B reads through a proxy that can hold the database's answers; its listener is direct.
+    let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
+    let b_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect(&proxy.proxied_url(db.url()))
+        .await
+        .unwrap();
+    let b = SessionManager::new(
+        Config {
+            listen_url: Some(db.url().to_string()),
+            ..config()
+        },
+        b_pool,
+    )
+    .await
+    .unwrap();
+    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    // Warm B's connection so that its next read is a single round trip (statement prepared),
+    // and wait until sqlx's ping-on-release has given it back to the pool.
+    assert!(b.get_session(Uuid::new_v4()).await.unwrap().is_none());
+    let idle = b.clone();
+    eventually(
+        VISIBLE_WITHIN,
+        "B's connection back in its pool",
+        move || {
+            let b = idle.clone();
+            async move { b.pool().num_idle() == 1 }
+        },
+    )
+    .await;
+
+    proxy.hold_responses();
+    let reader = {
+        let b = b.clone();
+        tokio::spawn(async move { b.get_session(s.id).await })
+    };
+    // B's SELECT has run on the server; its answer, version 1, is held in the proxy.
+    proxy.wait_until_response_held().await;
+    let before = b.stats().invalidations;
+    set_and_save(&a, &mut s, "theme", json!("light")).await;
+    let seen = b.clone();
+    eventually(VISIBLE_WITHIN, "B applied the invalidation", move || {
+        let b = seen.clone();
+        async move { b.stats().invalidations > before }
+    })
+    .await;
+    proxy.resume();
+
+    let old = reader.await.unwrap().unwrap().unwrap();
+    assert_eq!(
+        old.version, 1,
+        "the read began before the write: fine to return"
+    );
+    assert_eq!(b.stats().fills_rejected, 1);
+    assert_eq!(version_on(&b, s.id).await, Some(2), "but it was not cached");
+}
+
+#[tokio::test]
+async fn killed_listener_backend_degrades_to_database_reads_then_resynchronises() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let b = node(&db, config()).await;
+    // ALTER DATABASE cannot lock out the database it is issued from.
+    let check = sqlx::PgPool::connect(&pgsession_testkit::server_url())
+        .await
+        .unwrap();
+    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let same = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    for id in [s.id, same.id] {
+        b.get_session(id).await.unwrap().unwrap();
+    }
+
+    // Keep the listeners out while the outage lasts; pooled connections stay usable.
+    let name = db.name();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS false"
+    )))
+    .execute(&check)
+    .await
+    .unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND application_name = 'pgsession-listener'",
+    )
+    .bind(name)
+    .fetch_all(&check)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true, true]);
+    wait_distrusted(&b).await;
+
+    // A write nobody is listening for.
+    set_and_save(&a, &mut s, "theme", json!("light")).await;
+    let hits = b.stats().hits;
+    assert_eq!(
+        version_on(&b, s.id).await,
+        Some(2),
+        "read through to the database"
+    );
+    assert_eq!(version_on(&b, same.id).await, Some(1));
+    assert_eq!(b.stats().hits, hits, "nothing served from the cache");
+
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS true"
+    )))
+    .execute(&check)
+    .await
+    .unwrap();
+    wait_trusted(&b).await;
+    assert!(b.stats().reconnects >= 1);
+    assert_eq!(version_on(&b, s.id).await, Some(2));
+    let hits = b.stats().hits;
+    assert_eq!(version_on(&b, same.id).await, Some(1));
+    assert_eq!(
+        b.stats().hits,
+        hits + 1,
+        "unchanged entry kept and trusted again"
+    );
+}
+
+#[tokio::test]
+async fn resynchronisation_evicts_what_changed_while_nobody_listened() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
+    let b = node(
+        &db,
+        Config {
+            listen_url: Some(proxy.proxied_url(db.url())),
+            ..config()
+        },
+    )
+    .await;
+    let mut changed = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let deleted = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let same = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    for id in [changed.id, deleted.id, same.id] {
+        b.get_session(id).await.unwrap().unwrap();
+    }
+
+    proxy.refuse_new(true);
+    proxy.disconnect_all();
+    wait_distrusted(&b).await;
+    set_and_save(&a, &mut changed, "theme", json!("light")).await;
+    a.delete_session(deleted.id).await.unwrap();
+    // During the outage B answers from the database; its stale copy of `changed` is still in
+    // memory but not served.
+    assert_eq!(version_on(&b, changed.id).await, Some(2));
+    assert_eq!(version_on(&b, deleted.id).await, None);
+
+    proxy.refuse_new(false);
+    wait_trusted(&b).await;
+    assert!(b.stats().resync_evictions >= 1);
+    assert_eq!(
+        version_on(&b, changed.id).await,
+        Some(2),
+        "stale copy evicted"
+    );
+    assert_eq!(version_on(&b, deleted.id).await, None);
+    let hits = b.stats().hits;
+    assert_eq!(version_on(&b, same.id).await, Some(1));
+    assert_eq!(b.stats().hits, hits + 1, "unchanged copy kept");
+}
+
+#[tokio::test]
+async fn half_open_listener_connection_is_detected_by_the_probe() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
+    let b = node(
+        &db,
+        Config {
+            listen_url: Some(proxy.proxied_url(db.url())),
+            listener_probe_interval: Duration::from_millis(200),
+            listener_timeout: Duration::from_millis(500),
+            ..config()
+        },
+    )
+    .await;
+    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    b.get_session(s.id).await.unwrap().unwrap();
+
+    // Packets vanish; no FIN, no RST: only the probe can tell.
+    let degraded_before = b.stats().degraded_time;
+    proxy.pause();
+    wait_distrusted(&b).await;
+    set_and_save(&a, &mut s, "theme", json!("light")).await;
+    assert_eq!(version_on(&b, s.id).await, Some(2));
+
+    proxy.resume();
+    wait_trusted(&b).await;
+    assert_eq!(version_on(&b, s.id).await, Some(2));
+    assert!(b.stats().degraded_time > degraded_before);
+    assert_eq!(b.stats().reconnects, 1);
+}
+
+#[tokio::test]
+async fn database_restart_fails_calls_with_typed_errors_and_recovers_without_stale_reads() {
+    let server = TempPostgres::start().expect("private server");
+    let url = server.url("postgres");
+    let a = SessionManager::connect(config(), &url).await.unwrap();
+    let b = SessionManager::connect(config(), &url).await.unwrap();
+    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    b.get_session(s.id).await.unwrap().unwrap();
+
+    server.stop().unwrap();
+    wait_distrusted(&b).await;
+    match b.get_session(s.id).await {
+        Err(e @ Error::Database(_)) => assert!(e.is_transient(), "{e:?}"),
+        other => panic!("served without a database: {other:?}"),
+    }
+
+    server.start_again().unwrap();
+    // A's pooled connections died with the server: a write may fail (typed) before one works.
+    let mut attempts = 0;
+    loop {
+        s.set("theme", "light").unwrap();
+        match a.update_session(&mut s).await {
+            Ok(()) => break,
+            Err(e @ Error::Database(_)) if attempts < 20 => {
+                assert!(e.is_transient(), "{e:?}");
+                attempts += 1;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(s.version, 2);
+    // Never the pre-restart copy.
+    for _ in 0..5 {
+        match b.get_session(s.id).await {
+            Ok(found) => assert_eq!(found.map(|s| s.version), Some(2)),
+            Err(e) => assert!(e.is_transient(), "{e:?}"),
+        }
+    }
+    wait_trusted(&b).await;
+    assert_eq!(version_on(&b, s.id).await, Some(2));
+    let hits = b.stats().hits;
+    assert_eq!(version_on(&b, s.id).await, Some(2));
+    assert_eq!(b.stats().hits, hits + 1, "cache in use again");
+    assert!(b.stats().reconnects >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_misses_and_writes_converge_to_the_database_version() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let b = node(&db, config()).await;
+    let check = pool(&db).await;
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(a.create_session(Uuid::new_v4(), small()).await.unwrap());
+    }
+    let ids: Vec<Uuid> = sessions.iter().map(|s| s.id).collect();
+    let writes = 300;
+
+    let readers: Vec<_> = (0..4)
+        .map(|r| {
+            let b = b.clone();
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let mut reads = 0u64;
+                let mut last = HashMap::new();
+                for i in r.. {
+                    let id = ids[i % ids.len()];
+                    let v = b.get_session(id).await.unwrap().unwrap().version;
+                    let prev = last.insert(id, v).unwrap_or(0);
+                    assert!(
+                        v >= prev,
+                        "versions went backwards on one node: {prev} -> {v}"
+                    );
+                    reads += 1;
+                    // Until every session has reached its final version.
+                    if last.len() == ids.len() && last.values().all(|v| *v > writes / 3) {
+                        break;
+                    }
+                    // A cache hit completes without suspending; let the writer's tasks run.
+                    tokio::task::yield_now().await;
+                }
+                reads
+            })
+        })
+        .collect();
+    for i in 0..writes as usize {
+        let s = &mut sessions[i % 3];
+        set_and_save(&a, s, "n", json!(i)).await;
+    }
+    for r in readers {
+        assert!(r.await.unwrap() > 0);
+    }
+    // Quiet: B has received every invalidation.
+    let seen = b.clone();
+    eventually(VISIBLE_WITHIN, "B received all invalidations", move || {
+        let b = seen.clone();
+        async move { b.stats().invalidations >= writes as u64 }
+    })
+    .await;
+    for id in ids {
+        let expected = db_version(&check, id).await;
+        assert_eq!(version_on(&b, id).await, expected);
+        assert_eq!(version_on(&b, id).await, expected, "cached copy too");
+    }
+    assert!(b.stats().misses > 10, "the readers did miss");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tasks_hitting_the_cache_while_invalidations_arrive_see_monotonic_versions() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let b = node(&db, config()).await;
+    let check = pool(&db).await;
+    let mut sessions = Vec::new();
+    for _ in 0..40 {
+        sessions.push(a.create_session(Uuid::new_v4(), small()).await.unwrap());
+    }
+    let ids: Vec<Uuid> = sessions.iter().map(|s| s.id).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..8)
+        .map(|r| {
+            let b = b.clone();
+            let ids = ids.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut last = HashMap::new();
+                let mut i = r;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let id = ids[i % ids.len()];
+                    i += 7;
+                    let v = b.get_session(id).await.unwrap().unwrap().version;
+                    let prev = last.insert(id, v).unwrap_or(0);
+                    assert!(v >= prev, "{prev} -> {v}");
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    for round in 0..5 {
+        for s in sessions.iter_mut().step_by(3) {
+            set_and_save(&a, s, "round", json!(round)).await;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    let expected_messages = 5 * sessions.iter().step_by(3).count() as u64;
+    let seen = b.clone();
+    eventually(VISIBLE_WITHIN, "all invalidations received", move || {
+        let b = seen.clone();
+        async move { b.stats().invalidations >= expected_messages }
+    })
+    .await;
+    for id in &ids {
+        assert_eq!(version_on(&b, *id).await, db_version(&check, *id).await);
+    }
+    let stats = b.stats();
+    assert!(stats.hits > stats.misses, "{stats:?}");
+}
+
+#[tokio::test]
+async fn clear_cache_empties_every_node() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let b = node(&db, config()).await;
+    let c = node(&db, config()).await;
+    let s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    for n in [&a, &b, &c] {
+        n.get_session(s.id).await.unwrap().unwrap();
+        assert_eq!(n.stats().entries, 1);
+    }
+    a.clear_cache().await.unwrap();
+    assert_eq!(a.stats().entries, 0);
+    for n in [b, c] {
+        eventually(VISIBLE_WITHIN, "cleared", move || {
+            let n = n.clone();
+            async move { n.stats().entries == 0 }
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn cache_max_age_bounds_how_long_writes_outside_pgsession_go_unseen() {
+    let db = TestDatabase::create().await;
+    let max_age = Duration::from_millis(300);
+    let b = node(
+        &db,
+        Config {
+            cache_max_age: Some(max_age),
+            ..config()
+        },
+    )
+    .await;
+    let check = pool(&db).await;
+    let s = b.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert_eq!(version_on(&b, s.id).await, Some(1));
+    // An administrator's SQL: no notification.
+    sqlx::query(
+        "UPDATE sessions SET attributes = attributes || '{\"role\": \"user\"}', \
+         version = version + 1 WHERE id = $1",
+    )
+    .bind(s.id)
+    .execute(&check)
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let seen = b.clone();
+    eventually(max_age * 5, "re-read after cache_max_age", move || {
+        let b = seen.clone();
+        async move { version_on(&b, s.id).await == Some(2) }
+    })
+    .await;
+    assert!(started.elapsed() >= max_age / 2);
+}
+
+#[tokio::test]
+async fn an_entry_that_looks_idle_is_rechecked_against_accesses_on_other_nodes() {
+    let db = TestDatabase::create().await;
+    let idle = Duration::from_millis(1000);
+    let config = Config {
+        idle_timeout: Some(idle),
+        ..config()
+    };
+    let a = node(&db, config.clone()).await;
+    let b = node(&db, config).await;
+    let busy = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let quiet = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    for id in [busy.id, quiet.id] {
+        b.get_session(id).await.unwrap().unwrap();
+    }
+    // The user keeps using the session, on node A only, for longer than the idle timeout.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        a.get_session(busy.id).await.unwrap().unwrap();
+        a.flush_last_access().await.unwrap();
+    }
+    // B's copy says idle since 1.5 s; the database knows better.
+    assert!(b.get_session(busy.id).await.unwrap().is_some());
+    assert!(b.get_session(quiet.id).await.unwrap().is_none());
+    assert!(a.get_session(quiet.id).await.unwrap().is_none());
+}
