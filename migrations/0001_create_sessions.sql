@@ -2,12 +2,15 @@
 --
 -- pgsession applies this file itself (src/migrate.rs), inside one transaction under an advisory
 -- lock, after replacing each placeholder in double braces with a validated name:
---   {{sessions}}    schema-qualified, quoted sessions table, e.g. "public"."sessions"
---   {{prefix}}      the configured table prefix (lower-case letters, digits, '_'), may be empty
---   {{create_fn}}   schema-qualified, quoted create function
---   {{channel}}     the NOTIFY channel for cache invalidations
---   {{lock_class}}  32-bit advisory-lock class of this table
--- To apply it by hand, substitute the placeholders the same way.
+--   {{sessions}}         schema-qualified, quoted sessions table, e.g. "public"."sessions"
+--   {{cache_epoch}}      schema-qualified, quoted cache-epoch table
+--   {{prefix}}           the configured table prefix (lower-case letters, digits, '_'), may be empty
+--   {{create_fn}}        schema-qualified, quoted create function
+--   {{channel}}          the NOTIFY channel for cache invalidations
+--   {{lock_class}}       32-bit advisory-lock class of this table
+--   {{ids_per_message}}  session ids per invalidation message (keeps payloads under 8000 bytes)
+-- To apply it by hand, substitute the placeholders the same way, and record it in the
+-- bookkeeping table (see README, "Using your own PostgreSQL").
 
 CREATE TABLE {{sessions}} (
     id               uuid        PRIMARY KEY,
@@ -29,6 +32,14 @@ CREATE INDEX "{{prefix}}sessions_user_id_idx" ON {{sessions}} (user_id);
 -- Cleanup of sessions past their absolute expiry.
 CREATE INDEX "{{prefix}}sessions_expires_at_idx" ON {{sessions}} (expires_at);
 
+-- Counts cache clears (clear_cache). A node that was not listening when a clear was announced
+-- sees the count moved when it reconnects, and empties its cache then.
+CREATE TABLE {{cache_epoch}} (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    epoch     bigint  NOT NULL
+);
+INSERT INTO {{cache_epoch}} (epoch) VALUES (0);
+
 -- Creates a session while holding the user's cap, in one round trip.
 --
 -- Logins of one user are serialised by a transaction-scoped advisory lock. In READ COMMITTED
@@ -36,10 +47,11 @@ CREATE INDEX "{{prefix}}sessions_expires_at_idx" ON {{sessions}} (expires_at);
 -- lock see every session a concurrent login of the same user committed; a single SQL statement
 -- could not, its snapshot being taken before the lock is granted.
 --
--- Returns the ids of the sessions it deleted to make room (the user's least recently used live
--- sessions beyond the cap, and dead ones of that user); other nodes learn of them through
+-- Returns the ids of the sessions it deleted to make room: all but the user's (cap - 1) most
+-- recently used sessions, counting live ones before dead ones. Other nodes learn of them through
 -- notifications sent in chunks small enough for NOTIFY's 8000-byte payload limit.
 -- With p_reject, a user already at the cap gets SQLSTATE PS001 and nothing is written.
+-- Outside READ COMMITTED the snapshot would predate the lock, so it refuses (SQLSTATE PS002).
 CREATE FUNCTION {{create_fn}}(
     p_id           uuid,
     p_user_id      uuid,
@@ -51,11 +63,18 @@ CREATE FUNCTION {{create_fn}}(
     p_reject       boolean
 ) RETURNS uuid[]
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     v_live    bigint;
     v_evicted uuid[];
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgsession needs READ COMMITTED to enforce the per-user cap, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = 'PS002';
+    END IF;
+
     PERFORM pg_advisory_xact_lock({{lock_class}}, hashtext(p_user_id::text));
 
     IF p_reject THEN
@@ -94,7 +113,7 @@ BEGIN
     IF v_evicted IS NOT NULL THEN
         PERFORM pg_notify('{{channel}}', 'd ' || string_agg(replace(c.id::text, '-', ''), ','))
         FROM unnest(v_evicted) WITH ORDINALITY AS c(id, n)
-        GROUP BY (c.n - 1) / 200;
+        GROUP BY (c.n - 1) / {{ids_per_message}};
     END IF;
 
     INSERT INTO {{sessions}}

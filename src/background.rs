@@ -13,24 +13,23 @@ use crate::shutdown::Signal;
 /// fills up; write the rest once more at shutdown.
 pub(crate) async fn flush_last_access(inner: Arc<Inner>, mut shutdown: Signal) {
     let interval = inner.config.last_access_flush_interval;
-    let mut backoff = Duration::ZERO;
-    loop {
+    'running: loop {
         tokio::select! {
             _ = shutdown.recv() => break,
             _ = tokio::time::sleep(interval) => {}
             _ = inner.touches.wake.notified() => {}
         }
-        match inner.flush_touches().await {
-            Ok(_) => backoff = Duration::ZERO,
-            Err(e) => {
-                // Early-flush wake-ups would otherwise retry a failing database in a tight loop.
-                backoff = (backoff * 2).clamp(Duration::from_millis(100), interval);
-                tracing::warn!(error = %e, retry_in = ?backoff, "pgsession: last-access flush failed; will retry");
-                tokio::select! {
-                    _ = shutdown.recv() => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
+        // Retry a failed flush after a growing pause (nothing is lost meanwhile: accesses stay
+        // buffered until written), without letting early-flush wake-ups spin on a failing
+        // database.
+        let mut backoff = Duration::from_millis(100);
+        while let Err(e) = inner.flush_touches().await {
+            tracing::warn!(error = %e, retry_in = ?backoff, "pgsession: last-access flush failed; will retry");
+            tokio::select! {
+                _ = shutdown.recv() => break 'running,
+                _ = tokio::time::sleep(backoff) => {}
             }
+            backoff = (backoff * 2).min(interval);
         }
     }
     // The final flush: accesses recorded until now must reach the database.

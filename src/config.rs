@@ -20,7 +20,10 @@ pub enum MaxSessionsPolicy {
 ///
 /// All fields are public; start from [`Config::default()`] and change what you need. The
 /// manager validates the whole configuration when it is constructed and returns
-/// [`Error::InvalidConfig`] naming the offending field.
+/// [`Error::InvalidConfig`] naming the offending field. Limits: every duration greater than
+/// zero and at most 100 years; batch sizes and `max_pending_touches` from 1 to 1 000 000;
+/// `schema` at most 63 bytes, `table_prefix` at most 24, and together short enough for the
+/// notification channel `pgsession.<schema>.<prefix>sessions` to fit 63 bytes.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Most live sessions one user may have; `None` means unlimited. Default `Some(5)`.
@@ -28,14 +31,18 @@ pub struct Config {
     /// What happens when a new session would exceed the cap. Default
     /// [`MaxSessionsPolicy::EvictOldest`].
     pub max_sessions_policy: MaxSessionsPolicy,
-    /// Largest JSON encoding of one attribute value, in bytes. Default 16 KiB (16384).
+    /// Largest size of one attribute, in bytes: its compact JSON encoding as an object member,
+    /// key included (`"key":value`). Default 16 KiB (16384).
     pub max_attribute_size: usize,
     /// Absolute lifetime of a session from its creation. Default 30 days.
     /// [`Session::set_expires_at`](crate::Session::set_expires_at) can move it.
     pub session_ttl: Duration,
     /// A session not accessed for this long is expired; `None` disables inactivity expiry.
     /// Default `Some(48 hours)`. Accesses on other nodes count once they are flushed, within
-    /// [`last_access_flush_interval`](Self::last_access_flush_interval).
+    /// [`last_access_flush_interval`](Self::last_access_flush_interval), so it must be at least
+    /// twice that interval. Cleanup deletes an idle session only after `idle_timeout` plus two
+    /// flush intervals (a node may still hold an unflushed access); all nodes should use the
+    /// same flush interval.
     pub idle_timeout: Option<Duration>,
     /// How often each node deletes expired sessions from the table. Default 1 hour. The first
     /// run happens at a random point within the first interval so that nodes started together
@@ -48,7 +55,7 @@ pub struct Config {
     /// Rows deleted per cleanup statement (each its own short transaction). Default 1000.
     pub cleanup_batch_size: usize,
     /// Sessions held in the in-process cache; 0 disables the cache (every read goes to the
-    /// database). Default 10 000.
+    /// database). At most 10 000 000 (the index is allocated up front). Default 10 000.
     pub cache_capacity: usize,
     /// Longest time a cached session is served without re-reading it; bounds how long writes
     /// made outside pgsession (an admin's SQL) can go unseen. `None` = no bound. Default
@@ -77,11 +84,14 @@ pub struct Config {
     /// transaction mode, a hot standby). `None` uses the pool's own connect options. Default
     /// `None`.
     pub listen_url: Option<String>,
-    /// When no notification has arrived for this long, the listener sends `SELECT 1` through its
-    /// connection to detect a silently dead (half-open) connection. Default 5 seconds.
+    /// When no notification has arrived for this long, the listener sends itself a notification
+    /// and waits for it to come back, which proves that notifications are still delivered (a
+    /// silently dead, half-open connection would otherwise go unnoticed). A dead connection is
+    /// thus noticed within `listener_probe_interval + listener_timeout`. Default 2 seconds.
     pub listener_probe_interval: Duration,
-    /// How long the probe and a (re)connection of the listener may take before the connection is
-    /// considered dead. Default 3 seconds.
+    /// How long a probe, a (re)connection of the listener and the resynchronisation after it may
+    /// take before the attempt counts as failed; also how long `connect`/`new` wait for the
+    /// listener before starting without a trusted cache. Default 2 seconds.
     pub listener_timeout: Duration,
     /// Longest wait between listener reconnection attempts (the wait starts at 50 ms and doubles).
     /// Reconnection never gives up while the manager runs. Default 5 seconds.
@@ -111,8 +121,8 @@ impl Default for Config {
             table_prefix: String::new(),
             run_migrations: true,
             listen_url: None,
-            listener_probe_interval: Duration::from_secs(5),
-            listener_timeout: Duration::from_secs(3),
+            listener_probe_interval: Duration::from_secs(2),
+            listener_timeout: Duration::from_secs(2),
             listener_max_backoff: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -124,6 +134,8 @@ impl Default for Config {
 const MAX_PREFIX_LEN: usize = 24;
 /// PostgreSQL truncates identifiers and channel names beyond 63 bytes.
 const MAX_IDENT_LEN: usize = 63;
+/// Largest cache; `LruCache` allocates its index for the full capacity at once.
+const MAX_CACHE_CAPACITY: usize = 10_000_000;
 
 /// Database object names derived from a validated configuration.
 #[derive(Clone, Debug)]
@@ -138,6 +150,8 @@ pub(crate) struct Names {
     pub sessions: String,
     /// Quoted, schema-qualified migrations bookkeeping table.
     pub migrations: String,
+    /// Quoted, schema-qualified cache-epoch table.
+    pub cache_epoch: String,
     /// Quoted, schema-qualified create function.
     pub create_fn: String,
     /// NOTIFY channel, unique per schema and prefix.
@@ -202,6 +216,21 @@ impl Config {
             }
         }
 
+        if self.cache_capacity > MAX_CACHE_CAPACITY {
+            return bad(format!(
+                "cache_capacity must be at most {MAX_CACHE_CAPACITY} (the cache index is allocated up front)"
+            ));
+        }
+        if let Some(idle) = self.idle_timeout
+            && idle < self.last_access_flush_interval * 2
+        {
+            return bad(format!(
+                "idle_timeout ({idle:?}) must be at least twice last_access_flush_interval \
+                 ({:?}): accesses reach other nodes only when flushed",
+                self.last_access_flush_interval
+            ));
+        }
+
         let schema = self.schema.as_deref().unwrap_or("public");
         check_identifier("schema", schema, MAX_IDENT_LEN)?;
         if !self.table_prefix.is_empty() {
@@ -221,6 +250,7 @@ impl Config {
             prefix: prefix.to_owned(),
             sessions: format!("\"{schema}\".\"{prefix}sessions\""),
             migrations: format!("\"{schema}\".\"{prefix}sessions_migrations\""),
+            cache_epoch: format!("\"{schema}\".\"{prefix}sessions_cache_epoch\""),
             create_fn: format!("\"{schema}\".\"{prefix}create_session\""),
             lock_class: lock_class(&channel),
             channel,
@@ -318,6 +348,15 @@ mod tests {
             },
             Config {
                 max_attribute_size: 0,
+                ..Config::default()
+            },
+            Config {
+                cache_capacity: usize::MAX / 2,
+                ..Config::default()
+            },
+            Config {
+                idle_timeout: Some(Duration::from_secs(60)),
+                last_access_flush_interval: Duration::from_secs(60),
                 ..Config::default()
             },
         ];

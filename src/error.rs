@@ -41,6 +41,14 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// [`Session::set_expires_at`](crate::Session::set_expires_at) was given an instant outside
+    /// the years 1970 to 9999.
+    #[error("expiry {expires_at} is out of range (years 1970 to 9999)")]
+    InvalidExpiry {
+        /// The rejected instant.
+        expires_at: chrono::DateTime<chrono::Utc>,
+    },
+
     /// The session does not exist (any more): deleted, expired, or never created. Updates of a
     /// deleted session return this; they never recreate it.
     #[error("session not found or expired")]

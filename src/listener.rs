@@ -8,11 +8,17 @@
 //! 2. **Resynchronising**: LISTEN is active, so every later commit will be announced. Read the
 //!    database version of every cached session and evict those that changed or are gone while
 //!    nobody was listening. Still distrusted; notifications wait in the socket meanwhile.
+//!    A cache clear announced while nobody listened is caught by comparing the database's
+//!    clear count with the last one seen.
 //! 3. **Trusted**: apply notifications as they arrive. When none has arrived for
-//!    `listener_probe_interval`, run `SELECT 1` through the connection under
-//!    `listener_timeout`, since a silently dead (half-open) connection would otherwise wait
-//!    forever. Any error, a closed connection, or a failed probe distrusts the cache at once
-//!    and goes back to 1.
+//!    `listener_probe_interval`, send a notification to ourselves through the connection and
+//!    wait up to `listener_timeout` for it to come back: a silently dead (half-open) connection,
+//!    or one behind a proxy that does not carry notifications, would otherwise go unnoticed.
+//!    The same round trip is made right after LISTEN, before trusting anything. Any error, a
+//!    closed connection, or a failed probe distrusts the cache at once and goes back to 1.
+//!
+//! A connection that dies right after being established does not reset the backoff, so a
+//! flapping network is not hammered with reconnections and resynchronisations.
 //!
 //! sqlx's `PgListener` can reconnect by itself, but silently loses the notifications sent
 //! meanwhile; this loop never lets it (`eager_reconnect(false)`, a new listener every time), so
@@ -21,7 +27,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
@@ -34,6 +40,10 @@ use crate::notify::Message;
 use crate::shutdown::Signal;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// A connection that stayed up this long resets the reconnection backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// `cache_epoch` value before the first resynchronisation.
+const EPOCH_UNKNOWN: i64 = i64::MIN;
 /// Ids per resynchronisation query.
 const RESYNC_CHUNK: usize = 10_000;
 
@@ -42,6 +52,8 @@ pub(crate) struct ListenerState {
     pub invalidations: AtomicU64,
     pub reconnects: AtomicU64,
     pub resync_evictions: AtomicU64,
+    /// Cache clears seen so far (see the module docs).
+    cache_epoch: AtomicI64,
     trusted: watch::Sender<bool>,
     degraded: Mutex<Degraded>,
 }
@@ -57,6 +69,7 @@ impl ListenerState {
             invalidations: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             resync_evictions: AtomicU64::new(0),
+            cache_epoch: AtomicI64::new(EPOCH_UNKNOWN),
             trusted: watch::channel(false).0,
             degraded: Mutex::new(Degraded {
                 since: Some(Instant::now()),
@@ -90,12 +103,35 @@ impl ListenerState {
         // The sender lives in `self`; the wait cannot fail while we borrow it.
         let _ = rx.wait_for(|t| *t).await;
     }
+
+    /// A receiver that sees every change of trust.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<bool> {
+        self.trusted.subscribe()
+    }
+
+    /// Record a clear count seen; true if it is newer than the last one.
+    pub(crate) fn see_epoch(&self, epoch: i64) -> bool {
+        self.cache_epoch.fetch_max(epoch, Ordering::AcqRel) < epoch
+    }
+}
+
+/// Distrusts the cache when the listener task ends for any reason (shutdown, a panic, its
+/// runtime going away), so that no path leaves a trusted cache without a listener.
+struct DistrustOnExit<'a>(&'a Inner);
+
+impl Drop for DistrustOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.cache.distrust();
+        self.0.listener.set_trusted(false);
+    }
 }
 
 /// Run until shutdown.
 pub(crate) async fn run(inner: Arc<Inner>, mut shutdown: Signal) {
+    let _exit = DistrustOnExit(&inner);
     let mut backoff = Duration::ZERO;
     let mut connected_before = false;
+    let mut probe = Probe::new();
     loop {
         if !backoff.is_zero() {
             tokio::select! {
@@ -104,8 +140,10 @@ pub(crate) async fn run(inner: Arc<Inner>, mut shutdown: Signal) {
             }
         }
         let attempt = async {
-            let listener = connect(&inner).await?;
+            let listener = connect(&inner, &mut probe).await?;
             let evicted = resync(&inner).await?;
+            // Notifications that arrive during the resynchronisation wait in the connection
+            // and are applied first thing in `serve`.
             Ok::<_, String>((listener, evicted))
         };
         let (mut listener, evicted) = tokio::select! {
@@ -113,13 +151,12 @@ pub(crate) async fn run(inner: Arc<Inner>, mut shutdown: Signal) {
             result = attempt => match result {
                 Ok(ok) => ok,
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff.max(FIRST_BACKOFF), "pgsession: cache listener could not connect; serving from the database");
                     backoff = (backoff * 2).clamp(FIRST_BACKOFF, inner.config.listener_max_backoff);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "pgsession: cache listener could not connect; serving from the database");
                     continue;
                 }
             }
         };
-        backoff = Duration::ZERO;
         let state = &inner.listener;
         if connected_before {
             state.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -132,7 +169,8 @@ pub(crate) async fn run(inner: Arc<Inner>, mut shutdown: Signal) {
         state.set_trusted(true);
         tracing::debug!(evicted, "pgsession: cache listener active, cache trusted");
 
-        let lost = serve(&inner, &mut listener, &mut shutdown).await;
+        let connected_at = Instant::now();
+        let lost = serve(&inner, &mut listener, &mut probe, &mut shutdown).await;
         inner.cache.distrust();
         state.set_trusted(false);
         match lost {
@@ -141,11 +179,72 @@ pub(crate) async fn run(inner: Arc<Inner>, mut shutdown: Signal) {
                 tracing::warn!(%reason, "pgsession: cache listener lost; serving from the database until it is back");
             }
         }
+        backoff = if connected_at.elapsed() >= STABLE_AFTER {
+            Duration::ZERO
+        } else {
+            (backoff * 2).clamp(FIRST_BACKOFF, inner.config.listener_max_backoff)
+        };
     }
 }
 
-/// A fresh listener on its own single-connection pool, LISTENing on the channel.
-async fn connect(inner: &Inner) -> Result<PgListener, String> {
+/// Payloads of this listener's probes: a random token for this manager and a counter, so that a
+/// probe is recognised when it comes back and other nodes' probes are not mistaken for it.
+struct Probe {
+    token: u64,
+    sent: u64,
+}
+
+impl Probe {
+    fn new() -> Probe {
+        Probe {
+            token: Uuid::new_v4().as_u64_pair().0,
+            sent: 0,
+        }
+    }
+
+    fn next_payload(&mut self) -> String {
+        self.sent += 1;
+        format!("p {:016x} {}", self.token, self.sent)
+    }
+}
+
+/// Send a probe through `listener` and wait until it comes back, applying whatever other
+/// notifications arrive meanwhile. An error describes why the connection cannot be trusted.
+async fn round_trip(
+    inner: &Inner,
+    listener: &mut PgListener,
+    probe: &mut Probe,
+) -> Result<(), String> {
+    let limit = inner.config.listener_timeout;
+    let payload = probe.next_payload();
+    let send = sqlx::query(crate::store::PROBE)
+        .bind(&inner.names.channel)
+        .bind(&payload)
+        .execute(&mut *listener);
+    match timeout(limit, send).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(format!("probe failed: {e}")),
+        Err(_) => return Err("probe timed out (half-open connection?)".into()),
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, listener.try_recv()).await {
+            Ok(Ok(Some(n))) if n.payload() == payload => return Ok(()),
+            Ok(Ok(Some(n))) => apply(inner, n.payload()),
+            Ok(Ok(None)) => return Err("connection closed".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => {
+                return Err("probe notification did not come back (half-open connection, or \
+                            a proxy that does not carry notifications?)"
+                    .into());
+            }
+        }
+    }
+}
+
+/// A fresh listener on its own single-connection pool, LISTENing on the channel, proven to
+/// receive notifications.
+async fn connect(inner: &Inner, probe: &mut Probe) -> Result<PgListener, String> {
     let limit = inner.config.listener_timeout;
     let options: PgConnectOptions = match &inner.config.listen_url {
         // Validated when the manager was built.
@@ -170,12 +269,25 @@ async fn connect(inner: &Inner) -> Result<PgListener, String> {
         .await
         .map_err(|_| "LISTEN timed out".to_string())?
         .map_err(|e| e.to_string())?;
+    round_trip(inner, &mut listener, probe).await?;
     Ok(listener)
 }
 
-/// Evict every cached session whose database version differs or that is gone. Runs after
-/// LISTEN is active, so a change committed after this query's snapshot will be announced.
+/// Evict every cached session whose database version differs or that is gone, and everything
+/// if a cache clear was announced while nobody listened. Runs after LISTEN is active, so a
+/// change committed after these queries' snapshots will be announced.
 async fn resync(inner: &Inner) -> Result<usize, String> {
+    let limit = inner.config.listener_timeout;
+    let failed = |e: crate::Error| format!("resynchronisation failed: {e}");
+    let epoch = timeout(limit, inner.store.cache_epoch())
+        .await
+        .map_err(|_| "resynchronisation timed out".to_string())?
+        .map_err(failed)?;
+    if inner.listener.see_epoch(epoch) {
+        let evicted = inner.cache.counters().entries;
+        inner.cache.clear();
+        return Ok(evicted);
+    }
     let snapshot = inner.cache.snapshot();
     if snapshot.is_empty() {
         return Ok(0);
@@ -183,35 +295,40 @@ async fn resync(inner: &Inner) -> Result<usize, String> {
     let mut current = HashMap::with_capacity(snapshot.len());
     for chunk in snapshot.chunks(RESYNC_CHUNK) {
         let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-        let versions = timeout(inner.config.listener_timeout, inner.store.versions(&ids))
+        let versions = timeout(limit, inner.store.versions(&ids))
             .await
             .map_err(|_| "resynchronisation timed out".to_string())?
-            .map_err(|e| format!("resynchronisation failed: {e}"))?;
+            .map_err(failed)?;
         current.extend(versions);
     }
     Ok(inner.cache.resync(&current))
 }
 
 /// Apply notifications until the connection is lost (returns the reason) or shutdown (None).
-async fn serve(inner: &Inner, listener: &mut PgListener, shutdown: &mut Signal) -> Option<String> {
-    let config = &inner.config;
+async fn serve(
+    inner: &Inner,
+    listener: &mut PgListener,
+    probe: &mut Probe,
+    shutdown: &mut Signal,
+) -> Option<String> {
     loop {
         let next = tokio::select! {
             _ = shutdown.recv() => return None,
-            next = timeout(config.listener_probe_interval, listener.try_recv()) => next,
+            next = timeout(inner.config.listener_probe_interval, listener.try_recv()) => next,
         };
         match next {
             Ok(Ok(Some(notification))) => apply(inner, notification.payload()),
             Ok(Ok(None)) => return Some("connection closed".into()),
             Ok(Err(e)) => return Some(e.to_string()),
+            // Idle: prove the connection still delivers. try_recv is cancel-safe (sqlx only
+            // consumes whole messages), so the probe can use the same connection.
             Err(_idle) => {
-                // try_recv is cancel-safe (sqlx only consumes whole messages), so the probe can
-                // use the same connection; notifications arriving meanwhile are buffered.
-                let probe = sqlx::query("SELECT 1").execute(&mut *listener);
-                match timeout(config.listener_timeout, probe).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Some(format!("probe failed: {e}")),
-                    Err(_) => return Some("probe timed out (half-open connection?)".into()),
+                let checked = tokio::select! {
+                    _ = shutdown.recv() => return None,
+                    checked = round_trip(inner, listener, probe) => checked,
+                };
+                if let Err(reason) = checked {
+                    return Some(reason);
                 }
             }
         }
@@ -232,7 +349,11 @@ pub(crate) fn apply(inner: &Inner, payload: &str) {
         Some(Message::UserDeleted(user_id)) => {
             cache.invalidate_user(user_id);
         }
-        Some(Message::Clear) => cache.clear(),
+        Some(Message::Clear(epoch)) => {
+            inner.listener.see_epoch(epoch);
+            cache.clear();
+        }
+        Some(Message::Probe) => return,
         None => {
             tracing::warn!(%payload, "pgsession: unreadable invalidation; clearing the cache");
             cache.clear();

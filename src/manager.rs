@@ -29,7 +29,9 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(30);
 /// Manages sessions for one process: create one at start-up and clone it freely (clones share
 /// everything). See the [crate docs](crate) for an example.
 ///
-/// Every method returns [`Error::ShutDown`] once [`shutdown`](Self::shutdown) has begun.
+/// Every method that reads or writes sessions returns [`Error::ShutDown`] once
+/// [`shutdown`](Self::shutdown) has begun. Dropping the last clone without calling `shutdown`
+/// also stops the background tasks (after a best-effort final flush nobody waits for).
 #[derive(Clone)]
 pub struct SessionManager {
     inner: Arc<Inner>,
@@ -57,6 +59,8 @@ pub(crate) struct Inner {
     pub(crate) listener: ListenerState,
     pub(crate) shutdown: Shutdown,
     pub(crate) final_flush: Mutex<Option<Result<()>>>,
+    /// The outcome of shutdown, for the caller that started it.
+    shutdown_result: Mutex<Option<Result<()>>>,
     pub(crate) cleanup_deleted: AtomicU64,
     flushes: AtomicU64,
     flush_errors: AtomicU64,
@@ -110,8 +114,12 @@ pub struct Stats {
 /// Now, at the microsecond precision PostgreSQL stores, so that values handed out equal what a
 /// later read returns.
 fn now() -> DateTime<Utc> {
-    let now = Utc::now();
-    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+    to_micros(Utc::now())
+}
+
+/// `t` truncated to microseconds.
+pub(crate) fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
 
 fn chrono_duration(d: Duration) -> chrono::Duration {
@@ -121,14 +129,19 @@ fn chrono_duration(d: Duration) -> chrono::Duration {
 
 impl SessionManager {
     /// Connect to `database_url`, apply migrations (unless `config.run_migrations` is off) and
-    /// start the background tasks. The pool it builds has 10 connections, skips the
-    /// per-checkout ping for connections used within the last 30 s, and is closed by
-    /// [`shutdown`](Self::shutdown).
+    /// start the background tasks. The pool it builds has 10 connections, a 5-second acquire
+    /// timeout, READ COMMITTED as its default isolation, skips the per-checkout ping for
+    /// connections used within the last 30 s, and is closed by [`shutdown`](Self::shutdown).
+    ///
+    /// Waits up to `config.listener_timeout` for the cache listener; if it is not up by then,
+    /// the manager starts with reads going to the database until it is.
     pub async fn connect(config: Config, database_url: &str) -> Result<SessionManager> {
         config.validate()?;
         let options: PgConnectOptions = database_url
-            .parse()
-            .map_err(|e| Error::InvalidConfig(format!("database URL: {e}")))?;
+            .parse::<PgConnectOptions>()
+            .map_err(|e| Error::InvalidConfig(format!("database URL: {e}")))?
+            // The per-user cap needs it (see the create function in migrations/).
+            .options([("default_transaction_isolation", "read committed")]);
         let pool = PgPoolOptions::new()
             .max_connections(CONNECT_POOL_SIZE)
             .acquire_timeout(Duration::from_secs(5))
@@ -147,7 +160,9 @@ impl SessionManager {
 
     /// Use an existing pool (which the caller keeps owning: `shutdown` does not close it).
     /// Applies migrations unless `config.run_migrations` is off, and starts the background
-    /// tasks.
+    /// tasks. The pool's connections must default to READ COMMITTED (PostgreSQL's default);
+    /// otherwise this returns [`Error::InvalidConfig`]. Waits for the listener like
+    /// [`connect`](Self::connect).
     pub async fn new(config: Config, pool: PgPool) -> Result<SessionManager> {
         Self::start(config, pool, false).await
     }
@@ -161,8 +176,9 @@ impl SessionManager {
         migrate::run(&pool, &names, config.run_migrations).await?;
 
         let idle = config.idle_timeout.map(chrono_duration);
+        let max_attribute_size = config.max_attribute_size;
         let inner = Arc::new(Inner {
-            store: Store::new(pool, &names, config.max_attribute_size),
+            store: Store::new(pool, &names, max_attribute_size),
             cache: Cache::new(
                 config.cache_capacity,
                 config.cache_max_age.map(chrono_duration),
@@ -171,6 +187,7 @@ impl SessionManager {
             listener: ListenerState::new(),
             shutdown: Shutdown::new(),
             final_flush: Mutex::new(None),
+            shutdown_result: Mutex::new(None),
             cleanup_deleted: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             flush_errors: AtomicU64::new(0),
@@ -182,6 +199,16 @@ impl SessionManager {
             names,
             config,
         });
+
+        let isolation = inner.store.default_isolation().await?;
+        if isolation != "read committed" {
+            return Err(Error::InvalidConfig(format!(
+                "the pool's connections default to {isolation:?} isolation; pgsession needs \
+                 \"read committed\" (set default_transaction_isolation on the connections)"
+            )));
+        }
+        // From here on, dropping this future (or the manager) stops whatever was started.
+        let owner = Arc::new(Owner(inner.clone()));
 
         let mut tasks = vec![tokio::spawn(background::flush_last_access(
             inner.clone(),
@@ -213,7 +240,7 @@ impl SessionManager {
         *inner.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
 
         Ok(SessionManager {
-            _owner: Arc::new(Owner(inner.clone())),
+            _owner: owner,
             inner,
         })
     }
@@ -247,7 +274,9 @@ impl SessionManager {
             attributes: &attributes,
             now,
             expires_at: now + inner.ttl,
-            idle_cutoff: inner.idle.map(|idle| now - idle),
+            // Sessions idle by the stored time but possibly used on a node that has not flushed
+            // yet still count (and rank as least recently used).
+            idle_cutoff: inner.idle.map(|idle| now - idle - inner.cleanup_grace),
             cap: inner.config.max_sessions_per_user.map(|cap| {
                 (
                     cap,
@@ -329,12 +358,17 @@ impl SessionManager {
                     validate_attribute(key, value, limit)?;
                     set.insert(key.clone(), value.clone());
                 }
+                None if key.contains('\0') => {
+                    return Err(Error::InvalidAttribute {
+                        key: key.clone(),
+                        reason: "keys cannot contain the NUL character (\\u0000)".into(),
+                    });
+                }
                 None => removed.push(key.as_str()),
             }
         }
         let now = now();
         let id = session.id;
-        let pending = inner.touches.pending(id);
         let delta = Delta {
             id,
             removed,
@@ -342,9 +376,8 @@ impl SessionManager {
             expires_at: session.changes.expires_at,
             now,
             idle_cutoff: inner.idle.map(|idle| now - idle),
-            last_access: pending.map_or(session.last_accessed_at, |p| {
-                p.max(session.last_accessed_at)
-            }),
+            // Not `session.last_accessed_at`: a caller could set it to anything.
+            pending_access: inner.touches.pending(id),
         };
         let token = inner.cache.token_for(id);
         match inner.store.update(&delta).await? {
@@ -407,7 +440,8 @@ impl SessionManager {
     /// returns.
     pub async fn clear_cache(&self) -> Result<()> {
         let inner = self.open()?;
-        inner.store.broadcast_clear().await?;
+        let epoch = inner.store.broadcast_clear().await?;
+        inner.listener.see_epoch(epoch);
         inner.cache.clear();
         Ok(())
     }
@@ -431,12 +465,24 @@ impl SessionManager {
         self.inner.cache.trusted()
     }
 
-    /// Resolves once the cache is trusted (immediately when it already is or when the cache is
-    /// disabled). Useful after start-up and in tests.
+    /// Resolves once the cache is trusted (immediately when it already is, when the cache is
+    /// disabled, or once shutdown has begun). Useful after start-up and in tests.
     pub async fn wait_for_cache(&self) {
-        if self.inner.cache.enabled() {
-            self.inner.listener.wait_trusted().await;
+        if !self.inner.cache.enabled() {
+            return;
         }
+        let mut shutdown = self.inner.shutdown.subscribe();
+        tokio::select! {
+            _ = self.inner.listener.wait_trusted() => {}
+            _ = shutdown.recv() => {}
+        }
+    }
+
+    /// A receiver of the cache's trust: `true` while cached sessions are served, `false` while
+    /// the listener is down or resynchronising. Await `changed()` on it to react to outages
+    /// (alerting, tests). Always `false` with `cache_capacity == 0`.
+    pub fn subscribe_cache_trust(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.listener.subscribe()
     }
 
     /// Counters since start-up.
@@ -481,15 +527,42 @@ impl SessionManager {
     ///
     /// Idempotent: later calls wait for the first to finish and return `Ok(())`. Returns the
     /// error of the final flush if it failed, or [`Error::Timeout`] if tasks had to be
-    /// aborted at the deadline.
+    /// aborted at the deadline. The work runs in its own task, so it completes even if this
+    /// future is dropped.
     pub async fn shutdown(&self) -> Result<()> {
-        let inner = &self.inner;
-        if !inner.shutdown.close() {
-            inner.shutdown.wait_done().await;
-            return Ok(());
+        let inner = self.inner.clone();
+        if inner.shutdown.close() {
+            let work = tokio::spawn(async move {
+                let result = inner.stop().await;
+                *inner
+                    .shutdown_result
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(result);
+                inner.shutdown.mark_done();
+            });
+            // Only fails if the task panicked; the outcome is then unknown.
+            if work.await.is_err() {
+                return Err(Error::Timeout("shutdown did not complete".into()));
+            }
+        } else {
+            self.inner.shutdown.wait_done().await;
         }
-        let deadline = tokio::time::Instant::now() + inner.config.shutdown_timeout;
-        let tasks = std::mem::take(&mut *inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        // The first caller to get here takes the outcome; later ones see Ok.
+        self.inner
+            .shutdown_result
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or(Ok(()))
+    }
+}
+
+impl Inner {
+    /// The body of shutdown: join the tasks (the flush task makes the final flush when it sees
+    /// the signal), abort what misses the deadline, close an owned pool.
+    async fn stop(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         let mut aborted = 0;
         for mut task in tasks {
             if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
@@ -497,15 +570,14 @@ impl SessionManager {
                 aborted += 1;
             }
         }
-        if inner.owns_pool {
-            let _ = tokio::time::timeout_at(deadline, inner.store.pool().close()).await;
+        if self.owns_pool {
+            let _ = tokio::time::timeout_at(deadline, self.store.pool().close()).await;
         }
-        let final_flush = inner
+        let final_flush = self
             .final_flush
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        inner.shutdown.mark_done();
         match final_flush {
             Some(Err(e)) => Err(e),
             _ if aborted > 0 => Err(Error::Timeout(format!(
@@ -515,9 +587,7 @@ impl SessionManager {
             _ => Ok(()),
         }
     }
-}
 
-impl Inner {
     pub(crate) async fn flush_touches(&self) -> Result<u64> {
         match self
             .touches

@@ -129,6 +129,8 @@ pub(crate) async fn run(pool: &PgPool, names: &Names, apply: bool) -> Result<()>
 fn render(template: &str, names: &Names) -> String {
     template
         .replace("{{sessions}}", &names.sessions)
+        .replace("{{cache_epoch}}", &names.cache_epoch)
+        .replace("{{ids_per_message}}", &crate::store::IDS_PER_MESSAGE.to_string())
         .replace("{{create_fn}}", &names.create_fn)
         .replace("{{prefix}}", &names.prefix)
         .replace("{{channel}}", &names.channel)
@@ -167,9 +169,9 @@ mod tests {
     }
 
     #[test]
-    fn versions_are_strictly_increasing() {
-        for pair in MIGRATIONS.windows(2) {
-            assert!(pair[0].version < pair[1].version);
+    fn versions_count_up_from_one() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1, "{}", m.name);
         }
     }
 }

@@ -9,7 +9,8 @@
 //! | `u <id> <version>` | update | the session now has `version`; older cached copies are stale |
 //! | `d <id>,<id>,...` | delete, cap eviction, cleanup | these sessions are gone |
 //! | `U <user_id>` | logout everywhere | every session of this user may be gone |
-//! | `C` | `clear_cache` | empty every cache |
+//! | `C <epoch>` | `clear_cache` | empty every cache; `epoch` counts clears so far |
+//! | `p <token>` | a listener's probe | nothing (the sender waits for its own probe to return) |
 //!
 //! Ids are 32 lower-case hex digits (a UUID without dashes).
 
@@ -24,8 +25,10 @@ pub(crate) enum Message {
     Deleted(Vec<Uuid>),
     /// Sessions of this user were deleted.
     UserDeleted(Uuid),
-    /// Drop everything.
-    Clear,
+    /// Drop everything; the number of clears so far.
+    Clear(i64),
+    /// Another listener's liveness probe (or this one's).
+    Probe,
 }
 
 impl Message {
@@ -47,7 +50,8 @@ impl Message {
                 .collect::<Option<Vec<_>>>()
                 .map(Message::Deleted),
             "U" => Some(Message::UserDeleted(Uuid::try_parse(rest).ok()?)),
-            "C" if rest.is_empty() => Some(Message::Clear),
+            "C" => Some(Message::Clear(rest.parse().ok()?)),
+            "p" => Some(Message::Probe),
             _ => None,
         }
     }
@@ -74,7 +78,8 @@ mod tests {
             Message::parse(&format!("U {}", hex(a))),
             Some(Message::UserDeleted(a))
         );
-        assert_eq!(Message::parse("C"), Some(Message::Clear));
+        assert_eq!(Message::parse("C 7"), Some(Message::Clear(7)));
+        assert_eq!(Message::parse("p 12 3"), Some(Message::Probe));
     }
 
     #[test]
@@ -87,6 +92,7 @@ mod tests {
             format!("u {a} notanumber"),
             format!("d {a},zz"),
             "U nope".into(),
+            "C".into(),
             "C extra".into(),
         ] {
             assert_eq!(Message::parse(&bad), None, "{bad:?}");

@@ -103,7 +103,8 @@ impl Session {
 
     /// Remove attribute `key`, returning its value if it was present. The removal is persisted
     /// by the next `update_session`, even if this value did not have the key (another node
-    /// may have set it).
+    /// may have set it). A key PostgreSQL cannot store (containing `\u0000`) makes that
+    /// `update_session` fail with [`Error::InvalidAttribute`].
     pub fn remove(&mut self, key: &str) -> Option<Value> {
         self.changes.keys.insert(key.to_owned());
         if self.attributes.contains_key(key) {
@@ -119,10 +120,20 @@ impl Session {
     }
 
     /// Move the absolute expiry (earlier or later); persisted by the next `update_session`.
-    /// For example `s.set_expires_at(Utc::now() + chrono::Duration::days(30))` on "remember me".
-    pub fn set_expires_at(&mut self, expires_at: DateTime<Utc>) {
+    /// For example `s.set_expires_at(Utc::now() + chrono::Duration::days(30))?` on "remember
+    /// me". Instants outside the years 1970 to 9999 give [`Error::InvalidExpiry`] and leave the
+    /// session unchanged.
+    ///
+    /// (Assigning the public `expires_at` field directly is not persisted: use this.)
+    pub fn set_expires_at(&mut self, expires_at: DateTime<Utc>) -> Result<()> {
+        let year = chrono::Datelike::year(&expires_at);
+        if !(1970..=9999).contains(&year) {
+            return Err(Error::InvalidExpiry { expires_at });
+        }
+        let expires_at = crate::manager::to_micros(expires_at);
         self.expires_at = expires_at;
         self.changes.expires_at = Some(expires_at);
+        Ok(())
     }
 
     /// True when the value has changes that `update_session` would write.
@@ -149,8 +160,8 @@ pub(crate) fn build_attributes(
     Ok(map)
 }
 
-/// Reject values `jsonb` cannot store, values too deep to read back, and values over the size
-/// limit. The size is that of the compact JSON encoding of the value.
+/// Reject values `jsonb` cannot store, values too deep to read back, and attributes over the
+/// size limit (the compact JSON encoding of `"key":value`).
 pub(crate) fn validate_attribute(key: &str, value: &Value, max_size: usize) -> Result<()> {
     if key.contains('\0') {
         return Err(Error::InvalidAttribute {
@@ -161,7 +172,8 @@ pub(crate) fn validate_attribute(key: &str, value: &Value, max_size: usize) -> R
         });
     }
     check_value(key, value, 1)?;
-    let size = json_size(value);
+    // The member as stored: "key":value.
+    let size = json_size(&Value::String(key.to_owned())) + 1 + json_size(value);
     if size > max_size {
         return Err(Error::AttributeTooLarge {
             key: key.to_owned(),
@@ -242,14 +254,17 @@ mod tests {
     fn set_rejects_oversized_value_and_leaves_session_unchanged() {
         let mut s = session();
         let err = s.set("big", "x".repeat(40)).unwrap_err();
+        // "big":"xxx…" is 6 + 42 bytes.
         assert!(matches!(
             err,
             Error::AttributeTooLarge {
-                size: 42,
+                size: 48,
                 limit: 32,
                 ..
             }
         ));
+        let err = s.set("k".repeat(40), 1).unwrap_err();
+        assert!(matches!(err, Error::AttributeTooLarge { .. }), "long keys count");
         assert!(s.get("big").is_none());
         assert!(!s.is_modified());
     }

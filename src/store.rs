@@ -1,4 +1,5 @@
-//! Every SQL statement pgsession runs (apart from the schema in `migrations/`).
+//! Every SQL statement pgsession runs on its tables. (The schema itself is in `migrations/`;
+//! `migrate.rs` holds only the statements that keep track of applied migrations.)
 //!
 //! Each write is one statement, hence one round trip, and carries its cache invalidation in the
 //! same statement (`pg_notify` in a CTE), so the notification is sent exactly when the write
@@ -19,6 +20,19 @@ use crate::session::{Changes, Session};
 
 /// SQLSTATE raised by the create function when the cap policy is "reject".
 const MAX_SESSIONS_SQLSTATE: &str = "PS001";
+/// SQLSTATE raised by the create function outside READ COMMITTED.
+const ISOLATION_SQLSTATE: &str = "PS002";
+
+/// Session ids per deletion message: 200 ids of 33 bytes keep a payload near 6.6 kB, under
+/// NOTIFY's limit of 8000 bytes.
+pub(crate) const IDS_PER_MESSAGE: usize = 200;
+
+/// The listener's liveness probe, run on the listener's own connection: it must receive the
+/// notification it sends. `$1` channel, `$2` payload.
+pub(crate) const PROBE: &str = "SELECT pg_notify($1, $2)";
+
+/// The isolation level new transactions on a connection get.
+const DEFAULT_ISOLATION: &str = "SELECT current_setting('default_transaction_isolation')";
 
 const COLUMNS: &str =
     "id, user_id, version, attributes, created_at, updated_at, last_accessed_at, expires_at";
@@ -36,12 +50,15 @@ struct Sql {
     cleanup: Arc<str>,
     versions: Arc<str>,
     clear: Arc<str>,
+    epoch: Arc<str>,
 }
 
 impl Sql {
     fn new(names: &Names) -> Sql {
         let render = |sql: &str| -> Arc<str> {
             sql.replace("{t}", &names.sessions)
+                .replace("{epoch_t}", &names.cache_epoch)
+                .replace("{ids_per_message}", &IDS_PER_MESSAGE.to_string())
                 .replace("{create_fn}", &names.create_fn)
                 .replace("{ch}", &names.channel)
                 .replace("{cols}", COLUMNS)
@@ -96,7 +113,7 @@ impl Sql {
                  WHERE s.id = v.id AND s.last_accessed_at < v.at",
             ),
             // Bounded batches; SKIP LOCKED lets every node run cleanup at once without
-            // waiting on each other. Deleted ids are announced 200 per message (7.2 kB).
+            // waiting on each other. Deleted ids are announced IDS_PER_MESSAGE per message.
             cleanup: render(
                 "WITH victims AS ( \
                      SELECT id FROM {t} \
@@ -105,7 +122,7 @@ impl Sql {
                  ), deleted AS ( \
                      DELETE FROM {t} s USING victims v WHERE s.id = v.id RETURNING s.id \
                  ), chunks AS ( \
-                     SELECT (row_number() OVER () - 1) / 200 AS chunk, id FROM deleted \
+                     SELECT (row_number() OVER () - 1) / {ids_per_message} AS chunk, id FROM deleted \
                  ), notified AS ( \
                      SELECT pg_notify('{ch}', 'd ' || string_agg(replace(id::text, '-', ''), ','))::text AS m \
                      FROM chunks GROUP BY chunk \
@@ -113,7 +130,12 @@ impl Sql {
                  SELECT (SELECT count(*) FROM deleted), (SELECT count(m) FROM notified)",
             ),
             versions: render("SELECT id, version FROM {t} WHERE id = ANY($1)"),
-            clear: render("SELECT pg_notify('{ch}', 'C')::text"),
+            // The epoch lets a node that missed the message notice the clear when it reconnects.
+            clear: render(
+                "WITH bumped AS (UPDATE {epoch_t} SET epoch = epoch + 1 RETURNING epoch) \
+                 SELECT epoch, pg_notify('{ch}', 'C ' || epoch)::text FROM bumped",
+            ),
+            epoch: render("SELECT epoch FROM {epoch_t}"),
         }
     }
 }
@@ -138,7 +160,8 @@ pub(crate) struct Delta<'a> {
     pub expires_at: Option<DateTime<Utc>>,
     pub now: DateTime<Utc>,
     pub idle_cutoff: Option<DateTime<Utc>>,
-    pub last_access: DateTime<Utc>,
+    /// An access this node recorded and has not flushed yet.
+    pub pending_access: Option<DateTime<Utc>>,
 }
 
 /// The PostgreSQL side: a pool and the rendered statements.
@@ -189,13 +212,12 @@ impl Store {
     /// Insert a session, enforcing the per-user cap in the same transaction. Returns the ids of
     /// sessions deleted to make room.
     pub(crate) async fn create(&self, new: &NewSession<'_>) -> Result<Vec<Uuid>> {
-        let attributes = Json(new.attributes);
         match new.cap {
             None => {
                 sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
                     .bind(new.id)
                     .bind(new.user_id)
-                    .bind(attributes)
+                    .bind(Json(new.attributes))
                     .bind(new.now)
                     .bind(new.expires_at)
                     .execute(&self.pool)
@@ -203,25 +225,38 @@ impl Store {
                 Ok(Vec::new())
             }
             Some((cap, reject)) => {
-                let result = sqlx::query_scalar(AssertSqlSafe(self.sql.create_capped.clone()))
-                    .bind(new.id)
-                    .bind(new.user_id)
-                    .bind(attributes)
-                    .bind(new.now)
-                    .bind(new.expires_at)
-                    .bind(new.idle_cutoff)
-                    // validated to fit i32
-                    .bind(cap as i32)
-                    .bind(reject)
-                    .fetch_one(&self.pool)
-                    .await;
+                let call = || {
+                    sqlx::query_scalar(AssertSqlSafe(self.sql.create_capped.clone()))
+                        .bind(new.id)
+                        .bind(new.user_id)
+                        .bind(Json(new.attributes))
+                        .bind(new.now)
+                        .bind(new.expires_at)
+                        .bind(new.idle_cutoff)
+                        // validated to fit i32
+                        .bind(cap as i32)
+                        .bind(reject)
+                        .fetch_one(&self.pool)
+                };
+                // Evicting rows can deadlock with another node's last-access flush; the
+                // transaction was rolled back entirely, so running it again is safe.
+                let result = match call().await {
+                    Err(sqlx::Error::Database(e))
+                        if matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
+                    {
+                        call().await
+                    }
+                    other => other,
+                };
                 match result {
                     Ok(evicted) => Ok(evicted),
-                    Err(sqlx::Error::Database(e))
-                        if e.code().as_deref() == Some(MAX_SESSIONS_SQLSTATE) =>
-                    {
-                        Err(Error::MaxSessionsReached)
-                    }
+                    Err(sqlx::Error::Database(e)) => match e.code().as_deref() {
+                        Some(MAX_SESSIONS_SQLSTATE) => Err(Error::MaxSessionsReached),
+                        Some(ISOLATION_SQLSTATE) => {
+                            Err(Error::InvalidConfig(e.message().to_owned()))
+                        }
+                        _ => Err(sqlx::Error::Database(e).into()),
+                    },
                     Err(e) => Err(e.into()),
                 }
             }
@@ -237,7 +272,7 @@ impl Store {
             .bind(delta.expires_at)
             .bind(delta.now)
             .bind(delta.idle_cutoff)
-            .bind(delta.last_access)
+            .bind(delta.pending_access)
             .fetch_optional(&self.pool)
             .await?;
         row.map(|row| self.session_from_row(&row)).transpose()
@@ -262,8 +297,9 @@ impl Store {
         Ok(n as u64)
     }
 
-    /// Write recorded accesses; `ids` must be sorted so that concurrent flushes from several
-    /// nodes lock rows in the same order.
+    /// Write recorded accesses (sorted by id, which keeps concurrent flushes from several nodes
+    /// mostly in the same lock order; a deadlock with another statement is still possible and
+    /// is handled by retrying the flush later).
     pub(crate) async fn touch(&self, ids: &[Uuid], times: &[DateTime<Utc>]) -> Result<u64> {
         let done = sqlx::query(AssertSqlSafe(self.sql.touch.clone()))
             .bind(ids)
@@ -298,12 +334,27 @@ impl Store {
             .await?)
     }
 
-    /// Tell every node to empty its cache.
-    pub(crate) async fn broadcast_clear(&self) -> Result<()> {
-        sqlx::query(AssertSqlSafe(self.sql.clear.clone()))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Tell every node to empty its cache; returns the new cache epoch.
+    pub(crate) async fn broadcast_clear(&self) -> Result<i64> {
+        let (epoch, _): (i64, Option<String>) =
+            sqlx::query_as(AssertSqlSafe(self.sql.clear.clone()))
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(epoch)
+    }
+
+    /// The number of cache clears so far.
+    pub(crate) async fn cache_epoch(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(AssertSqlSafe(self.sql.epoch.clone()))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// The isolation level the pool's connections start transactions with.
+    pub(crate) async fn default_isolation(&self) -> Result<String> {
+        Ok(sqlx::query_scalar(DEFAULT_ISOLATION)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     fn session_from_row(&self, row: &PgRow) -> Result<Session> {

@@ -88,23 +88,28 @@ impl Touches {
         self.lock(self.picker.pick(&id)).get(&id).copied()
     }
 
-    /// Take every pending access, sorted by id so that concurrent flushes on several nodes lock
-    /// rows in the same order (no deadlocks between them).
-    fn drain(&self) -> Vec<(Uuid, DateTime<Utc>)> {
-        let mut all = Vec::new();
+    /// A sorted copy of every pending access. Entries stay in the buffer until their write has
+    /// committed ([`settle`](Self::settle)), so a concurrent read still sees them while a flush
+    /// is under way, and a failed or cancelled flush loses nothing. Sorting keeps the lock order
+    /// of concurrent flushes from several nodes mostly aligned (deadlocks are still possible
+    /// with other statements; a failed flush is simply retried).
+    fn snapshot(&self) -> Vec<(Uuid, DateTime<Utc>)> {
+        let mut all = Vec::with_capacity(self.len());
         for i in 0..self.shards.len() {
-            let taken = std::mem::take(&mut *self.lock(i));
-            self.len.fetch_sub(taken.len(), Ordering::Relaxed);
-            all.extend(taken);
+            all.extend(self.lock(i).iter().map(|(id, at)| (*id, *at)));
         }
         all.sort_unstable_by_key(|(id, _)| *id);
         all
     }
 
-    /// Put accesses back after a failed write, keeping the later of two times.
-    fn restore(&self, items: impl IntoIterator<Item = (Uuid, DateTime<Utc>)>) {
-        for (id, at) in items {
-            self.record(id, at);
+    /// Forget accesses that are now in the database, unless a later one arrived meanwhile.
+    fn settle(&self, written: &[(Uuid, DateTime<Utc>)]) {
+        for (id, at) in written {
+            let mut shard = self.lock(self.picker.pick(id));
+            if shard.get(id).is_some_and(|pending| pending <= at) {
+                shard.remove(id);
+                self.len.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -118,24 +123,17 @@ impl Touches {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// Write every pending access, `batch` sessions per statement. On failure the unwritten
-    /// accesses are put back for the next attempt and the error is returned.
+    /// Write every pending access, `batch` sessions per statement. Accesses leave the buffer
+    /// only once written; on failure (or if this future is dropped) the rest stay for the next
+    /// attempt, and the error is returned.
     pub(crate) async fn flush(&self, store: &Store, batch: usize) -> Result<u64> {
         let _one_at_a_time = self.flushing.lock().await;
-        let mut items = self.drain();
+        let items = self.snapshot();
         let mut written = 0;
-        while !items.is_empty() {
-            let rest = items.split_off(batch.min(items.len()));
-            let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = items.iter().copied().unzip();
-            match store.touch(&ids, &times).await {
-                Ok(n) => written += n,
-                Err(e) => {
-                    self.restore(items);
-                    self.restore(rest);
-                    return Err(e);
-                }
-            }
-            items = rest;
+        for chunk in items.chunks(batch) {
+            let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = chunk.iter().copied().unzip();
+            written += store.touch(&ids, &times).await?;
+            self.settle(chunk);
         }
         Ok(written)
     }
@@ -158,16 +156,21 @@ mod tests {
     }
 
     #[test]
-    fn restore_keeps_newer_values_recorded_during_a_failed_flush() {
+    fn settle_keeps_accesses_recorded_while_the_flush_was_writing() {
         let touches = Touches::new(100, 10);
-        let id = Uuid::new_v4();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let t0 = Utc::now();
-        touches.record(id, t0);
-        let drained = touches.drain();
+        touches.record(a, t0);
+        touches.record(b, t0);
+        let written = touches.snapshot();
+        // Still visible while the write is under way.
+        assert_eq!(touches.pending(a), Some(t0));
         let t1 = t0 + chrono::Duration::seconds(1);
-        touches.record(id, t1);
-        touches.restore(drained);
-        assert_eq!(touches.pending(id), Some(t1));
+        touches.record(a, t1);
+        touches.settle(&written);
+        assert_eq!(touches.pending(a), Some(t1), "newer access kept");
+        assert_eq!(touches.pending(b), None, "written access forgotten");
+        assert_eq!(touches.len(), 1);
     }
 
     #[test]
@@ -181,13 +184,13 @@ mod tests {
     }
 
     #[test]
-    fn drain_is_sorted_by_id() {
+    fn snapshot_is_sorted_by_id() {
         let touches = Touches::new(1000, 100);
         for _ in 0..100 {
             touches.record(Uuid::new_v4(), Utc::now());
         }
-        let drained = touches.drain();
-        assert!(drained.windows(2).all(|w| w[0].0 < w[1].0));
-        assert_eq!(touches.len(), 0);
+        let snapshot = touches.snapshot();
+        assert_eq!(snapshot.len(), 100);
+        assert!(snapshot.windows(2).all(|w| w[0].0 < w[1].0));
     }
 }

@@ -31,12 +31,11 @@ async fn version_on(node: &SessionManager, id: Uuid) -> Option<i64> {
 }
 
 async fn wait_distrusted(node: &SessionManager) {
-    let node = node.clone();
-    eventually(RECOVERY, "the node distrusts its cache", move || {
-        let node = node.clone();
-        async move { !node.cache_trusted() }
-    })
-    .await;
+    let mut trust = node.subscribe_cache_trust();
+    tokio::time::timeout(RECOVERY, trust.wait_for(|trusted| !*trusted))
+        .await
+        .expect("the node distrusts its cache")
+        .unwrap();
 }
 
 async fn wait_trusted(node: &SessionManager) {
@@ -637,6 +636,7 @@ async fn an_entry_that_looks_idle_is_rechecked_against_accesses_on_other_nodes()
     let idle = Duration::from_millis(1000);
     let config = Config {
         idle_timeout: Some(idle),
+        last_access_flush_interval: Duration::from_millis(500),
         ..config()
     };
     let a = node(&db, config.clone()).await;
@@ -656,4 +656,37 @@ async fn an_entry_that_looks_idle_is_rechecked_against_accesses_on_other_nodes()
     assert!(b.get_session(busy.id).await.unwrap().is_some());
     assert!(b.get_session(quiet.id).await.unwrap().is_none());
     assert!(a.get_session(quiet.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_cache_clear_announced_while_a_node_was_not_listening_is_applied_on_reconnect() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
+    let b = node(
+        &db,
+        Config {
+            listen_url: Some(proxy.proxied_url(db.url())),
+            ..config()
+        },
+    )
+    .await;
+    let check = pool(&db).await;
+    let s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    b.get_session(s.id).await.unwrap().unwrap();
+
+    proxy.refuse_new(true);
+    proxy.disconnect_all();
+    wait_distrusted(&b).await;
+    // A change pgsession cannot see (no version bump), then a clear to publish it.
+    sqlx::query("UPDATE sessions SET attributes = attributes || '{\"role\": \"user\"}'")
+        .execute(&check)
+        .await
+        .unwrap();
+    a.clear_cache().await.unwrap();
+
+    proxy.refuse_new(false);
+    wait_trusted(&b).await;
+    let seen = b.get_session(s.id).await.unwrap().unwrap();
+    assert_eq!(seen.get("role"), Some(&json!("user")));
 }

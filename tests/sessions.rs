@@ -11,6 +11,7 @@ use common::*;
 use pgsession::{Config, Error, MaxSessionsPolicy, SessionManager};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
 
 #[tokio::test]
@@ -175,9 +176,21 @@ async fn reject_policy_refuses_a_session_beyond_the_cap_and_writes_nothing() {
 async fn concurrent_logins_from_several_managers_never_exceed_the_cap() {
     let db = TestDatabase::create().await;
     let check = pool(&db).await;
+    // Widen the race deterministically: every insert of a session stalls 300 ms inside its
+    // transaction, after the cap was checked. Without per-user serialisation, logins that run
+    // meanwhile all see the same sessions and all insert.
+    node(&db, config()).await; // creates the schema
+    sqlx::raw_sql(
+        "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$; \
+         CREATE TRIGGER stall BEFORE INSERT ON sessions FOR EACH ROW EXECUTE FUNCTION stall();",
+    )
+    .execute(&check)
+    .await
+    .unwrap();
     for policy in [MaxSessionsPolicy::EvictOldest, MaxSessionsPolicy::Reject] {
         let config = Config {
-            max_sessions_per_user: Some(3),
+            max_sessions_per_user: Some(2),
             max_sessions_policy: policy,
             ..config()
         };
@@ -187,11 +200,9 @@ async fn concurrent_logins_from_several_managers_never_exceed_the_cap() {
         }
         let user = Uuid::new_v4();
         let mut logins = Vec::new();
-        for i in 0..30 {
+        for i in 0..6 {
             let m = nodes[i % nodes.len()].clone();
-            logins.push(tokio::spawn(async move {
-                m.create_session(user, small()).await
-            }));
+            logins.push(tokio::spawn(async move { m.create_session(user, small()).await }));
         }
         let mut created = 0;
         for login in logins {
@@ -206,13 +217,29 @@ async fn concurrent_logins_from_several_managers_never_exceed_the_cap() {
             .fetch_one(&check)
             .await
             .unwrap();
-        assert_eq!(rows, 3, "{policy:?}");
-        let expected_created = if policy == MaxSessionsPolicy::Reject {
-            3
-        } else {
-            30
-        };
+        assert_eq!(rows, 2, "{policy:?}");
+        let expected_created = if policy == MaxSessionsPolicy::Reject { 2 } else { 6 };
         assert_eq!(created, expected_created, "{policy:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_cap_refuses_to_run_outside_read_committed() {
+    let db = TestDatabase::create().await;
+    node(&db, config()).await;
+    let repeatable = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(
+            db.url()
+                .parse::<PgConnectOptions>()
+                .unwrap()
+                .options([("default_transaction_isolation", "repeatable read")]),
+        )
+        .await
+        .unwrap();
+    match SessionManager::new(config(), repeatable).await {
+        Err(Error::InvalidConfig(msg)) => assert!(msg.contains("read committed"), "{msg}"),
+        other => panic!("accepted a REPEATABLE READ pool: {:?}", other.err()),
     }
 }
 
@@ -257,6 +284,7 @@ async fn idle_session_expires_and_accesses_keep_it_alive() {
     let idle = Duration::from_millis(800);
     let config = Config {
         idle_timeout: Some(idle),
+        last_access_flush_interval: Duration::from_millis(300),
         ..config()
     };
     let m = node(&db, config.clone()).await;
@@ -290,7 +318,7 @@ async fn set_expires_at_extends_a_session() {
     let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     let short = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     let later = Utc::now() + chrono::Duration::hours(1);
-    s.set_expires_at(later);
+    s.set_expires_at(later).unwrap();
     m.update_session(&mut s).await.unwrap();
     assert_eq!(s.version, 2);
     assert_eq!(s.expires_at.timestamp_micros(), later.timestamp_micros());
@@ -322,7 +350,7 @@ async fn oversized_attributes_are_rejected_and_nothing_is_written() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, Error::AttributeTooLarge { key, size: 102, limit: 64 } if key == "big"),
+        matches!(&err, Error::AttributeTooLarge { key, size: 108, limit: 64 } if key == "big"),
         "{err:?}"
     );
     assert_eq!(count_rows(&check).await, 0);
@@ -611,6 +639,7 @@ async fn cleanup_deletes_expired_sessions_in_batches_from_several_nodes_at_once(
         cleanup_batch_size: 100,
         max_sessions_per_user: None,
         idle_timeout: Some(Duration::from_secs(3600)),
+        last_access_flush_interval: Duration::from_secs(60),
         ..config()
     };
     let a = node(&db, config.clone()).await;
@@ -648,6 +677,60 @@ async fn cleanup_deletes_expired_sessions_in_batches_from_several_nodes_at_once(
     for id in keep {
         assert!(a.get_session(id).await.unwrap().is_some());
     }
+}
+
+#[tokio::test]
+async fn cleanup_deletes_in_bounded_statements_and_skips_rows_others_hold() {
+    let db = TestDatabase::create().await;
+    let m = node(
+        &db,
+        Config {
+            cleanup_batch_size: 100,
+            max_sessions_per_user: None,
+            ..config()
+        },
+    )
+    .await;
+    let check = pool(&db).await;
+    // Record how many rows each DELETE statement removes.
+    sqlx::raw_sql(
+        "CREATE TABLE batches (n bigint); \
+         CREATE FUNCTION log_batch() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO batches SELECT count(*) FROM gone; RETURN NULL; END $$; \
+         CREATE TRIGGER log_batch AFTER DELETE ON sessions REFERENCING OLD TABLE AS gone \
+           FOR EACH STATEMENT EXECUTE FUNCTION log_batch();",
+    )
+    .execute(&check)
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..350 {
+        ids.push(m.create_session(Uuid::new_v4(), small()).await.unwrap().id);
+    }
+    sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 second'")
+        .execute(&check)
+        .await
+        .unwrap();
+    // Another transaction holds one expired row (an update in flight, say).
+    let mut holder = check.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
+        .bind(ids[0])
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let deleted = tokio::time::timeout(Duration::from_secs(10), m.cleanup_expired())
+        .await
+        .expect("cleanup does not wait for the held row")
+        .unwrap();
+    assert_eq!(deleted, 349);
+    let batches: Vec<i64> = sqlx::query_scalar("SELECT n FROM batches WHERE n > 0 ORDER BY n DESC")
+        .fetch_all(&check)
+        .await
+        .unwrap();
+    assert_eq!(batches, vec![100, 100, 100, 49]);
+    holder.rollback().await.unwrap();
+    assert_eq!(m.cleanup_expired().await.unwrap(), 1);
 }
 
 #[tokio::test]
@@ -869,7 +952,9 @@ async fn works_with_the_cache_disabled() {
     let stats = m.stats();
     assert_eq!((stats.hits, stats.entries), (0, 0));
     assert!(!m.cache_trusted());
-    m.wait_for_cache().await;
+    tokio::time::timeout(Duration::from_secs(1), m.wait_for_cache())
+        .await
+        .expect("wait_for_cache returns at once without a cache");
 }
 
 #[tokio::test]
@@ -881,4 +966,144 @@ async fn a_caller_supplied_pool_is_used_and_left_open() {
     m.shutdown().await.unwrap();
     assert!(!pool.is_closed());
     assert_eq!(db_version(&pool, s.id).await, Some(1));
+}
+
+#[tokio::test]
+async fn input_postgres_would_reject_in_removals_and_expiry_is_a_typed_error() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    s.remove("bad\u{0}key");
+    assert!(matches!(
+        m.update_session(&mut s).await,
+        Err(Error::InvalidAttribute { .. })
+    ));
+    let mut s = m.get_session(s.id).await.unwrap().unwrap();
+    let before = s.expires_at;
+    assert!(matches!(
+        s.set_expires_at(chrono::DateTime::<Utc>::MIN_UTC),
+        Err(Error::InvalidExpiry { .. })
+    ));
+    assert_eq!(s.expires_at, before);
+    assert!(!s.is_modified());
+    assert_eq!(db_version(&pool(&db).await, s.id).await, Some(1));
+}
+
+#[tokio::test]
+async fn a_cancelled_shutdown_still_completes_and_later_calls_return() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let check = pool(&db).await;
+    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let read = m.get_session(s.id).await.unwrap().unwrap();
+    // Dropped at its first suspension point.
+    let _ = tokio::time::timeout(Duration::ZERO, m.shutdown()).await;
+    tokio::time::timeout(Duration::from_secs(10), m.shutdown())
+        .await
+        .expect("a second shutdown returns")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), m.wait_for_cache())
+        .await
+        .expect("wait_for_cache returns after shutdown");
+    let stored: chrono::DateTime<Utc> =
+        sqlx::query_scalar("SELECT last_accessed_at FROM sessions WHERE id = $1")
+            .bind(s.id)
+            .fetch_one(&check)
+            .await
+            .unwrap();
+    assert_eq!(stored, read.last_accessed_at, "the final flush ran");
+}
+
+#[tokio::test]
+async fn a_cancelled_start_leaves_no_listener_behind() {
+    let db = TestDatabase::create().await;
+    node(&db, config()).await.shutdown().await.unwrap();
+    let check = pool(&db).await;
+    let listeners = || {
+        let check = check.clone();
+        let name = db.name().to_string();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = 'pgsession-listener'",
+            )
+            .bind(name)
+            .fetch_one(&check)
+            .await
+            .unwrap();
+            n
+        }
+    };
+    eventually(Duration::from_secs(5), "first manager's listener gone", || async {
+        listeners().await == 0
+    })
+    .await;
+    // Give up on starting while the manager waits for its listener.
+    let url = db.url().to_string();
+    let start = tokio::spawn(async move { SessionManager::connect(config(), &url).await });
+    eventually(Duration::from_secs(5), "the listener connected", || async {
+        listeners().await == 1
+    })
+    .await;
+    start.abort();
+    let _ = start.await;
+    eventually(Duration::from_secs(5), "the abandoned listener closed", || async {
+        listeners().await == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_access_being_flushed_still_counts_for_reads() {
+    let db = TestDatabase::create().await;
+    let m = node(
+        &db,
+        Config {
+            cache_capacity: 0,
+            idle_timeout: Some(Duration::from_secs(60)),
+            last_access_flush_interval: Duration::from_secs(30),
+            ..config()
+        },
+    )
+    .await;
+    let check = pool(&db).await;
+    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    m.get_session(s.id).await.unwrap().unwrap();
+    // The database says idle for an hour; only this node's pending access says otherwise.
+    sqlx::query("UPDATE sessions SET last_accessed_at = now() - interval '1 hour'")
+        .execute(&check)
+        .await
+        .unwrap();
+    // Stall the flush on the row lock.
+    let mut holder = check.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
+        .bind(s.id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let flush = {
+        let m = m.clone();
+        tokio::spawn(async move { m.flush_last_access().await })
+    };
+    let waiting = check.clone();
+    eventually(Duration::from_secs(5), "the flush waits for the row", move || {
+        let waiting = waiting.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE '%unnest%'",
+            )
+            .fetch_one(&waiting)
+            .await
+            .unwrap();
+            n == 1
+        }
+    })
+    .await;
+    assert!(
+        m.get_session(s.id).await.unwrap().is_some(),
+        "the access under way must still keep the session alive"
+    );
+    holder.rollback().await.unwrap();
+    assert_eq!(flush.await.unwrap().unwrap(), 1);
 }
