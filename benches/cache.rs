@@ -10,8 +10,8 @@
 //!
 //! Uses `DATABASE_URL` if set, otherwise a private PostgreSQL with fsync on (as production).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use pgsession::{Config, SessionManager};
@@ -64,8 +64,12 @@ fn main() {
     runtime.block_on(run(url));
 }
 
+/// The benchmark's own schema, so that a `DATABASE_URL` database's tables are never touched.
+const SCHEMA: &str = "pgsession_bench";
+
 fn config() -> Config {
     Config {
+        schema: Some(SCHEMA.into()),
         max_sessions_per_user: None,
         run_cleanup: false,
         cache_capacity: 100_000,
@@ -77,7 +81,7 @@ async fn run(url: String) {
     let a = SessionManager::connect(config(), &url).await.unwrap();
     let b = SessionManager::connect(config(), &url).await.unwrap();
     // Start from an empty table so that repeated runs measure the same thing.
-    sqlx::query("TRUNCATE sessions")
+    sqlx::query("TRUNCATE pgsession_bench.sessions")
         .execute(a.pool())
         .await
         .unwrap();
@@ -155,7 +159,7 @@ async fn run(url: String) {
         );
     }
     let select = "SELECT id, user_id, version, attributes, created_at, updated_at, \
-                  last_accessed_at, expires_at FROM sessions WHERE id = $1";
+                  last_accessed_at, expires_at FROM pgsession_bench.sessions WHERE id = $1";
     // Warm both paths (prepared statements on every connection).
     for id in miss_ids.iter().take(50) {
         sqlx::query(select)
@@ -274,6 +278,7 @@ fn hit_run(
     threads: usize,
     per_thread: usize,
 ) -> (Samples, Duration) {
+    let ready = Arc::new(Barrier::new(threads + 1));
     let go = Arc::new(AtomicBool::new(false));
     let chunk = ids.len() / threads;
     let handles: Vec<_> = (0..threads)
@@ -281,6 +286,7 @@ fn hit_run(
             let manager = manager.clone();
             let mine: Vec<Uuid> = ids[t * chunk..(t + 1) * chunk].to_vec();
             let go = go.clone();
+            let ready = ready.clone();
             std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .build()
@@ -291,6 +297,7 @@ fn hit_run(
                     for id in mine.iter().cycle().take(20_000) {
                         manager.get_session(*id).await.unwrap().unwrap();
                     }
+                    ready.wait();
                     while !go.load(Ordering::Acquire) {
                         std::hint::spin_loop();
                     }
@@ -307,7 +314,7 @@ fn hit_run(
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    ready.wait();
     let started = Instant::now();
     go.store(true, Ordering::Release);
     let mut all = Samples::new();

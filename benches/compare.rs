@@ -34,16 +34,27 @@ use uuid::Uuid;
 
 /// Pool size for every system.
 const POOL: u32 = 10;
+/// The benchmark's own schemas, so that a `DATABASE_URL` database's tables are never touched.
+const SCHEMA: &str = "pgsession_bench";
+const TOWER_SCHEMA: &str = "pgsession_bench_tower";
+
+fn config() -> Config {
+    Config {
+        schema: Some(SCHEMA.into()),
+        ..Config::default()
+    }
+}
 
 // The statements of pgsession's store (src/store.rs) for the default schema and prefix,
 // copied so that the floor runs exactly what pgsession runs.
 const RAW_SELECT: &str = "SELECT id, user_id, version, attributes, created_at, updated_at, \
-     last_accessed_at, expires_at FROM \"public\".\"sessions\" WHERE id = $1";
-const RAW_CREATE: &str = "SELECT \"public\".\"create_session\"($1, $2, $3, $4, $5, $6, $7, $8)";
-const RAW_INSERT: &str = "INSERT INTO \"public\".\"sessions\" (id, user_id, version, attributes, \
+     last_accessed_at, expires_at FROM \"pgsession_bench\".\"sessions\" WHERE id = $1";
+const RAW_CREATE: &str =
+    "SELECT \"pgsession_bench\".\"create_session\"($1, $2, $3, $4, $5, $6, $7, $8)";
+const RAW_INSERT: &str = "INSERT INTO \"pgsession_bench\".\"sessions\" (id, user_id, version, attributes, \
      created_at, updated_at, last_accessed_at, expires_at) VALUES ($1, $2, 1, $3, $4, $4, $4, $5)";
 const RAW_UPDATE: &str = "WITH updated AS ( \
-     UPDATE \"public\".\"sessions\" SET \
+     UPDATE \"pgsession_bench\".\"sessions\" SET \
          attributes = (attributes - $2::text[]) || $3::jsonb, \
          expires_at = coalesce($4, expires_at), \
          version = version + 1, \
@@ -54,10 +65,10 @@ const RAW_UPDATE: &str = "WITH updated AS ( \
      RETURNING id, user_id, version, attributes, created_at, updated_at, last_accessed_at, expires_at \
  ) \
  SELECT updated.*, \
-        pg_notify('pgsession.public.sessions', 'u ' || replace(id::text, '-', '') || ' ' || version)::text \
+        pg_notify('pgsession.pgsession_bench.sessions', 'u ' || replace(id::text, '-', '') || ' ' || version)::text \
  FROM updated";
-const RAW_DELETE: &str = "WITH deleted AS (DELETE FROM \"public\".\"sessions\" WHERE id = $1 RETURNING id) \
-     SELECT pg_notify('pgsession.public.sessions', 'd ' || replace(id::text, '-', ''))::text FROM deleted";
+const RAW_DELETE: &str = "WITH deleted AS (DELETE FROM \"pgsession_bench\".\"sessions\" WHERE id = $1 RETURNING id) \
+     SELECT pg_notify('pgsession.pgsession_bench.sessions', 'd ' || replace(id::text, '-', ''))::text FROM deleted";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -136,7 +147,11 @@ impl Systems {
         let attrs = attributes(size);
         match kind {
             Kind::Pg | Kind::PgNoCap => {
-                let m = if kind == Kind::Pg { &self.pg } else { &self.pg_nocap };
+                let m = if kind == Kind::Pg {
+                    &self.pg
+                } else {
+                    &self.pg_nocap
+                };
                 Handle::Pg(m.create_session(Uuid::new_v4(), attrs).await.unwrap())
             }
             Kind::Raw | Kind::RawInsert => {
@@ -197,9 +212,7 @@ impl Systems {
                 .await
                 .unwrap()
                 .map(|_| Handle::Raw(id)),
-            (Kind::Tower, Key::Tower(id)) => {
-                self.tower.load(&id).await.unwrap().map(Handle::Tower)
-            }
+            (Kind::Tower, Key::Tower(id)) => self.tower.load(&id).await.unwrap().map(Handle::Tower),
             (Kind::TowerMoka, Key::Tower(id)) => {
                 self.tower_moka.load(&id).await.unwrap().map(Handle::Tower)
             }
@@ -211,7 +224,11 @@ impl Systems {
     async fn update(&self, kind: Kind, handle: &mut Handle, n: u64) {
         match (kind, handle) {
             (Kind::Pg, Handle::Pg(s)) | (Kind::PgNoCap, Handle::Pg(s)) => {
-                let m = if kind == Kind::Pg { &self.pg } else { &self.pg_nocap };
+                let m = if kind == Kind::Pg {
+                    &self.pg
+                } else {
+                    &self.pg_nocap
+                };
                 s.set("theme", n).unwrap();
                 m.update_session(s).await.unwrap();
             }
@@ -357,7 +374,11 @@ async fn measure(
     match op {
         Op::GetHit | Op::GetMiss | Op::Update | Op::Delete => {
             // GetHit reuses a small warm set many times; the others need fresh sessions.
-            let fresh = if op == Op::GetHit { 500 } else { per_task * tasks };
+            let fresh = if op == Op::GetHit {
+                500
+            } else {
+                per_task * tasks
+            };
             let mut handles = Vec::with_capacity(fresh);
             for _ in 0..fresh {
                 handles.push(sys.create(creator(kind, op), size).await);
@@ -414,7 +435,7 @@ async fn measure(
         let pool = pool.clone();
         joins.push(tokio::spawn(async move {
             let mut f = Figures::default();
-            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1) * 0x1234_5678_9ABC_DEF1);
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((t as u64 + 1) * 0x1234_5678_9ABC_DEF1));
             start.wait().await;
             match op {
                 Op::Create => {
@@ -584,13 +605,13 @@ async fn memory_child(url: &str, which: &str) {
         cache_capacity: n as usize,
         max_sessions_per_user: None,
         run_cleanup: false,
-        ..Config::default()
+        ..config()
     };
     match which {
         "pgsession" => {
             let m = SessionManager::connect(config, url).await.unwrap();
             let ids: Vec<Uuid> = sqlx::query_scalar(
-                "INSERT INTO sessions SELECT gen_random_uuid(), gen_random_uuid(), 1, \
+                "INSERT INTO pgsession_bench.sessions SELECT gen_random_uuid(), gen_random_uuid(), 1, \
                  '{\"role\":\"admin\",\"theme\":\"dark\"}', now(), now(), now(), now() + interval '1 day' \
                  FROM generate_series(1, $1) RETURNING id",
             )
@@ -607,7 +628,7 @@ async fn memory_child(url: &str, which: &str) {
             let after = rss_bytes();
             assert_eq!(m.stats().entries as u64, n);
             println!("{}", (after.saturating_sub(before)) / n);
-            sqlx::query("DELETE FROM sessions WHERE id = ANY($1)")
+            sqlx::query("DELETE FROM pgsession_bench.sessions WHERE id = ANY($1)")
                 .bind(&ids)
                 .execute(m.pool())
                 .await
@@ -698,22 +719,20 @@ async fn run(url: String) {
             .await
             .is_ok();
 
-    let pg = SessionManager::connect(Config::default(), &url).await.unwrap();
+    let pg = SessionManager::connect(config(), &url).await.unwrap();
     let pg_nocap = SessionManager::connect(
         Config {
             max_sessions_per_user: None,
-            ..Config::default()
+            ..config()
         },
         &url,
     )
     .await
     .unwrap();
-    for table in ["sessions"] {
-        sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE {table}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-    }
+    sqlx::query("TRUNCATE pgsession_bench.sessions")
+        .execute(&admin)
+        .await
+        .unwrap();
     // Same pool options as SessionManager::connect uses (no ping before each checkout).
     let raw = PgPoolOptions::new()
         .max_connections(POOL)
@@ -727,9 +746,11 @@ async fn run(url: String) {
         .connect(&url)
         .await
         .unwrap();
-    let tower = PostgresStore::new(tower_pool);
+    let tower = PostgresStore::new(tower_pool)
+        .with_schema_name(TOWER_SCHEMA)
+        .unwrap();
     tower.migrate().await.unwrap();
-    sqlx::query("TRUNCATE tower_sessions.session")
+    sqlx::query("TRUNCATE pgsession_bench_tower.session")
         .execute(&admin)
         .await
         .unwrap();
@@ -760,14 +781,28 @@ async fn run(url: String) {
             Op::Create,
             size,
             1,
-            vec![Kind::Pg, Kind::Raw, Kind::PgNoCap, Kind::RawInsert, Kind::Tower, Kind::TowerMoka],
+            vec![
+                Kind::Pg,
+                Kind::Raw,
+                Kind::PgNoCap,
+                Kind::RawInsert,
+                Kind::Tower,
+                Kind::TowerMoka,
+            ],
             1000,
         ));
         plan.push((
             Op::Create,
             size,
             8,
-            vec![Kind::Pg, Kind::Raw, Kind::PgNoCap, Kind::RawInsert, Kind::Tower, Kind::TowerMoka],
+            vec![
+                Kind::Pg,
+                Kind::Raw,
+                Kind::PgNoCap,
+                Kind::RawInsert,
+                Kind::Tower,
+                Kind::TowerMoka,
+            ],
             4000,
         ));
         plan.push((Op::GetHit, size, 1, all.to_vec(), 200_000));
@@ -816,7 +851,7 @@ async fn run(url: String) {
         print_row(&row);
         rows.push(row);
         // Keep the tables small between workloads.
-        sqlx::query("TRUNCATE sessions, tower_sessions.session")
+        sqlx::query("TRUNCATE pgsession_bench.sessions, pgsession_bench_tower.session")
             .execute(&admin)
             .await
             .unwrap();

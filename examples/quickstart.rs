@@ -18,11 +18,11 @@ use uuid::Uuid;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Keep the private server (if any) alive until the end of main.
     let (url, _server) = match std::env::var("DATABASE_URL") {
-        Ok(url) => {
+        Ok(url) if !url.is_empty() => {
             println!("using DATABASE_URL");
             (url, None)
         }
-        Err(_) => {
+        _ => {
             let server = TempPostgres::start()?;
             println!("started a private PostgreSQL on port {}", server.port());
             (server.url("postgres"), Some(server))

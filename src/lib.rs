@@ -57,8 +57,10 @@
 //!   notification delay (well under a millisecond on a LAN).
 //! * A cache fill that read the database before an invalidation arrived is never installed
 //!   after it.
-//! * While the listener connection is down, half-open or resynchronising, nothing is served
-//!   from the cache.
+//! * While the listener connection is down or resynchronising, nothing is served from the
+//!   cache. A silently dead (half-open) connection is noticed within
+//!   `listener_probe_interval + listener_timeout` (4 s by default), by a notification the
+//!   listener sends itself.
 //! * An expired session is never returned.
 //! * Writes outside pgsession (hand-written SQL) are seen within
 //!   [`Config::cache_max_age`].
@@ -80,3 +82,12 @@ pub use config::{Config, MaxSessionsPolicy};
 pub use error::{Error, Result};
 pub use manager::{SessionManager, Stats};
 pub use session::Session;
+
+/// The complete schema for `config` (its schema name and table prefix) as one SQL script, for
+/// deployments that manage schemas with their own migration tool and run the manager with
+/// `run_migrations: false`. Running it on an empty database leaves exactly what
+/// [`SessionManager`] would have created, bookkeeping included, so the manager's start-up check
+/// passes. Returns [`Error::InvalidConfig`] for an invalid configuration.
+pub fn schema_sql(config: &Config) -> Result<String> {
+    Ok(migrate::script(&config.validate()?))
+}

@@ -234,9 +234,11 @@ async fn round_trip(
             Ok(Ok(None)) => return Err("connection closed".into()),
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => {
-                return Err("probe notification did not come back (half-open connection, or \
+                return Err(
+                    "probe notification did not come back (half-open connection, or \
                             a proxy that does not carry notifications?)"
-                    .into());
+                        .into(),
+                );
             }
         }
     }

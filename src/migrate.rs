@@ -93,17 +93,9 @@ pub(crate) async fn run(pool: &PgPool, names: &Names, apply: bool) -> Result<()>
             .await?;
     }
     if !table_exists {
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE TABLE {} (
-                version    integer     PRIMARY KEY,
-                name       text        NOT NULL,
-                checksum   text        NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )",
-            names.migrations
-        )))
-        .execute(&mut *tx)
-        .await?;
+        sqlx::raw_sql(AssertSqlSafe(bookkeeping_table(names)))
+            .execute(&mut *tx)
+            .await?;
     }
     for m in pending {
         sqlx::raw_sql(AssertSqlSafe(render(m.template, names)))
@@ -123,6 +115,41 @@ pub(crate) async fn run(pool: &PgPool, names: &Names, apply: bool) -> Result<()>
     Ok(())
 }
 
+/// The whole schema as one SQL script for `names`: what [`run`] would apply to an empty
+/// database, bookkeeping rows included, in one transaction.
+pub(crate) fn script(names: &Names) -> String {
+    let mut sql = format!(
+        "BEGIN;\nCREATE SCHEMA IF NOT EXISTS {schema};\n{table};\n",
+        schema = names.schema,
+        table = bookkeeping_table(names),
+    );
+    for m in MIGRATIONS {
+        sql.push_str(&format!("\n-- migration {} ({})\n", m.version, m.name));
+        sql.push_str(&render(m.template, names));
+        sql.push_str(&format!(
+            "\nINSERT INTO {} (version, name, checksum) VALUES ({}, '{}', '{}');\n",
+            names.migrations,
+            m.version,
+            m.name,
+            checksum_of(m.template)
+        ));
+    }
+    sql.push_str("COMMIT;\n");
+    sql
+}
+
+fn bookkeeping_table(names: &Names) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)",
+        names.migrations
+    )
+}
+
 /// Substitute the placeholders. Every value is built from identifiers validated by
 /// [`Config::validate`](crate::Config), which admits only `[a-z0-9_]`, so nothing here can
 /// break out of a quoted identifier or string literal.
@@ -130,7 +157,10 @@ fn render(template: &str, names: &Names) -> String {
     template
         .replace("{{sessions}}", &names.sessions)
         .replace("{{cache_epoch}}", &names.cache_epoch)
-        .replace("{{ids_per_message}}", &crate::store::IDS_PER_MESSAGE.to_string())
+        .replace(
+            "{{ids_per_message}}",
+            &crate::store::IDS_PER_MESSAGE.to_string(),
+        )
         .replace("{{create_fn}}", &names.create_fn)
         .replace("{{prefix}}", &names.prefix)
         .replace("{{channel}}", &names.channel)

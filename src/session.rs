@@ -264,7 +264,10 @@ mod tests {
             }
         ));
         let err = s.set("k".repeat(40), 1).unwrap_err();
-        assert!(matches!(err, Error::AttributeTooLarge { .. }), "long keys count");
+        assert!(
+            matches!(err, Error::AttributeTooLarge { .. }),
+            "long keys count"
+        );
         assert!(s.get("big").is_none());
         assert!(!s.is_modified());
     }

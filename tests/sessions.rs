@@ -202,7 +202,9 @@ async fn concurrent_logins_from_several_managers_never_exceed_the_cap() {
         let mut logins = Vec::new();
         for i in 0..6 {
             let m = nodes[i % nodes.len()].clone();
-            logins.push(tokio::spawn(async move { m.create_session(user, small()).await }));
+            logins.push(tokio::spawn(async move {
+                m.create_session(user, small()).await
+            }));
         }
         let mut created = 0;
         for login in logins {
@@ -218,7 +220,11 @@ async fn concurrent_logins_from_several_managers_never_exceed_the_cap() {
             .await
             .unwrap();
         assert_eq!(rows, 2, "{policy:?}");
-        let expected_created = if policy == MaxSessionsPolicy::Reject { 2 } else { 6 };
+        let expected_created = if policy == MaxSessionsPolicy::Reject {
+            2
+        } else {
+            6
+        };
         assert_eq!(created, expected_created, "{policy:?}");
     }
 }
@@ -1034,9 +1040,11 @@ async fn a_cancelled_start_leaves_no_listener_behind() {
             n
         }
     };
-    eventually(Duration::from_secs(5), "first manager's listener gone", || async {
-        listeners().await == 0
-    })
+    eventually(
+        Duration::from_secs(5),
+        "first manager's listener gone",
+        || async { listeners().await == 0 },
+    )
     .await;
     // Give up on starting while the manager waits for its listener.
     let url = db.url().to_string();
@@ -1047,9 +1055,11 @@ async fn a_cancelled_start_leaves_no_listener_behind() {
     .await;
     start.abort();
     let _ = start.await;
-    eventually(Duration::from_secs(5), "the abandoned listener closed", || async {
-        listeners().await == 0
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the abandoned listener closed",
+        || async { listeners().await == 0 },
+    )
     .await;
 }
 
@@ -1086,19 +1096,23 @@ async fn an_access_being_flushed_still_counts_for_reads() {
         tokio::spawn(async move { m.flush_last_access().await })
     };
     let waiting = check.clone();
-    eventually(Duration::from_secs(5), "the flush waits for the row", move || {
-        let waiting = waiting.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+    eventually(
+        Duration::from_secs(5),
+        "the flush waits for the row",
+        move || {
+            let waiting = waiting.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
                  AND query LIKE '%unnest%'",
-            )
-            .fetch_one(&waiting)
-            .await
-            .unwrap();
-            n == 1
-        }
-    })
+                )
+                .fetch_one(&waiting)
+                .await
+                .unwrap();
+                n == 1
+            }
+        },
+    )
     .await;
     assert!(
         m.get_session(s.id).await.unwrap().is_some(),
@@ -1106,4 +1120,23 @@ async fn an_access_being_flushed_still_counts_for_reads() {
     );
     holder.rollback().await.unwrap();
     assert_eq!(flush.await.unwrap().unwrap(), 1);
+}
+
+#[tokio::test]
+async fn the_schema_script_prepares_a_database_the_manager_accepts_without_migrating() {
+    let db = TestDatabase::create().await;
+    let config = Config {
+        schema: Some("by_hand".into()),
+        table_prefix: "app_".into(),
+        run_migrations: false,
+        ..config()
+    };
+    let script = pgsession::schema_sql(&config).unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(script))
+        .execute(&pool(&db).await)
+        .await
+        .unwrap();
+    let m = node(&db, config).await;
+    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert!(m.get_session(s.id).await.unwrap().is_some());
 }
