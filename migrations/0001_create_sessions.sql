@@ -4,6 +4,7 @@
 -- lock, after replacing each placeholder in double braces with a validated name:
 --   {{sessions}}         schema-qualified, quoted sessions table, e.g. "public"."sessions"
 --   {{cache_epoch}}      schema-qualified, quoted cache-epoch table
+--   {{outbox}}           schema-qualified, quoted invalidation outbox
 --   {{prefix}}           the configured table prefix (lower-case letters, digits, '_'), may be empty
 --   {{create_fn}}        schema-qualified, quoted create function
 --   {{channel}}          the NOTIFY channel for cache invalidations
@@ -39,6 +40,19 @@ CREATE TABLE {{cache_epoch}} (
     epoch     bigint  NOT NULL
 );
 INSERT INTO {{cache_epoch}} (epoch) VALUES (0);
+
+-- Invalidations of the frequent writes (update, delete) waiting to be announced. The write
+-- inserts its row in the same statement, so the row exists exactly when the write committed;
+-- the writing node then announces it with NOTIFY in a separate, batched transaction that also
+-- deletes the row. Rows left behind by a node that stopped in between are announced by any node
+-- after a grace period. Why not NOTIFY inside the write: PostgreSQL serialises the commits of
+-- all notifying transactions in the cluster, WAL flush included, which caps concurrent writes
+-- at one fsync each.
+CREATE TABLE {{outbox}} (
+    seq        bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    payload    text        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
 
 -- Creates a session while holding the user's cap, in one round trip.
 --

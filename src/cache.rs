@@ -216,10 +216,23 @@ impl Cache {
     /// Install a copy read from the database, unless an invalidation was applied to its shard
     /// since the token was taken, or a newer copy is already cached. Returns whether it was
     /// installed.
+    ///
+    /// A rejected copy still tells us what the database held: older copies of it are evicted
+    /// and the generation bumped, so that a slower fill holding an older read cannot install
+    /// it after this caller has been handed the newer one (reads on one node never go back in
+    /// version, even while the announcement of a write is still on its way).
     pub(crate) fn fill(&self, token: FillToken, session: &Session, now: DateTime<Utc>) -> bool {
         let mut shard = self.lock(token.shard);
         if !self.is_trusted() || shard.generation != token.generation {
             shard.fills_rejected += 1;
+            shard.generation += 1;
+            if shard
+                .lru
+                .peek(&session.id)
+                .is_some_and(|e| e.session.version < session.version)
+            {
+                shard.lru.pop(&session.id);
+            }
             return false;
         }
         if shard
@@ -422,6 +435,7 @@ mod tests {
             attributes: Arc::new(Map::new()),
             changes: Changes::default(),
             max_attribute_size: 1024,
+            base_version: version,
         }
     }
 
@@ -447,6 +461,30 @@ mod tests {
         assert!(!cache.fill(t, &s, Utc::now()));
         assert!(matches!(
             cache.lookup(s.id, Utc::now(), None),
+            Lookup::Miss(_)
+        ));
+    }
+
+    #[test]
+    fn a_rejected_newer_fill_stops_an_older_concurrent_fill() {
+        let cache = trusted_cache();
+        let v1 = session(1);
+        let mut v2 = v1.clone();
+        v2.version = 2;
+        // X starts reading; a late invalidation (of version 1's write) arrives; Y starts
+        // reading and gets version 1; X gets version 2, which version 2's announcement has
+        // not reached yet.
+        let x = token(&cache, v1.id);
+        cache.invalidate_version(v1.id, 1);
+        let y = token(&cache, v1.id);
+        assert!(
+            !cache.fill(x, &v2, Utc::now()),
+            "X read before an invalidation"
+        );
+        // X's caller has seen version 2: Y must not install version 1 now.
+        assert!(!cache.fill(y, &v1, Utc::now()));
+        assert!(matches!(
+            cache.lookup(v1.id, Utc::now(), None),
             Lookup::Miss(_)
         ));
     }

@@ -152,6 +152,8 @@ pub(crate) struct Names {
     pub migrations: String,
     /// Quoted, schema-qualified cache-epoch table.
     pub cache_epoch: String,
+    /// Quoted, schema-qualified invalidation outbox.
+    pub outbox: String,
     /// Quoted, schema-qualified create function.
     pub create_fn: String,
     /// NOTIFY channel, unique per schema and prefix.
@@ -251,6 +253,7 @@ impl Config {
             sessions: format!("\"{schema}\".\"{prefix}sessions\""),
             migrations: format!("\"{schema}\".\"{prefix}sessions_migrations\""),
             cache_epoch: format!("\"{schema}\".\"{prefix}sessions_cache_epoch\""),
+            outbox: format!("\"{schema}\".\"{prefix}sessions_outbox\""),
             create_fn: format!("\"{schema}\".\"{prefix}create_session\""),
             lock_class: lock_class(&channel),
             channel,

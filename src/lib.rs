@@ -54,7 +54,8 @@
 //!
 //! * After `update_session` or `delete_session` returns on a node, that node never serves the
 //!   previous state; other nodes with a healthy listener stop serving it within the
-//!   notification delay (well under a millisecond on a LAN).
+//!   notification delay (well under a millisecond on a LAN), or within about 4 s if the
+//!   writing node stops (or the call is cancelled) between its commit and the announcement.
 //! * A cache fill that read the database before an invalidation arrived is never installed
 //!   after it.
 //! * While the listener connection is down or resynchronising, nothing is served from the
@@ -73,6 +74,7 @@ mod listener;
 mod manager;
 mod migrate;
 mod notify;
+mod outbox;
 mod session;
 mod shutdown;
 mod store;

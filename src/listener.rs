@@ -337,9 +337,15 @@ async fn serve(
     }
 }
 
-/// Apply one invalidation. Anything unreadable clears the cache: better a few misses than an
-/// entry nobody can vouch for.
+/// Apply a payload: one invalidation per line. Anything unreadable clears the cache: better a
+/// few misses than an entry nobody can vouch for.
 pub(crate) fn apply(inner: &Inner, payload: &str) {
+    for line in payload.split('\n') {
+        apply_line(inner, line);
+    }
+}
+
+fn apply_line(inner: &Inner, payload: &str) {
     let cache = &inner.cache;
     match Message::parse(payload) {
         Some(Message::Updated { id, version }) => {

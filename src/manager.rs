@@ -14,6 +14,7 @@ use crate::cache::{Cache, Lookup};
 use crate::config::{Config, MaxSessionsPolicy, Names};
 use crate::error::{Error, Result};
 use crate::listener::{self, ListenerState};
+use crate::outbox::{self, Outbox};
 use crate::session::{Changes, Session, build_attributes, validate_attribute};
 use crate::shutdown::Shutdown;
 use crate::store::{Delta, NewSession, Store};
@@ -56,6 +57,7 @@ pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) cache: Cache,
     pub(crate) touches: Touches,
+    pub(crate) outbox: Outbox,
     pub(crate) listener: ListenerState,
     pub(crate) shutdown: Shutdown,
     pub(crate) final_flush: Mutex<Option<Result<()>>>,
@@ -109,6 +111,12 @@ pub struct Stats {
     pub flush_errors: u64,
     /// Sessions deleted by the background cleanup.
     pub cleanup_deleted: u64,
+    /// Invalidations of this node's updates and deletes announced to the other nodes (plus
+    /// any left behind by stopped nodes that this node's sweep announced).
+    pub invalidations_announced: u64,
+    /// NOTIFY messages used for them (several invalidations travel in one message when writes
+    /// come faster than they can be announced one by one).
+    pub announce_messages: u64,
 }
 
 /// Now, at the microsecond precision PostgreSQL stores, so that values handed out equal what a
@@ -184,6 +192,7 @@ impl SessionManager {
                 config.cache_max_age.map(chrono_duration),
             ),
             touches: Touches::new(config.max_pending_touches, config.last_access_batch_size),
+            outbox: Outbox::new(),
             listener: ListenerState::new(),
             shutdown: Shutdown::new(),
             final_flush: Mutex::new(None),
@@ -210,10 +219,14 @@ impl SessionManager {
         // From here on, dropping this future (or the manager) stops whatever was started.
         let owner = Arc::new(Owner(inner.clone()));
 
-        let mut tasks = vec![tokio::spawn(background::flush_last_access(
-            inner.clone(),
-            inner.shutdown.subscribe(),
-        ))];
+        let mut tasks = vec![
+            tokio::spawn(background::flush_last_access(
+                inner.clone(),
+                inner.shutdown.subscribe(),
+            )),
+            tokio::spawn(outbox::announce(inner.clone(), inner.shutdown.subscribe())),
+            tokio::spawn(outbox::sweep(inner.clone(), inner.shutdown.subscribe())),
+        ];
         if inner.config.run_cleanup {
             tasks.push(tokio::spawn(background::cleanup(
                 inner.clone(),
@@ -302,6 +315,7 @@ impl SessionManager {
             attributes: Arc::new(attributes),
             changes: Changes::default(),
             max_attribute_size: inner.config.max_attribute_size,
+            base_version: 1,
         };
         inner.cache.apply_own_write(id, token, Some(&session), now);
         Ok(session)
@@ -371,6 +385,7 @@ impl SessionManager {
         let id = session.id;
         let delta = Delta {
             id,
+            base_version: session.base_version,
             removed,
             set,
             expires_at: session.changes.expires_at,
@@ -381,9 +396,29 @@ impl SessionManager {
         };
         let token = inner.cache.token_for(id);
         match inner.store.update(&delta).await? {
-            Some(updated) => {
-                inner.cache.apply_own_write(id, token, Some(&updated), now);
-                *session = updated;
+            Some((updated, queued)) => {
+                inner.outbox.push(queued);
+                // Without attributes back, the caller's copy (its own changes applied) is the
+                // new state.
+                let attributes = match updated.attributes {
+                    Some(map) => Arc::new(map),
+                    None => session.attributes.clone(),
+                };
+                let new = Session {
+                    id,
+                    user_id: updated.user_id,
+                    version: updated.version,
+                    created_at: updated.created_at,
+                    updated_at: updated.updated_at,
+                    last_accessed_at: updated.last_accessed_at,
+                    expires_at: updated.expires_at,
+                    attributes,
+                    changes: Changes::default(),
+                    max_attribute_size: limit,
+                    base_version: updated.version,
+                };
+                inner.cache.apply_own_write(id, token, Some(&new), now);
+                *session = new;
                 Ok(())
             }
             None => {
@@ -397,8 +432,12 @@ impl SessionManager {
     /// serving it within the notification delay, this one at once.
     pub async fn delete_session(&self, id: Uuid) -> Result<bool> {
         let inner = self.open()?;
-        let deleted = inner.store.delete(id).await?;
+        let queued = inner.store.delete(id).await?;
         inner.cache.apply_own_write(id, None, None, now());
+        let deleted = queued.is_some();
+        if let Some(queued) = queued {
+            inner.outbox.push(queued);
+        }
         Ok(deleted)
     }
 
@@ -509,6 +548,8 @@ impl SessionManager {
             flushes: inner.flushes.load(Ordering::Relaxed),
             flush_errors: inner.flush_errors.load(Ordering::Relaxed),
             cleanup_deleted: inner.cleanup_deleted.load(Ordering::Relaxed),
+            invalidations_announced: inner.outbox.announced.load(Ordering::Relaxed),
+            announce_messages: inner.outbox.messages.load(Ordering::Relaxed),
         }
     }
 

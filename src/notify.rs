@@ -1,8 +1,11 @@
 //! The invalidation protocol carried by NOTIFY payloads.
 //!
-//! Every payload is at most about 7.3 kB, under PostgreSQL's 8000-byte limit, whatever the
+//! Every payload is at most 7900 bytes, under PostgreSQL's 8000-byte limit, whatever the
 //! operation: bulk deletions list at most 200 ids per message (the SQL in [`crate::store`]
-//! chunks them) and "log out everywhere" names the user, not the sessions.
+//! chunks them), "log out everywhere" names the user, not the sessions, and batches of
+//! single-session invalidations are packed a line each up to that size.
+//!
+//! A payload holds one or more messages, one per line:
 //!
 //! | payload | sent by | meaning |
 //! |---|---|---|
@@ -32,7 +35,7 @@ pub(crate) enum Message {
 }
 
 impl Message {
-    /// Decode a payload. `None` for anything malformed; the caller must then assume the worst
+    /// Decode one line. `None` for anything malformed; the caller must then assume the worst
     /// (clear its cache) rather than ignore it.
     pub(crate) fn parse(payload: &str) -> Option<Message> {
         let (kind, rest) = payload.split_once(' ').unwrap_or((payload, ""));

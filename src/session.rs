@@ -45,6 +45,9 @@ pub struct Session {
     pub(crate) attributes: Arc<Map<String, Value>>,
     pub(crate) changes: Changes,
     pub(crate) max_attribute_size: usize,
+    /// The version `attributes` was read at (before local changes). Kept apart from the public
+    /// `version`, which callers can assign.
+    pub(crate) base_version: i64,
 }
 
 /// Keys set or removed, and a new expiry, since the value was loaded or last saved.
@@ -247,6 +250,7 @@ mod tests {
             attributes: Arc::new(Map::new()),
             changes: Changes::default(),
             max_attribute_size: 32,
+            base_version: 1,
         }
     }
 

@@ -1,9 +1,12 @@
 //! Every SQL statement pgsession runs on its tables. (The schema itself is in `migrations/`;
 //! `migrate.rs` holds only the statements that keep track of applied migrations.)
 //!
-//! Each write is one statement, hence one round trip, and carries its cache invalidation in the
-//! same statement (`pg_notify` in a CTE), so the notification is sent exactly when the write
-//! commits. Payloads follow the protocol in [`crate::notify`]; ids are sent as 32 hex digits.
+//! Each write is one statement, hence one round trip, and records its cache invalidation in
+//! the same statement, so the invalidation exists exactly when the write committed. Frequent
+//! writes (update, delete) queue it in the outbox table, announced right after by the outbox
+//! task (see [`crate::outbox`]); rare bulk writes (logout everywhere, cap eviction, cleanup,
+//! clear) call `pg_notify` directly in a CTE. Payloads follow the protocol in
+//! [`crate::notify`]; ids are sent as 32 hex digits.
 
 use std::sync::Arc;
 
@@ -27,6 +30,10 @@ const ISOLATION_SQLSTATE: &str = "PS002";
 /// NOTIFY's limit of 8000 bytes.
 pub(crate) const IDS_PER_MESSAGE: usize = 200;
 
+/// Single-session invalidations (`u …`, `d …`, at most 54 bytes each) per message when the
+/// sweep announces orphaned outbox rows: about 5.5 kB, under NOTIFY's 8000 bytes.
+const LINES_PER_MESSAGE: usize = 100;
+
 /// The listener's liveness probe, run on the listener's own connection: it must receive the
 /// notification it sends. `$1` channel, `$2` payload.
 pub(crate) const PROBE: &str = "SELECT pg_notify($1, $2)";
@@ -45,6 +52,8 @@ struct Sql {
     create_capped: Arc<str>,
     update: Arc<str>,
     delete: Arc<str>,
+    announce: Arc<str>,
+    sweep: Arc<str>,
     delete_user: Arc<str>,
     touch: Arc<str>,
     cleanup: Arc<str>,
@@ -58,7 +67,9 @@ impl Sql {
         let render = |sql: &str| -> Arc<str> {
             sql.replace("{t}", &names.sessions)
                 .replace("{epoch_t}", &names.cache_epoch)
+                .replace("{outbox}", &names.outbox)
                 .replace("{ids_per_message}", &IDS_PER_MESSAGE.to_string())
+                .replace("{lines_per_message}", &LINES_PER_MESSAGE.to_string())
                 .replace("{create_fn}", &names.create_fn)
                 .replace("{ch}", &names.channel)
                 .replace("{cols}", COLUMNS)
@@ -74,8 +85,10 @@ impl Sql {
             create_capped: render("SELECT {create_fn}($1, $2, $3, $4, $5, $6, $7, $8)"),
             // Delta: remove the removed keys, merge the set ones, never touch the others. The
             // WHERE clause makes an update of a deleted or expired session a no-op (NotFound),
-            // never a re-insert. $7 is the latest access this node knows of, which may not be
-            // flushed yet.
+            // never a re-insert. $7 is an access this node recorded and has not flushed yet.
+            // The merged attributes travel back only when someone else wrote since $8, the
+            // version the caller's copy was read at; otherwise the caller's copy with its own
+            // changes applied is exactly the new state.
             update: render(
                 "WITH updated AS ( \
                      UPDATE {t} SET \
@@ -87,14 +100,49 @@ impl Sql {
                      WHERE id = $1 AND expires_at > $5 \
                        AND ($6::timestamptz IS NULL OR greatest(last_accessed_at, $7) > $6) \
                      RETURNING {cols} \
+                 ), queued AS ( \
+                     INSERT INTO {outbox} (payload) \
+                     SELECT 'u ' || replace(id::text, '-', '') || ' ' || version FROM updated \
+                     RETURNING seq \
                  ) \
-                 SELECT updated.*, \
-                        pg_notify('{ch}', 'u ' || replace(id::text, '-', '') || ' ' || version)::text \
-                 FROM updated",
+                 SELECT id, user_id, version, created_at, updated_at, last_accessed_at, \
+                        expires_at, CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END \
+                        AS attributes, queued.seq \
+                 FROM updated, queued",
             ),
             delete: render(
                 "WITH deleted AS (DELETE FROM {t} WHERE id = $1 RETURNING id) \
-                 SELECT pg_notify('{ch}', 'd ' || replace(id::text, '-', ''))::text FROM deleted",
+                 INSERT INTO {outbox} (payload) \
+                 SELECT 'd ' || replace(id::text, '-', '') FROM deleted \
+                 RETURNING seq",
+            ),
+            // Announce queued invalidations and retire their rows in one transaction. Its
+            // commit need not wait for the WAL flush: losing it in a crash only means the rows
+            // are announced again by the sweep, and listeners resynchronise after a crash
+            // anyway. That keeps NOTIFY's cluster-wide commit lock short.
+            announce: render(
+                "WITH announced AS (DELETE FROM {outbox} WHERE seq = ANY($1)) \
+                 SELECT set_config('synchronous_commit', 'off', true), \
+                        pg_notify('{ch}', payload)::text \
+                 FROM unnest($2::text[]) AS payload",
+            ),
+            // Rows older than $1 seconds were left by a node that stopped before announcing
+            // them; any node announces them, SKIP LOCKED keeping sweepers apart.
+            sweep: render(
+                "WITH orphans AS ( \
+                     DELETE FROM {outbox} WHERE seq IN ( \
+                         SELECT seq FROM {outbox} \
+                         WHERE created_at < now() - make_interval(secs => $1) \
+                         ORDER BY seq LIMIT 1000 FOR UPDATE SKIP LOCKED) \
+                     RETURNING seq, payload \
+                 ), chunks AS ( \
+                     SELECT (row_number() OVER (ORDER BY seq) - 1) / {lines_per_message} AS chunk, \
+                            payload FROM orphans \
+                 ), notified AS ( \
+                     SELECT pg_notify('{ch}', string_agg(payload, E'\\n'))::text AS m \
+                     FROM chunks GROUP BY chunk \
+                 ) \
+                 SELECT (SELECT count(*) FROM orphans), (SELECT count(m) FROM notified)",
             ),
             // One compact message however many sessions the user had.
             delete_user: render(
@@ -140,6 +188,24 @@ impl Sql {
     }
 }
 
+/// The state an update left, without the attributes when the caller already has them.
+pub(crate) struct Updated {
+    pub user_id: Uuid,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_accessed_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub attributes: Option<Map<String, Value>>,
+}
+
+/// An invalidation committed to the outbox, to be announced.
+#[derive(Clone, Debug)]
+pub(crate) struct Queued {
+    pub seq: i64,
+    pub payload: String,
+}
+
 /// Arguments of a new session.
 pub(crate) struct NewSession<'a> {
     pub id: Uuid,
@@ -155,6 +221,8 @@ pub(crate) struct NewSession<'a> {
 /// The delta of one `update_session`.
 pub(crate) struct Delta<'a> {
     pub id: Uuid,
+    /// The version the caller's attributes were read at.
+    pub base_version: i64,
     pub removed: Vec<&'a str>,
     pub set: Map<String, Value>,
     pub expires_at: Option<DateTime<Utc>>,
@@ -263,8 +331,10 @@ impl Store {
         }
     }
 
-    /// Apply a delta; `None` when the session is gone or expired.
-    pub(crate) async fn update(&self, delta: &Delta<'_>) -> Result<Option<Session>> {
+    /// Apply a delta. `None` when the session is gone or expired; otherwise the new row, whose
+    /// `attributes` are `None` when they equal the caller's copy with the delta applied, and
+    /// the outbox entry of its invalidation.
+    pub(crate) async fn update(&self, delta: &Delta<'_>) -> Result<Option<(Updated, Queued)>> {
         let row = sqlx::query(AssertSqlSafe(self.sql.update.clone()))
             .bind(delta.id)
             .bind(&delta.removed)
@@ -273,18 +343,57 @@ impl Store {
             .bind(delta.now)
             .bind(delta.idle_cutoff)
             .bind(delta.pending_access)
+            .bind(delta.base_version)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|row| self.session_from_row(&row)).transpose()
+        let Some(row) = row else { return Ok(None) };
+        let attributes: Option<Json<Map<String, Value>>> = row.try_get("attributes")?;
+        let updated = Updated {
+            user_id: row.try_get("user_id")?,
+            version: row.try_get("version")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+            last_accessed_at: row.try_get("last_accessed_at")?,
+            expires_at: row.try_get("expires_at")?,
+            attributes: attributes.map(|Json(map)| map),
+        };
+        let queued = Queued {
+            seq: row.try_get("seq")?,
+            payload: format!("u {} {}", delta.id.simple(), updated.version),
+        };
+        Ok(Some((updated, queued)))
     }
 
-    /// Delete one session; true when it existed.
-    pub(crate) async fn delete(&self, id: Uuid) -> Result<bool> {
-        let row = sqlx::query(AssertSqlSafe(self.sql.delete.clone()))
+    /// Delete one session; its outbox entry when it existed.
+    pub(crate) async fn delete(&self, id: Uuid) -> Result<Option<Queued>> {
+        let seq: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.delete.clone()))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.is_some())
+        Ok(seq.map(|seq| Queued {
+            seq,
+            payload: format!("d {}", id.simple()),
+        }))
+    }
+
+    /// Send queued invalidations (`messages`, each at most 8000 bytes) and retire their outbox
+    /// rows, in one statement.
+    pub(crate) async fn announce(&self, seqs: &[i64], messages: &[String]) -> Result<()> {
+        sqlx::query(AssertSqlSafe(self.sql.announce.clone()))
+            .bind(seqs)
+            .bind(messages)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Announce outbox rows older than `grace`; returns how many.
+    pub(crate) async fn sweep_outbox(&self, grace: std::time::Duration) -> Result<u64> {
+        let (swept, _messages): (i64, i64) = sqlx::query_as(AssertSqlSafe(self.sql.sweep.clone()))
+            .bind(grace.as_secs_f64())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(swept as u64)
     }
 
     /// Delete every session of a user except those in `keep`; returns how many.
@@ -359,10 +468,11 @@ impl Store {
 
     fn session_from_row(&self, row: &PgRow) -> Result<Session> {
         let Json(attributes): Json<Map<String, Value>> = row.try_get("attributes")?;
+        let version = row.try_get("version")?;
         Ok(Session {
             id: row.try_get("id")?,
             user_id: row.try_get("user_id")?,
-            version: row.try_get("version")?,
+            version,
             created_at: row.try_get("created_at")?,
             updated_at: row.try_get("updated_at")?,
             last_accessed_at: row.try_get("last_accessed_at")?,
@@ -370,6 +480,7 @@ impl Store {
             attributes: Arc::new(attributes),
             changes: Changes::default(),
             max_attribute_size: self.max_attribute_size,
+            base_version: version,
         })
     }
 }

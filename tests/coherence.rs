@@ -690,3 +690,110 @@ async fn a_cache_clear_announced_while_a_node_was_not_listening_is_applied_on_re
     let seen = b.get_session(s.id).await.unwrap().unwrap();
     assert_eq!(seen.get("role"), Some(&json!("user")));
 }
+
+#[tokio::test]
+async fn invalidations_left_in_the_outbox_by_a_stopped_node_are_announced_by_the_others() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let b = node(&db, config()).await;
+    let check = pool(&db).await;
+    let s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert_eq!(version_on(&b, s.id).await, Some(1));
+    // What a node that stopped between its write and the announcement leaves behind: the
+    // committed write and its outbox row, and no notification.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "UPDATE sessions SET version = 2, attributes = attributes || '{{\"role\": \"user\"}}' \
+         WHERE id = '{id}'; \
+         INSERT INTO sessions_outbox (payload, created_at) \
+         VALUES ('u {hex} 2', now() - interval '10 seconds');",
+        id = s.id,
+        hex = s.id.simple()
+    )))
+    .execute(&check)
+    .await
+    .unwrap();
+    assert_eq!(
+        version_on(&b, s.id).await,
+        Some(1),
+        "nobody announced it yet"
+    );
+    let seen = b.clone();
+    eventually(
+        Duration::from_secs(5),
+        "the sweep announced it",
+        move || {
+            let b = seen.clone();
+            async move { version_on(&b, s.id).await == Some(2) }
+        },
+    )
+    .await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions_outbox")
+        .fetch_one(&check)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_faster_than_announcements_are_announced_together() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, unlimited()).await;
+    let b = node(&db, unlimited()).await;
+    let check = pool(&db).await;
+    // Make each announcing statement take 200 ms, and record how many rows each retires.
+    sqlx::raw_sql(
+        "CREATE TABLE announced (n bigint); \
+         CREATE FUNCTION slow_announce() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$; \
+         CREATE TRIGGER slow_announce BEFORE DELETE ON sessions_outbox \
+           FOR EACH STATEMENT EXECUTE FUNCTION slow_announce(); \
+         CREATE FUNCTION log_announce() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO announced SELECT count(*) FROM gone; RETURN NULL; END $$; \
+         CREATE TRIGGER log_announce AFTER DELETE ON sessions_outbox \
+           REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION log_announce();",
+    )
+    .execute(&check)
+    .await
+    .unwrap();
+    let mut sessions = Vec::new();
+    for _ in 0..40 {
+        sessions.push(a.create_session(Uuid::new_v4(), small()).await.unwrap());
+    }
+    for s in &sessions {
+        b.get_session(s.id).await.unwrap().unwrap();
+    }
+    let writers: Vec<_> = sessions
+        .into_iter()
+        .map(|mut s| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                set_and_save(&a, &mut s, "theme", json!("light")).await;
+                s.id
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for w in writers {
+        ids.push(w.await.unwrap());
+    }
+    for id in ids {
+        let b = b.clone();
+        eventually(Duration::from_secs(10), "B sees every update", move || {
+            let b = b.clone();
+            async move { version_on(&b, id).await == Some(2) }
+        })
+        .await;
+    }
+    let batches: Vec<i64> = sqlx::query_scalar("SELECT n FROM announced WHERE n > 0")
+        .fetch_all(&check)
+        .await
+        .unwrap();
+    assert_eq!(batches.iter().sum::<i64>(), 40);
+    assert!(
+        batches.len() < 40 && batches.iter().any(|n| *n > 1),
+        "{batches:?}"
+    );
+    let stats = a.stats();
+    assert_eq!(stats.invalidations_announced, 40);
+    assert!(stats.announce_messages < 40, "{stats:?}");
+}

@@ -1,0 +1,182 @@
+//! Announcing invalidations of frequent writes, batched, after they commit.
+//!
+//! `update_session` and `delete_session` insert their invalidation into the outbox table in
+//! the same statement as the write (see the migration for why not NOTIFY there). The node then
+//! queues it here; the announce task sends everything queued with as few NOTIFYs as fit
+//! (several invalidations per payload, one per line) in one statement that also deletes the
+//! rows. While a statement is under way, new invalidations queue up, so the busier the node,
+//! the larger the batches and the fewer NOTIFYs every node has to receive.
+//!
+//! Nothing here is needed for correctness on the writing node (it updates its own cache at
+//! once) nor for durability (the rows are the durable record): if the queue is lost, because the
+//! caller's future was dropped mid-write, the process stopped, or the database failed, the
+//! rows stay behind and the sweep, run by every node, announces rows older than
+//! [`ORPHAN_GRACE`]. So other nodes see a committed write within the notification delay
+//! normally, and within about `ORPHAN_GRACE + SWEEP_EVERY` in those failure cases.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+use crate::error::Result;
+use crate::manager::Inner;
+use crate::shutdown::Signal;
+use crate::store::Queued;
+
+/// Outbox rows older than this are announced by the sweep.
+pub(crate) const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+/// How often each node sweeps.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// Largest NOTIFY payload we build (PostgreSQL refuses 8000 bytes and more).
+const MAX_PAYLOAD: usize = 7900;
+/// Most invalidations announced by one statement.
+const MAX_BATCH: usize = 2000;
+/// Most invalidations queued in memory; beyond this they are left to the sweep.
+const MAX_QUEUED: usize = 100_000;
+
+pub(crate) struct Outbox {
+    queue: Mutex<Vec<Queued>>,
+    wake: Notify,
+    /// Invalidations announced by this node (by the announce task or the sweep).
+    pub(crate) announced: AtomicU64,
+    /// NOTIFY messages this node sent for them.
+    pub(crate) messages: AtomicU64,
+}
+
+impl Outbox {
+    pub(crate) fn new() -> Outbox {
+        Outbox {
+            queue: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            announced: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
+        // A Vec of owned values cannot be left half-updated by a panic.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue a committed invalidation for announcement.
+    pub(crate) fn push(&self, queued: Queued) {
+        {
+            let mut queue = self.lock();
+            if queue.len() < MAX_QUEUED {
+                queue.push(queued);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Send what is queued; on failure the batch goes back to the queue (and its rows remain
+    /// for the sweep in any case).
+    pub(crate) async fn announce_queued(&self, inner: &Inner) -> Result<()> {
+        loop {
+            let batch: Vec<Queued> = {
+                let mut queue = self.lock();
+                let n = queue.len().min(MAX_BATCH);
+                queue.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let seqs: Vec<i64> = batch.iter().map(|q| q.seq).collect();
+            let messages = pack(batch.iter().map(|q| q.payload.as_str()));
+            if let Err(e) = inner.store.announce(&seqs, &messages).await {
+                let mut queue = self.lock();
+                let room = MAX_QUEUED.saturating_sub(queue.len());
+                queue.splice(0..0, batch.into_iter().take(room));
+                return Err(e);
+            }
+            self.announced
+                .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+            self.messages
+                .fetch_add(messages.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Join single-line invalidations into as few payloads as fit NOTIFY's limit.
+fn pack<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut messages = Vec::new();
+    let mut current = String::new();
+    for line in lines {
+        if !current.is_empty() && current.len() + 1 + line.len() > MAX_PAYLOAD {
+            messages.push(std::mem::take(&mut current));
+        }
+        if !current.is_empty() {
+            current.push('\n');
+        }
+        current.push_str(line);
+    }
+    if !current.is_empty() {
+        messages.push(current);
+    }
+    messages
+}
+
+/// Announce queued invalidations as they come; announce the rest at shutdown.
+pub(crate) async fn announce(inner: Arc<Inner>, mut shutdown: Signal) {
+    let outbox = &inner.outbox;
+    'running: loop {
+        tokio::select! {
+            _ = shutdown.recv() => break,
+            _ = outbox.wake.notified() => {}
+        }
+        let mut backoff = Duration::from_millis(50);
+        while let Err(e) = outbox.announce_queued(&inner).await {
+            tracing::warn!(error = %e, retry_in = ?backoff, "pgsession: announcing invalidations failed; will retry");
+            tokio::select! {
+                _ = shutdown.recv() => break 'running,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(ORPHAN_GRACE);
+        }
+    }
+    // Best effort: what is not announced now is announced by another node's sweep.
+    if let Err(e) = outbox.announce_queued(&inner).await {
+        tracing::warn!(error = %e, "pgsession: invalidations left to the other nodes' sweep");
+    }
+}
+
+/// Announce outbox rows whose writer did not, every [`SWEEP_EVERY`].
+pub(crate) async fn sweep(inner: Arc<Inner>, mut shutdown: Signal) {
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+        match inner.store.sweep_outbox(ORPHAN_GRACE).await {
+            Ok(0) => {}
+            Ok(n) => {
+                inner.outbox.announced.fetch_add(n, Ordering::Relaxed);
+                tracing::info!(
+                    announced = n,
+                    "pgsession: announced invalidations another node left behind"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "pgsession: outbox sweep failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_lines_into_payloads_under_the_limit() {
+        let line = format!("u {} {}", uuid::Uuid::new_v4().simple(), i64::MAX);
+        let lines = vec![line.as_str(); 1000];
+        let messages = pack(lines.iter().copied());
+        assert!(messages.iter().all(|m| m.len() <= MAX_PAYLOAD));
+        let total: usize = messages.iter().map(|m| m.lines().count()).sum();
+        assert_eq!(total, 1000);
+        assert!(messages.len() <= 1000 * (line.len() + 1) / MAX_PAYLOAD + 1);
+        assert!(pack(std::iter::empty()).is_empty());
+    }
+}
