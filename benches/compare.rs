@@ -45,16 +45,39 @@ fn config() -> Config {
     }
 }
 
-// The statements of pgsession's store (src/store.rs) for the default schema and prefix,
-// copied so that the floor runs exactly what pgsession runs.
+// The statements pgsession's store (src/store.rs) sends, copied so that the floor runs exactly
+// what pgsession runs, on a schema of its own (`pgsession_bench_raw`, created from
+// `pgsession::schema_sql`) that no manager sweeps.
 const RAW_SELECT: &str = "SELECT id, user_id, version, attributes, created_at, updated_at, \
-     last_accessed_at, expires_at FROM \"pgsession_bench\".\"sessions\" WHERE id = $1";
+     last_accessed_at, expires_at FROM \"pgsession_bench_raw\".\"sessions\" WHERE id = $1";
 const RAW_CREATE: &str =
-    "SELECT \"pgsession_bench\".\"create_session\"($1, $2, $3, $4, $5, $6, $7, $8)";
-const RAW_INSERT: &str = "INSERT INTO \"pgsession_bench\".\"sessions\" (id, user_id, version, attributes, \
-     created_at, updated_at, last_accessed_at, expires_at) VALUES ($1, $2, 1, $3, $4, $4, $4, $5)";
+    "SELECT \"pgsession_bench_raw\".\"create_session\"($1, $2, $3, $4, $5, $6, $7, $8)";
+const RAW_INSERT: &str = "INSERT INTO \"pgsession_bench_raw\".\"sessions\" (id, user_id, version, \
+     attributes, created_at, updated_at, last_accessed_at, expires_at) \
+     VALUES ($1, $2, 1, $3, $4, $4, $4, $5)";
 const RAW_UPDATE: &str = "WITH updated AS ( \
-     UPDATE \"pgsession_bench\".\"sessions\" SET \
+     UPDATE \"pgsession_bench_raw\".\"sessions\" SET \
+         attributes = (attributes - $2::text[]) || $3::jsonb, \
+         expires_at = coalesce($4, expires_at), \
+         version = version + 1, \
+         updated_at = $5, \
+         last_accessed_at = greatest(last_accessed_at, $5) \
+     WHERE id = $1 AND expires_at > $5 \
+       AND ($6::timestamptz IS NULL OR greatest(last_accessed_at, $7) > $6) \
+     RETURNING id, user_id, version, attributes, created_at, updated_at, last_accessed_at, expires_at \
+ ), queued AS ( \
+     INSERT INTO \"pgsession_bench_raw\".\"sessions_outbox\" (payload) \
+     SELECT 'u ' || replace(id::text, '-', '') || ' ' || version FROM updated \
+     RETURNING seq \
+ ) \
+ SELECT id, user_id, version, created_at, updated_at, last_accessed_at, \
+        expires_at, CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END \
+        AS attributes, queued.seq \
+ FROM updated, queued";
+/// The design pgsession did not keep: NOTIFY inside the update (to a channel two managers
+/// listen on, with a payload they ignore, so that delivery costs what it would).
+const RAW_UPDATE_NOTIFY: &str = "WITH updated AS ( \
+     UPDATE \"pgsession_bench_raw\".\"sessions\" SET \
          attributes = (attributes - $2::text[]) || $3::jsonb, \
          expires_at = coalesce($4, expires_at), \
          version = version + 1, \
@@ -64,11 +87,15 @@ const RAW_UPDATE: &str = "WITH updated AS ( \
        AND ($6::timestamptz IS NULL OR greatest(last_accessed_at, $7) > $6) \
      RETURNING id, user_id, version, attributes, created_at, updated_at, last_accessed_at, expires_at \
  ) \
- SELECT updated.*, \
-        pg_notify('pgsession.pgsession_bench.sessions', 'u ' || replace(id::text, '-', '') || ' ' || version)::text \
+ SELECT id, user_id, version, created_at, updated_at, last_accessed_at, expires_at, \
+        CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END AS attributes, \
+        pg_notify('pgsession.pgsession_bench.sessions', 'p raw')::text \
  FROM updated";
-const RAW_DELETE: &str = "WITH deleted AS (DELETE FROM \"pgsession_bench\".\"sessions\" WHERE id = $1 RETURNING id) \
-     SELECT pg_notify('pgsession.pgsession_bench.sessions', 'd ' || replace(id::text, '-', ''))::text FROM deleted";
+const RAW_DELETE: &str = "WITH deleted AS ( \
+     DELETE FROM \"pgsession_bench_raw\".\"sessions\" WHERE id = $1 RETURNING id) \
+ INSERT INTO \"pgsession_bench_raw\".\"sessions_outbox\" (payload) \
+ SELECT 'd ' || replace(id::text, '-', '') FROM deleted \
+ RETURNING seq";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -76,6 +103,7 @@ enum Kind {
     PgNoCap,
     Raw,
     RawInsert,
+    RawNotify,
     Tower,
     TowerMoka,
 }
@@ -87,6 +115,7 @@ impl Kind {
             Kind::PgNoCap => "pgsession (no cap)",
             Kind::Raw => "raw SQL floor",
             Kind::RawInsert => "raw INSERT",
+            Kind::RawNotify => "raw, NOTIFY in the write",
             Kind::Tower => "tower",
             Kind::TowerMoka => "tower+moka",
         }
@@ -97,7 +126,8 @@ impl Kind {
 #[derive(Clone)]
 enum Handle {
     Pg(Session),
-    Raw(Uuid),
+    /// Id and current version.
+    Raw(Uuid, i64),
     Tower(Record),
 }
 
@@ -105,7 +135,7 @@ impl Handle {
     fn key(&self) -> Key {
         match self {
             Handle::Pg(s) => Key::Uuid(s.id),
-            Handle::Raw(id) => Key::Uuid(*id),
+            Handle::Raw(id, _) => Key::Uuid(*id),
             Handle::Tower(r) => Key::Tower(r.id),
         }
     }
@@ -154,11 +184,11 @@ impl Systems {
                 };
                 Handle::Pg(m.create_session(Uuid::new_v4(), attrs).await.unwrap())
             }
-            Kind::Raw | Kind::RawInsert => {
+            Kind::Raw | Kind::RawInsert | Kind::RawNotify => {
                 let id = Uuid::new_v4();
                 let now = Utc::now();
                 let expires = now + chrono::Duration::days(30);
-                if kind == Kind::Raw {
+                if kind != Kind::RawInsert {
                     let _evicted: Vec<Uuid> = sqlx::query_scalar(RAW_CREATE)
                         .bind(id)
                         .bind(Uuid::new_v4())
@@ -182,7 +212,7 @@ impl Systems {
                         .await
                         .unwrap();
                 }
-                Handle::Raw(id)
+                Handle::Raw(id, 1)
             }
             Kind::Tower | Kind::TowerMoka => {
                 let mut record = Record {
@@ -206,12 +236,14 @@ impl Systems {
             (Kind::PgNoCap, Key::Uuid(id)) => {
                 self.pg_nocap.get_session(id).await.unwrap().map(Handle::Pg)
             }
-            (Kind::Raw | Kind::RawInsert, Key::Uuid(id)) => sqlx::query(RAW_SELECT)
-                .bind(id)
-                .fetch_optional(&self.raw)
-                .await
-                .unwrap()
-                .map(|_| Handle::Raw(id)),
+            (Kind::Raw | Kind::RawInsert | Kind::RawNotify, Key::Uuid(id)) => {
+                sqlx::query(RAW_SELECT)
+                    .bind(id)
+                    .fetch_optional(&self.raw)
+                    .await
+                    .unwrap()
+                    .map(|row| Handle::Raw(id, sqlx::Row::get(&row, "version")))
+            }
             (Kind::Tower, Key::Tower(id)) => self.tower.load(&id).await.unwrap().map(Handle::Tower),
             (Kind::TowerMoka, Key::Tower(id)) => {
                 self.tower_moka.load(&id).await.unwrap().map(Handle::Tower)
@@ -232,11 +264,16 @@ impl Systems {
                 s.set("theme", n).unwrap();
                 m.update_session(s).await.unwrap();
             }
-            (Kind::Raw | Kind::RawInsert, Handle::Raw(id)) => {
+            (Kind::Raw | Kind::RawInsert | Kind::RawNotify, Handle::Raw(id, version)) => {
                 let now = Utc::now();
                 let mut set = Map::new();
                 set.insert("theme".into(), json!(n));
-                let row = sqlx::query(RAW_UPDATE)
+                let sql = if kind == Kind::RawNotify {
+                    RAW_UPDATE_NOTIFY
+                } else {
+                    RAW_UPDATE
+                };
+                let row = sqlx::query(sql)
                     .bind(*id)
                     .bind(Vec::<&str>::new())
                     .bind(Json(&set))
@@ -244,10 +281,12 @@ impl Systems {
                     .bind(now)
                     .bind(now - chrono::Duration::hours(48))
                     .bind(now)
+                    .bind(*version)
                     .fetch_optional(&self.raw)
                     .await
-                    .unwrap();
-                assert!(row.is_some());
+                    .unwrap()
+                    .expect("row updated");
+                *version = sqlx::Row::get(&row, "version");
             }
             (Kind::Tower, Handle::Tower(r)) => {
                 r.data.insert("theme".into(), json!(n));
@@ -269,7 +308,7 @@ impl Systems {
             (Kind::PgNoCap, Key::Uuid(id)) => {
                 assert!(self.pg_nocap.delete_session(id).await.unwrap());
             }
-            (Kind::Raw | Kind::RawInsert, Key::Uuid(id)) => {
+            (Kind::Raw | Kind::RawInsert | Kind::RawNotify, Key::Uuid(id)) => {
                 let row = sqlx::query(RAW_DELETE)
                     .bind(id)
                     .fetch_optional(&self.raw)
@@ -729,6 +768,20 @@ async fn run(url: String) {
     )
     .await
     .unwrap();
+    // The floor's own schema, exactly as pgsession would create it.
+    sqlx::raw_sql("DROP SCHEMA IF EXISTS pgsession_bench_raw CASCADE")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let raw_schema = pgsession::schema_sql(&Config {
+        schema: Some("pgsession_bench_raw".into()),
+        ..Config::default()
+    })
+    .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(raw_schema))
+        .execute(&admin)
+        .await
+        .unwrap();
     sqlx::query("TRUNCATE pgsession_bench.sessions")
         .execute(&admin)
         .await
@@ -807,8 +860,15 @@ async fn run(url: String) {
         ));
         plan.push((Op::GetHit, size, 1, all.to_vec(), 200_000));
         plan.push((Op::GetMiss, size, 1, all.to_vec(), 1000));
-        plan.push((Op::Update, size, 1, all.to_vec(), 1000));
-        plan.push((Op::Update, size, 8, all.to_vec(), 4000));
+        let update = [
+            Kind::Pg,
+            Kind::Raw,
+            Kind::RawNotify,
+            Kind::Tower,
+            Kind::TowerMoka,
+        ];
+        plan.push((Op::Update, size, 1, update.to_vec(), 1000));
+        plan.push((Op::Update, size, 8, update.to_vec(), 4000));
         plan.push((Op::Delete, size, 1, all.to_vec(), 1000));
         for tasks in [1, 8, 32] {
             plan.push((Op::Mixed, size, tasks, all.to_vec(), 0));
@@ -851,10 +911,14 @@ async fn run(url: String) {
         print_row(&row);
         rows.push(row);
         // Keep the tables small between workloads.
-        sqlx::query("TRUNCATE pgsession_bench.sessions, pgsession_bench_tower.session")
-            .execute(&admin)
-            .await
-            .unwrap();
+        sqlx::query(
+            "TRUNCATE pgsession_bench.sessions, pgsession_bench.sessions_outbox, \
+             pgsession_bench_raw.sessions, pgsession_bench_raw.sessions_outbox, \
+             pgsession_bench_tower.session",
+        )
+        .execute(&admin)
+        .await
+        .unwrap();
         clear_caches(&sys).await;
     }
 

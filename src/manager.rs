@@ -83,7 +83,7 @@ pub struct Stats {
     /// `get_session` calls answered from the cache.
     pub hits: u64,
     /// `get_session` calls that read the database (not cached, expired-looking, too old, or
-    /// the cache was distrusted).
+    /// the cache was distrusted). Not counted when the cache is disabled.
     pub misses: u64,
     /// Sessions in the cache now.
     pub entries: usize,

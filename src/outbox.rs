@@ -3,9 +3,11 @@
 //! `update_session` and `delete_session` insert their invalidation into the outbox table in
 //! the same statement as the write (see the migration for why not NOTIFY there). The node then
 //! queues it here; the announce task sends everything queued with as few NOTIFYs as fit
-//! (several invalidations per payload, one per line) in one statement that also deletes the
-//! rows. While a statement is under way, new invalidations queue up, so the busier the node,
-//! the larger the batches and the fewer NOTIFYs every node has to receive.
+//! (several invalidations per payload, one per line), in one short transaction on a connection
+//! of its own (no pool checkout, no ping on release: announcing is most of what a write adds).
+//! While a statement is under way new invalidations queue up, so the busier the node, the
+//! larger the batches and the fewer NOTIFYs every node has to receive. Announced rows are
+//! deleted in bulk every [`RETIRE_EVERY`], well within [`ORPHAN_GRACE`].
 //!
 //! Nothing here is needed for correctness on the writing node (it updates its own cache at
 //! once) nor for durability (the rows are the durable record): if the queue is lost, because the
@@ -14,11 +16,12 @@
 //! [`ORPHAN_GRACE`]. So other nodes see a committed write within the notification delay
 //! normally, and within about `ORPHAN_GRACE + SWEEP_EVERY` in those failure cases.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use std::sync::Arc;
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
 use tokio::sync::Notify;
 
 use crate::error::Result;
@@ -36,6 +39,9 @@ const MAX_PAYLOAD: usize = 7900;
 const MAX_BATCH: usize = 2000;
 /// Most invalidations queued in memory; beyond this they are left to the sweep.
 const MAX_QUEUED: usize = 100_000;
+/// How often announced rows are deleted (must stay well below `ORPHAN_GRACE`, or the sweep
+/// would announce them again).
+const RETIRE_EVERY: Duration = Duration::from_millis(500);
 
 pub(crate) struct Outbox {
     queue: Mutex<Vec<Queued>>,
@@ -72,30 +78,88 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// Send what is queued; on failure the batch goes back to the queue (and its rows remain
-    /// for the sweep in any case).
-    pub(crate) async fn announce_queued(&self, inner: &Inner) -> Result<()> {
+    fn take_batch(&self) -> Vec<Queued> {
+        let mut queue = self.lock();
+        let n = queue.len().min(MAX_BATCH);
+        queue.drain(..n).collect()
+    }
+
+    fn put_back(&self, batch: Vec<Queued>) {
+        let mut queue = self.lock();
+        let room = MAX_QUEUED.saturating_sub(queue.len());
+        queue.splice(0..0, batch.into_iter().take(room));
+    }
+}
+
+/// The announce task's connection and the announced rows awaiting deletion.
+struct Announcer {
+    conn: Option<PgConnection>,
+    to_retire: Vec<i64>,
+    last_retire: Instant,
+}
+
+impl Announcer {
+    /// The own connection, (re)connecting if needed; `None` if that fails (the pool is used
+    /// then).
+    async fn conn(&mut self, inner: &Inner) -> Option<&mut PgConnection> {
+        if self.conn.is_none() {
+            let options = (*inner.store.pool().connect_options())
+                .clone()
+                .application_name("pgsession-announcer");
+            let connect = PgConnection::connect_with(&options);
+            match tokio::time::timeout(inner.config.listener_timeout, connect).await {
+                Ok(Ok(conn)) => self.conn = Some(conn),
+                Ok(Err(e)) => tracing::debug!(error = %e, "pgsession: announcer connection failed"),
+                Err(_) => tracing::debug!("pgsession: announcer connection timed out"),
+            }
+        }
+        self.conn.as_mut()
+    }
+
+    /// Send everything queued. On failure the batch goes back to the queue (its rows remain
+    /// for the sweep in any case) and the connection is dropped.
+    async fn announce_queued(&mut self, inner: &Inner) -> Result<()> {
+        let outbox = &inner.outbox;
         loop {
-            let batch: Vec<Queued> = {
-                let mut queue = self.lock();
-                let n = queue.len().min(MAX_BATCH);
-                queue.drain(..n).collect()
-            };
+            let batch = outbox.take_batch();
             if batch.is_empty() {
                 return Ok(());
             }
-            let seqs: Vec<i64> = batch.iter().map(|q| q.seq).collect();
             let messages = pack(batch.iter().map(|q| q.payload.as_str()));
-            if let Err(e) = inner.store.announce(&seqs, &messages).await {
-                let mut queue = self.lock();
-                let room = MAX_QUEUED.saturating_sub(queue.len());
-                queue.splice(0..0, batch.into_iter().take(room));
+            let sent = match self.conn(inner).await {
+                Some(conn) => inner.store.announce(&mut *conn, &messages).await,
+                None => inner.store.announce(inner.store.pool(), &messages).await,
+            };
+            if let Err(e) = sent {
+                self.conn = None;
+                outbox.put_back(batch);
                 return Err(e);
             }
-            self.announced
-                .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-            self.messages
+            outbox
+                .announced
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            outbox
+                .messages
                 .fetch_add(messages.len() as u64, Ordering::Relaxed);
+            self.to_retire.extend(batch.iter().map(|q| q.seq));
+        }
+    }
+
+    /// Delete announced rows if it is time (or `now_anyway`). Failures are only logged: the
+    /// rows are then announced once more by the sweep.
+    async fn retire(&mut self, inner: &Inner, now_anyway: bool) {
+        if self.to_retire.is_empty() || (!now_anyway && self.last_retire.elapsed() < RETIRE_EVERY) {
+            return;
+        }
+        let seqs = std::mem::take(&mut self.to_retire);
+        self.last_retire = Instant::now();
+        let retired = match self.conn(inner).await {
+            Some(conn) => inner.store.retire(&mut *conn, &seqs).await,
+            None => inner.store.retire(inner.store.pool(), &seqs).await,
+        };
+        if let Err(e) = retired {
+            self.conn = None;
+            tracing::debug!(error = %e, "pgsession: retiring announced outbox rows failed");
         }
     }
 }
@@ -122,13 +186,20 @@ fn pack<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
 /// Announce queued invalidations as they come; announce the rest at shutdown.
 pub(crate) async fn announce(inner: Arc<Inner>, mut shutdown: Signal) {
     let outbox = &inner.outbox;
+    let mut announcer = Announcer {
+        conn: None,
+        to_retire: Vec::new(),
+        last_retire: Instant::now(),
+    };
     'running: loop {
+        let retire_due = announcer.last_retire + RETIRE_EVERY;
         tokio::select! {
             _ = shutdown.recv() => break,
             _ = outbox.wake.notified() => {}
+            _ = tokio::time::sleep_until(retire_due.into()), if !announcer.to_retire.is_empty() => {}
         }
         let mut backoff = Duration::from_millis(50);
-        while let Err(e) = outbox.announce_queued(&inner).await {
+        while let Err(e) = announcer.announce_queued(&inner).await {
             tracing::warn!(error = %e, retry_in = ?backoff, "pgsession: announcing invalidations failed; will retry");
             tokio::select! {
                 _ = shutdown.recv() => break 'running,
@@ -136,10 +207,15 @@ pub(crate) async fn announce(inner: Arc<Inner>, mut shutdown: Signal) {
             }
             backoff = (backoff * 2).min(ORPHAN_GRACE);
         }
+        announcer.retire(&inner, false).await;
     }
     // Best effort: what is not announced now is announced by another node's sweep.
-    if let Err(e) = outbox.announce_queued(&inner).await {
+    if let Err(e) = announcer.announce_queued(&inner).await {
         tracing::warn!(error = %e, "pgsession: invalidations left to the other nodes' sweep");
+    }
+    announcer.retire(&inner, true).await;
+    if let Some(conn) = announcer.conn.take() {
+        let _ = conn.close().await;
     }
 }
 

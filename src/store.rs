@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::{PgExecutor, PgPool, PgRow};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
@@ -53,6 +53,7 @@ struct Sql {
     update: Arc<str>,
     delete: Arc<str>,
     announce: Arc<str>,
+    retire: Arc<str>,
     sweep: Arc<str>,
     delete_user: Arc<str>,
     touch: Arc<str>,
@@ -99,16 +100,15 @@ impl Sql {
                          last_accessed_at = greatest(last_accessed_at, $5) \
                      WHERE id = $1 AND expires_at > $5 \
                        AND ($6::timestamptz IS NULL OR greatest(last_accessed_at, $7) > $6) \
-                     RETURNING {cols} \
+                     RETURNING id, user_id, version, created_at, updated_at, last_accessed_at, \
+                         expires_at, CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END \
+                         AS attributes \
                  ), queued AS ( \
                      INSERT INTO {outbox} (payload) \
                      SELECT 'u ' || replace(id::text, '-', '') || ' ' || version FROM updated \
                      RETURNING seq \
                  ) \
-                 SELECT id, user_id, version, created_at, updated_at, last_accessed_at, \
-                        expires_at, CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END \
-                        AS attributes, queued.seq \
-                 FROM updated, queued",
+                 SELECT updated.*, queued.seq FROM updated, queued",
             ),
             delete: render(
                 "WITH deleted AS (DELETE FROM {t} WHERE id = $1 RETURNING id) \
@@ -116,15 +116,18 @@ impl Sql {
                  SELECT 'd ' || replace(id::text, '-', '') FROM deleted \
                  RETURNING seq",
             ),
-            // Announce queued invalidations and retire their rows in one transaction. Its
-            // commit need not wait for the WAL flush: losing it in a crash only means the rows
-            // are announced again by the sweep, and listeners resynchronise after a crash
-            // anyway. That keeps NOTIFY's cluster-wide commit lock short.
+            // Announce queued invalidations. The commit need not wait for the WAL flush
+            // (nothing durable is written), which keeps NOTIFY's cluster-wide commit lock short.
             announce: render(
-                "WITH announced AS (DELETE FROM {outbox} WHERE seq = ANY($1)) \
-                 SELECT set_config('synchronous_commit', 'off', true), \
+                "SELECT set_config('synchronous_commit', 'off', true), \
                         pg_notify('{ch}', payload)::text \
-                 FROM unnest($2::text[]) AS payload",
+                 FROM unnest($1::text[]) AS payload",
+            ),
+            // Retire announced rows, in bulk. Asynchronous commit again: a retirement lost in a
+            // crash only means the sweep announces those rows a second time, which is harmless.
+            retire: render(
+                "WITH retired AS (DELETE FROM {outbox} WHERE seq = ANY($1)) \
+                 SELECT set_config('synchronous_commit', 'off', true)",
             ),
             // Rows older than $1 seconds were left by a node that stopped before announcing
             // them; any node announces them, SKIP LOCKED keeping sweepers apart.
@@ -376,13 +379,25 @@ impl Store {
         }))
     }
 
-    /// Send queued invalidations (`messages`, each at most 8000 bytes) and retire their outbox
-    /// rows, in one statement.
-    pub(crate) async fn announce(&self, seqs: &[i64], messages: &[String]) -> Result<()> {
+    /// Send queued invalidations (`messages`, each under 8000 bytes), on `conn` (the
+    /// announcer's own connection) or the pool.
+    pub(crate) async fn announce<'e>(
+        &self,
+        conn: impl PgExecutor<'e>,
+        messages: &[String],
+    ) -> Result<()> {
         sqlx::query(AssertSqlSafe(self.sql.announce.clone()))
-            .bind(seqs)
             .bind(messages)
-            .execute(&self.pool)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Delete outbox rows that have been announced.
+    pub(crate) async fn retire<'e>(&self, conn: impl PgExecutor<'e>, seqs: &[i64]) -> Result<()> {
+        sqlx::query(AssertSqlSafe(self.sql.retire.clone()))
+            .bind(seqs)
+            .execute(conn)
             .await?;
         Ok(())
     }
