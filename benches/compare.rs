@@ -64,16 +64,15 @@ const RAW_UPDATE: &str = "WITH updated AS ( \
          last_accessed_at = greatest(last_accessed_at, $5) \
      WHERE id = $1 AND expires_at > $5 \
        AND ($6::timestamptz IS NULL OR greatest(last_accessed_at, $7) > $6) \
-     RETURNING id, user_id, version, attributes, created_at, updated_at, last_accessed_at, expires_at \
+     RETURNING id, user_id, version, created_at, updated_at, last_accessed_at, \
+         expires_at, CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END \
+         AS attributes \
  ), queued AS ( \
      INSERT INTO \"pgsession_bench_raw\".\"sessions_outbox\" (payload) \
      SELECT 'u ' || replace(id::text, '-', '') || ' ' || version FROM updated \
      RETURNING seq \
  ) \
- SELECT id, user_id, version, created_at, updated_at, last_accessed_at, \
-        expires_at, CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END \
-        AS attributes, queued.seq \
- FROM updated, queued";
+ SELECT updated.*, queued.seq FROM updated, queued";
 /// The design pgsession did not keep: NOTIFY inside the update (to a channel two managers
 /// listen on, with a payload they ignore, so that delivery costs what it would).
 const RAW_UPDATE_NOTIFY: &str = "WITH updated AS ( \
@@ -85,10 +84,10 @@ const RAW_UPDATE_NOTIFY: &str = "WITH updated AS ( \
          last_accessed_at = greatest(last_accessed_at, $5) \
      WHERE id = $1 AND expires_at > $5 \
        AND ($6::timestamptz IS NULL OR greatest(last_accessed_at, $7) > $6) \
-     RETURNING id, user_id, version, attributes, created_at, updated_at, last_accessed_at, expires_at \
+     RETURNING id, user_id, version, created_at, updated_at, last_accessed_at, expires_at, \
+         CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END AS attributes \
  ) \
- SELECT id, user_id, version, created_at, updated_at, last_accessed_at, expires_at, \
-        CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END AS attributes, \
+ SELECT updated.*, \
         pg_notify('pgsession.pgsession_bench.sessions', 'p raw')::text \
  FROM updated";
 const RAW_DELETE: &str = "WITH deleted AS ( \
@@ -641,7 +640,8 @@ fn rss_bytes() -> u64 {
 async fn memory_child(url: &str, which: &str) {
     let n = 100_000u64;
     let config = Config {
-        cache_capacity: n as usize,
+        // Shards fill unevenly; room for all of them.
+        cache_capacity: 2 * n as usize,
         max_sessions_per_user: None,
         run_cleanup: false,
         ..config()
@@ -665,7 +665,7 @@ async fn memory_child(url: &str, which: &str) {
             }
             m.flush_last_access().await.unwrap();
             let after = rss_bytes();
-            assert_eq!(m.stats().entries as u64, n);
+            assert_eq!(m.stats().entries as u64, n, "every session cached");
             println!("{}", (after.saturating_sub(before)) / n);
             sqlx::query("DELETE FROM pgsession_bench.sessions WHERE id = ANY($1)")
                 .bind(&ids)
@@ -874,7 +874,25 @@ async fn run(url: String) {
             plan.push((Op::Mixed, size, tasks, all.to_vec(), 0));
         }
     }
-    let mixed_for = Duration::from_secs(2);
+    // PGSESSION_BENCH_ONLY=update,mixed runs only those workloads (while working on them).
+    if let Ok(only) = std::env::var("PGSESSION_BENCH_ONLY") {
+        let wanted: Vec<&str> = only.split(',').collect();
+        plan.retain(|(op, ..)| wanted.iter().any(|w| op.name().starts_with(w)));
+    }
+    // PGSESSION_BENCH_SYSTEMS=tower+moka,pgsession keeps only those systems (for profiling).
+    if let Ok(only) = std::env::var("PGSESSION_BENCH_SYSTEMS") {
+        let wanted: Vec<&str> = only.split(',').collect();
+        for (_, _, _, kinds, _) in &mut plan {
+            kinds.retain(|k| wanted.contains(&k.name()));
+        }
+        plan.retain(|(_, _, _, kinds, _)| kinds.contains(&Kind::Pg));
+    }
+    let mixed_for = Duration::from_secs(
+        std::env::var("PGSESSION_BENCH_MIXED_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(2),
+    );
     let rounds = 3;
     let mut rows = Vec::new();
     for (op, size, tasks, kinds, count) in plan {
@@ -922,6 +940,12 @@ async fn run(url: String) {
         clear_caches(&sys).await;
     }
 
+    if std::env::var("PGSESSION_BENCH_ONLY").is_ok() {
+        for m in [&sys.pg, &sys.pg_nocap] {
+            m.shutdown().await.unwrap();
+        }
+        return;
+    }
     println!("\n## SQL statements per operation (pg_stat_statements)\n");
     if stats_available {
         println!("| operation | pgsession | raw SQL floor | tower | tower+moka |");

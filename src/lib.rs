@@ -69,6 +69,7 @@
 mod background;
 mod cache;
 mod config;
+mod connections;
 mod error;
 mod listener;
 mod manager;

@@ -611,6 +611,7 @@ impl Inner {
                 aborted += 1;
             }
         }
+        self.store.connections().return_idle(true);
         if self.owns_pool {
             let _ = tokio::time::timeout_at(deadline, self.store.pool().close()).await;
         }

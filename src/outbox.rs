@@ -226,6 +226,8 @@ pub(crate) async fn sweep(inner: Arc<Inner>, mut shutdown: Signal) {
             _ = shutdown.recv() => return,
             _ = tokio::time::sleep(SWEEP_EVERY) => {}
         }
+        // Also the moment to give connections nobody used lately back to the pool.
+        inner.store.connections().return_idle(false);
         match inner.store.sweep_outbox(ORPHAN_GRACE).await {
             Ok(0) => {}
             Ok(n) => {

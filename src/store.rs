@@ -18,6 +18,7 @@ use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
 use crate::config::Names;
+use crate::connections::Connections;
 use crate::error::{Error, Result, is_connection_lost};
 use crate::session::{Changes, Session};
 
@@ -238,6 +239,8 @@ pub(crate) struct Delta<'a> {
 /// The PostgreSQL side: a pool and the rendered statements.
 pub(crate) struct Store {
     pool: PgPool,
+    /// Connections kept between the frequent statements (fetch, create, update, delete).
+    conns: Connections,
     sql: Sql,
     max_attribute_size: usize,
 }
@@ -245,6 +248,7 @@ pub(crate) struct Store {
 impl Store {
     pub(crate) fn new(pool: PgPool, names: &Names, max_attribute_size: usize) -> Store {
         Store {
+            conns: Connections::new(pool.clone()),
             pool,
             sql: Sql::new(names),
             max_attribute_size,
@@ -255,15 +259,29 @@ impl Store {
         &self.pool
     }
 
-    /// Read one session. Retried once when the pooled connection turns out to be dead (after a
+    /// The kept connections (see [`crate::connections`]).
+    pub(crate) fn connections(&self) -> &Connections {
+        &self.conns
+    }
+
+    /// Read one session. Retried once when the connection turns out to be dead (after a
     /// database restart every idle connection is), since a read is safe to repeat.
     pub(crate) async fn fetch(&self, id: Uuid) -> Result<Option<Session>> {
-        let query = || sqlx::query(AssertSqlSafe(self.sql.select_one.clone())).bind(id);
-        let row = match query().fetch_optional(&self.pool).await {
-            Err(e) if is_connection_lost(&e) => query().fetch_optional(&self.pool).await?,
+        let row = match self.fetch_row(id).await {
+            Err(e) if is_connection_lost(&e) => self.fetch_row(id).await?,
             other => other?,
         };
         row.map(|row| self.session_from_row(&row)).transpose()
+    }
+
+    async fn fetch_row(&self, id: Uuid) -> Result<Option<PgRow>, sqlx::Error> {
+        let mut conn = self.conns.acquire().await?;
+        let row = sqlx::query(AssertSqlSafe(self.sql.select_one.clone()))
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await;
+        conn.keep_if(&row);
+        row
     }
 
     /// Sessions of a user not past their absolute expiry, most recently used first.
@@ -285,19 +303,23 @@ impl Store {
     pub(crate) async fn create(&self, new: &NewSession<'_>) -> Result<Vec<Uuid>> {
         match new.cap {
             None => {
-                sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
+                let mut conn = self.conns.acquire().await?;
+                let done = sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
                     .bind(new.id)
                     .bind(new.user_id)
                     .bind(Json(new.attributes))
                     .bind(new.now)
                     .bind(new.expires_at)
-                    .execute(&self.pool)
-                    .await?;
+                    .execute(&mut *conn)
+                    .await;
+                conn.keep_if(&done);
+                done?;
                 Ok(Vec::new())
             }
             Some((cap, reject)) => {
-                let call = || {
-                    sqlx::query_scalar(AssertSqlSafe(self.sql.create_capped.clone()))
+                let call = || async {
+                    let mut conn = self.conns.acquire().await?;
+                    let evicted = sqlx::query_scalar(AssertSqlSafe(self.sql.create_capped.clone()))
                         .bind(new.id)
                         .bind(new.user_id)
                         .bind(Json(new.attributes))
@@ -307,7 +329,10 @@ impl Store {
                         // validated to fit i32
                         .bind(cap as i32)
                         .bind(reject)
-                        .fetch_one(&self.pool)
+                        .fetch_one(&mut *conn)
+                        .await;
+                    conn.keep_if(&evicted);
+                    evicted
                 };
                 // Evicting rows can deadlock with another node's last-access flush; the
                 // transaction was rolled back entirely, so running it again is safe.
@@ -338,6 +363,7 @@ impl Store {
     /// `attributes` are `None` when they equal the caller's copy with the delta applied, and
     /// the outbox entry of its invalidation.
     pub(crate) async fn update(&self, delta: &Delta<'_>) -> Result<Option<(Updated, Queued)>> {
+        let mut conn = self.conns.acquire().await?;
         let row = sqlx::query(AssertSqlSafe(self.sql.update.clone()))
             .bind(delta.id)
             .bind(&delta.removed)
@@ -347,9 +373,10 @@ impl Store {
             .bind(delta.idle_cutoff)
             .bind(delta.pending_access)
             .bind(delta.base_version)
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
+            .fetch_optional(&mut *conn)
+            .await;
+        conn.keep_if(&row);
+        let Some(row) = row? else { return Ok(None) };
         let attributes: Option<Json<Map<String, Value>>> = row.try_get("attributes")?;
         let updated = Updated {
             user_id: row.try_get("user_id")?,
@@ -369,10 +396,13 @@ impl Store {
 
     /// Delete one session; its outbox entry when it existed.
     pub(crate) async fn delete(&self, id: Uuid) -> Result<Option<Queued>> {
-        let seq: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.delete.clone()))
+        let mut conn = self.conns.acquire().await?;
+        let seq = sqlx::query_scalar(AssertSqlSafe(self.sql.delete.clone()))
             .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+            .fetch_optional(&mut *conn)
+            .await;
+        conn.keep_if(&seq);
+        let seq: Option<i64> = seq?;
         Ok(seq.map(|seq| Queued {
             seq,
             payload: format!("d {}", id.simple()),

@@ -1144,3 +1144,32 @@ async fn the_schema_script_prepares_a_database_the_manager_accepts_without_migra
     let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     assert!(m.get_session(s.id).await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn connections_kept_between_operations_go_back_to_a_shared_pool_when_idle() {
+    let db = TestDatabase::create().await;
+    let shared = PgPoolOptions::new()
+        .max_connections(3)
+        .connect(db.url())
+        .await
+        .unwrap();
+    let m = SessionManager::new(config(), shared.clone()).await.unwrap();
+    // More concurrent operations than the pool has connections.
+    let creates: Vec<_> = (0..12)
+        .map(|_| {
+            let m = m.clone();
+            tokio::spawn(async move { m.create_session(Uuid::new_v4(), small()).await })
+        })
+        .collect();
+    for c in creates {
+        c.await.unwrap().unwrap();
+    }
+    // Kept for the next operation for a moment, then handed back.
+    eventually(
+        Duration::from_secs(10),
+        "connections back in the pool",
+        || async { shared.num_idle() as u32 == shared.size() },
+    )
+    .await;
+    assert!(shared.size() <= 3);
+}
