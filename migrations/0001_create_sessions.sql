@@ -48,7 +48,11 @@ INSERT INTO {{cache_epoch}} (epoch) VALUES (0);
 -- after a grace period. Why not NOTIFY inside the write: PostgreSQL serialises the commits of
 -- all notifying transactions in the cluster, WAL flush included, which caps concurrent writes
 -- at one fsync each.
-CREATE TABLE {{outbox}} (
+--
+-- UNLOGGED: its rows cost no WAL. A database crash empties it, which is safe: a crash (or a
+-- failover, since unlogged tables are not replicated) drops every listener's connection, and
+-- every node resynchronises its cache by database versions when it reconnects.
+CREATE UNLOGGED TABLE {{outbox}} (
     seq        bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     payload    text        NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
