@@ -24,7 +24,8 @@ use chrono::Utc;
 use pgsession::{Config, Session, SessionManager};
 use pgsession_testkit::{ServerOptions, TempPostgres};
 use serde_json::{Map, Value, json};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::types::Json;
 use tower_sessions_core::session::{Id, Record};
 use tower_sessions_core::{CachingSessionStore, SessionStore};
@@ -101,6 +102,7 @@ enum Kind {
     Pg,
     PgNoCap,
     Raw,
+    RawPool,
     RawInsert,
     RawNotify,
     Tower,
@@ -113,6 +115,7 @@ impl Kind {
             Kind::Pg => "pgsession",
             Kind::PgNoCap => "pgsession (no cap)",
             Kind::Raw => "raw SQL floor",
+            Kind::RawPool => "raw via sqlx pool",
             Kind::RawInsert => "raw INSERT",
             Kind::RawNotify => "raw, NOTIFY in the write",
             Kind::Tower => "tower",
@@ -150,6 +153,9 @@ enum Key {
 struct Systems {
     pg: SessionManager,
     pg_nocap: SessionManager,
+    /// The floor's connections, used directly (no pool in between).
+    direct: Arc<DirectConns>,
+    /// A plain sqlx pool, as most applications use it.
     raw: PgPool,
     tower: PostgresStore,
     tower_moka: CachingSessionStore<MokaStore, PostgresStore>,
@@ -171,6 +177,40 @@ fn attributes(size: Size) -> Map<String, Value> {
     map
 }
 
+/// Connections used directly, one per concurrent task, opened on demand.
+struct DirectConns {
+    url: String,
+    idle: std::sync::Mutex<Vec<PgConnection>>,
+}
+
+impl DirectConns {
+    async fn take(&self) -> PgConnection {
+        let idle = self.idle.lock().unwrap().pop();
+        match idle {
+            Some(conn) => conn,
+            None => PgConnection::connect(&self.url).await.unwrap(),
+        }
+    }
+    fn put(&self, conn: PgConnection) {
+        self.idle.lock().unwrap().push(conn);
+    }
+}
+
+/// Run a raw query on the floor's direct connections, or through the sqlx pool for
+/// `Kind::RawPool`.
+macro_rules! on_raw {
+    ($sys:expr, $kind:expr, $query:expr, $method:ident) => {{
+        if $kind == Kind::RawPool {
+            $query.$method(&$sys.raw).await
+        } else {
+            let mut conn = $sys.direct.take().await;
+            let result = $query.$method(&mut conn).await;
+            $sys.direct.put(conn);
+            result
+        }
+    }};
+}
+
 impl Systems {
     async fn create(&self, kind: Kind, size: Size) -> Handle {
         let attrs = attributes(size);
@@ -183,12 +223,12 @@ impl Systems {
                 };
                 Handle::Pg(m.create_session(Uuid::new_v4(), attrs).await.unwrap())
             }
-            Kind::Raw | Kind::RawInsert | Kind::RawNotify => {
+            Kind::Raw | Kind::RawPool | Kind::RawInsert | Kind::RawNotify => {
                 let id = Uuid::new_v4();
                 let now = Utc::now();
                 let expires = now + chrono::Duration::days(30);
                 if kind != Kind::RawInsert {
-                    let _evicted: Vec<Uuid> = sqlx::query_scalar(RAW_CREATE)
+                    let query = sqlx::query_scalar::<_, Vec<Uuid>>(RAW_CREATE)
                         .bind(id)
                         .bind(Uuid::new_v4())
                         .bind(Json(&attrs))
@@ -196,20 +236,16 @@ impl Systems {
                         .bind(expires)
                         .bind(now - chrono::Duration::hours(48))
                         .bind(5i32)
-                        .bind(false)
-                        .fetch_one(&self.raw)
-                        .await
-                        .unwrap();
+                        .bind(false);
+                    on_raw!(self, kind, query, fetch_one).unwrap();
                 } else {
-                    sqlx::query(RAW_INSERT)
+                    let query = sqlx::query(RAW_INSERT)
                         .bind(id)
                         .bind(Uuid::new_v4())
                         .bind(Json(&attrs))
                         .bind(now)
-                        .bind(expires)
-                        .execute(&self.raw)
-                        .await
-                        .unwrap();
+                        .bind(expires);
+                    on_raw!(self, kind, query, execute).unwrap();
                 }
                 Handle::Raw(id, 1)
             }
@@ -235,11 +271,9 @@ impl Systems {
             (Kind::PgNoCap, Key::Uuid(id)) => {
                 self.pg_nocap.get_session(id).await.unwrap().map(Handle::Pg)
             }
-            (Kind::Raw | Kind::RawInsert | Kind::RawNotify, Key::Uuid(id)) => {
-                sqlx::query(RAW_SELECT)
-                    .bind(id)
-                    .fetch_optional(&self.raw)
-                    .await
+            (Kind::Raw | Kind::RawPool | Kind::RawInsert | Kind::RawNotify, Key::Uuid(id)) => {
+                let query = sqlx::query(RAW_SELECT).bind(id);
+                on_raw!(self, kind, query, fetch_optional)
                     .unwrap()
                     .map(|row| Handle::Raw(id, sqlx::Row::get(&row, "version")))
             }
@@ -263,7 +297,10 @@ impl Systems {
                 s.set("theme", n).unwrap();
                 m.update_session(s).await.unwrap();
             }
-            (Kind::Raw | Kind::RawInsert | Kind::RawNotify, Handle::Raw(id, version)) => {
+            (
+                Kind::Raw | Kind::RawPool | Kind::RawInsert | Kind::RawNotify,
+                Handle::Raw(id, version),
+            ) => {
                 let now = Utc::now();
                 let mut set = Map::new();
                 set.insert("theme".into(), json!(n));
@@ -280,9 +317,8 @@ impl Systems {
                     .bind(now)
                     .bind(now - chrono::Duration::hours(48))
                     .bind(now)
-                    .bind(*version)
-                    .fetch_optional(&self.raw)
-                    .await
+                    .bind(*version);
+                let row = on_raw!(self, kind, row, fetch_optional)
                     .unwrap()
                     .expect("row updated");
                 *version = sqlx::Row::get(&row, "version");
@@ -307,12 +343,9 @@ impl Systems {
             (Kind::PgNoCap, Key::Uuid(id)) => {
                 assert!(self.pg_nocap.delete_session(id).await.unwrap());
             }
-            (Kind::Raw | Kind::RawInsert | Kind::RawNotify, Key::Uuid(id)) => {
-                let row = sqlx::query(RAW_DELETE)
-                    .bind(id)
-                    .fetch_optional(&self.raw)
-                    .await
-                    .unwrap();
+            (Kind::Raw | Kind::RawPool | Kind::RawInsert | Kind::RawNotify, Key::Uuid(id)) => {
+                let query = sqlx::query(RAW_DELETE).bind(id);
+                let row = on_raw!(self, kind, query, fetch_optional).unwrap();
                 assert!(row.is_some());
             }
             (Kind::Tower, Key::Tower(id)) => self.tower.delete(&id).await.unwrap(),
@@ -497,11 +530,19 @@ async fn measure(
                     }
                 }
                 Op::GetMiss => {
+                    let misses_before = match kind {
+                        Kind::Pg => sys.pg.stats().misses,
+                        _ => 0,
+                    };
                     for h in &mine {
                         let t0 = Instant::now();
                         let found = sys.get(kind, h.key()).await;
                         f.samples.push(t0.elapsed().as_nanos() as u64);
                         assert!(found.is_some());
+                    }
+                    if kind == Kind::Pg {
+                        // Every read above really went to the database.
+                        assert!(sys.pg.stats().misses - misses_before >= mine.len() as u64);
                     }
                 }
                 Op::Update => {
@@ -811,6 +852,10 @@ async fn run(url: String) {
     let sys = Systems {
         pg,
         pg_nocap,
+        direct: Arc::new(DirectConns {
+            url: url.clone(),
+            idle: std::sync::Mutex::new(Vec::new()),
+        }),
         raw,
         tower,
         tower_moka,
@@ -826,7 +871,13 @@ async fn run(url: String) {
             .unwrap()
     );
 
-    let all = [Kind::Pg, Kind::Raw, Kind::Tower, Kind::TowerMoka];
+    let all = [
+        Kind::Pg,
+        Kind::Raw,
+        Kind::RawPool,
+        Kind::Tower,
+        Kind::TowerMoka,
+    ];
     let mut plan: Vec<(Op, Size, usize, Vec<Kind>, usize)> = Vec::new();
     for (size, label) in [(Size::Small, "small"), (Size::Large, "4 KiB")] {
         let _ = label;
@@ -863,6 +914,7 @@ async fn run(url: String) {
         let update = [
             Kind::Pg,
             Kind::Raw,
+            Kind::RawPool,
             Kind::RawNotify,
             Kind::Tower,
             Kind::TowerMoka,
@@ -902,7 +954,9 @@ async fn run(url: String) {
         for round in 0..rounds {
             for i in 0..kinds.len() {
                 let kind = kinds[(i + round) % kinds.len()];
-                let count = if op == Op::GetHit && matches!(kind, Kind::Raw | Kind::Tower) {
+                let count = if op == Op::GetHit
+                    && matches!(kind, Kind::Raw | Kind::RawPool | Kind::Tower)
+                {
                     count / 100 // a database read each: fewer suffice
                 } else {
                     count
