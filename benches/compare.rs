@@ -1002,8 +1002,9 @@ async fn run(url: String) {
     }
     println!("\n## SQL statements per operation (pg_stat_statements)\n");
     if stats_available {
-        println!("| operation | pgsession | raw SQL floor | tower | tower+moka |");
-        println!("|---|---|---|---|---|");
+        let names: Vec<&str> = all.iter().map(|k| k.name()).collect();
+        println!("| operation | {} |", names.join(" | "));
+        println!("|---|{}", "---|".repeat(names.len()));
         for op in [Op::Create, Op::GetHit, Op::GetMiss, Op::Update, Op::Delete] {
             let mut cells = Vec::new();
             for kind in all {

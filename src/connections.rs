@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
-use tokio::sync::Notify;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// Connections unused this long go back to the pool.
 pub(crate) const IDLE_RETURN: Duration = Duration::from_secs(1);
@@ -28,23 +28,25 @@ pub(crate) struct Connections {
     pool: PgPool,
     /// Most recently used last.
     idle: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
-    /// Signalled when a connection is kept, for callers waiting on a busy pool: the connection
-    /// they need may come back here rather than to the pool.
-    kept: Notify,
+    /// One permit per connection the pool may open. A lease holds one, so that when nothing
+    /// is idle here the pool has room (connections kept here count against its limit, and a
+    /// caller waiting in the pool would not see one kept here come free).
+    permits: Semaphore,
 }
 
 /// A connection in use; [`Lease::keep`] it after a completed statement, or drop it.
 pub(crate) struct Lease<'a> {
     conn: Option<PoolConnection<Postgres>>,
     owner: &'a Connections,
+    _permit: SemaphorePermit<'a>,
 }
 
 impl Connections {
     pub(crate) fn new(pool: PgPool) -> Connections {
         Connections {
-            pool,
+            permits: Semaphore::new(pool.options().get_max_connections() as usize),
             idle: Mutex::new(Vec::new()),
-            kept: Notify::new(),
+            pool,
         }
     }
 
@@ -53,29 +55,22 @@ impl Connections {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently used idle connection, or one from the pool, whichever is available
-    /// first.
+    /// The most recently used idle connection, or else one from the pool.
     pub(crate) async fn acquire(&self) -> Result<Lease<'_>, sqlx::Error> {
-        let conn = loop {
-            if let Some((conn, _)) = self.idle().pop() {
-                break conn;
-            }
-            let kept = self.kept.notified();
-            tokio::pin!(kept);
-            kept.as_mut().enable();
-            // Kept between the check above and `enable`: take it.
-            if let Some((conn, _)) = self.idle().pop() {
-                break conn;
-            }
-            tokio::select! {
-                biased;
-                _ = &mut kept => continue,
-                conn = self.pool.acquire() => break conn?,
-            }
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let kept = self.idle().pop().map(|(conn, _)| conn);
+        let conn = match kept {
+            Some(conn) => conn,
+            None => self.pool.acquire().await?,
         };
         Ok(Lease {
             conn: Some(conn),
             owner: self,
+            _permit: permit,
         })
     }
 
@@ -114,7 +109,6 @@ impl Lease<'_> {
         }
         if let Some(conn) = self.conn.take() {
             self.owner.idle().push((conn, Instant::now()));
-            self.owner.kept.notify_one();
         }
     }
 }
