@@ -879,36 +879,17 @@ async fn run(url: String) {
         Kind::TowerMoka,
     ];
     let mut plan: Vec<(Op, Size, usize, Vec<Kind>, usize)> = Vec::new();
-    for (size, label) in [(Size::Small, "small"), (Size::Large, "4 KiB")] {
-        let _ = label;
-        plan.push((
-            Op::Create,
-            size,
-            1,
-            vec![
-                Kind::Pg,
-                Kind::Raw,
-                Kind::PgNoCap,
-                Kind::RawInsert,
-                Kind::Tower,
-                Kind::TowerMoka,
-            ],
-            1000,
-        ));
-        plan.push((
-            Op::Create,
-            size,
-            8,
-            vec![
-                Kind::Pg,
-                Kind::Raw,
-                Kind::PgNoCap,
-                Kind::RawInsert,
-                Kind::Tower,
-                Kind::TowerMoka,
-            ],
-            4000,
-        ));
+    let create = [
+        Kind::Pg,
+        Kind::Raw,
+        Kind::PgNoCap,
+        Kind::RawInsert,
+        Kind::Tower,
+        Kind::TowerMoka,
+    ];
+    for size in [Size::Small, Size::Large] {
+        plan.push((Op::Create, size, 1, create.to_vec(), 1000));
+        plan.push((Op::Create, size, 8, create.to_vec(), 4000));
         plan.push((Op::GetHit, size, 1, all.to_vec(), 200_000));
         plan.push((Op::GetMiss, size, 1, all.to_vec(), 1000));
         let update = [

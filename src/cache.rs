@@ -418,25 +418,9 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::Changes;
-    use serde_json::Map;
-    use std::sync::Arc;
 
     fn session(version: i64) -> Session {
-        let now = Utc::now();
-        Session {
-            id: Uuid::new_v4(),
-            user_id: Uuid::new_v4(),
-            version,
-            created_at: now,
-            updated_at: now,
-            last_accessed_at: now,
-            expires_at: now + chrono::Duration::hours(1),
-            attributes: Arc::new(Map::new()),
-            changes: Changes::default(),
-            max_attribute_size: 1024,
-            base_version: version,
-        }
+        crate::session::test_session(version, 1024)
     }
 
     fn trusted_cache() -> Cache {

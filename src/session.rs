@@ -232,26 +232,32 @@ fn json_size(value: &Value) -> usize {
     counter.0
 }
 
+/// A fresh session for unit tests, valid for an hour.
+#[cfg(test)]
+pub(crate) fn test_session(version: i64, max_attribute_size: usize) -> Session {
+    let now = Utc::now();
+    Session {
+        id: Uuid::new_v4(),
+        user_id: Uuid::new_v4(),
+        version,
+        created_at: now,
+        updated_at: now,
+        last_accessed_at: now,
+        expires_at: now + chrono::Duration::hours(1),
+        attributes: Arc::new(Map::new()),
+        changes: Changes::default(),
+        max_attribute_size,
+        base_version: version,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     fn session() -> Session {
-        let now = Utc::now();
-        Session {
-            id: Uuid::new_v4(),
-            user_id: Uuid::new_v4(),
-            version: 1,
-            created_at: now,
-            updated_at: now,
-            last_accessed_at: now,
-            expires_at: now + chrono::Duration::hours(1),
-            attributes: Arc::new(Map::new()),
-            changes: Changes::default(),
-            max_attribute_size: 32,
-            base_version: 1,
-        }
+        test_session(1, 32)
     }
 
     #[test]

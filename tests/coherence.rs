@@ -331,14 +331,7 @@ async fn resynchronisation_evicts_what_changed_while_nobody_listened() {
     let db = TestDatabase::create().await;
     let a = node(&db, config()).await;
     let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
-    let b = node(
-        &db,
-        Config {
-            listen_url: Some(proxy.proxied_url(db.url())),
-            ..config()
-        },
-    )
-    .await;
+    let b = node_listening_through(&db, &proxy, config()).await;
     let mut changed = a.create_session(Uuid::new_v4(), small()).await.unwrap();
     let deleted = a.create_session(Uuid::new_v4(), small()).await.unwrap();
     let same = a.create_session(Uuid::new_v4(), small()).await.unwrap();
@@ -375,10 +368,10 @@ async fn half_open_listener_connection_is_detected_by_the_probe() {
     let db = TestDatabase::create().await;
     let a = node(&db, config()).await;
     let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
-    let b = node(
+    let b = node_listening_through(
         &db,
+        &proxy,
         Config {
-            listen_url: Some(proxy.proxied_url(db.url())),
             listener_probe_interval: Duration::from_millis(200),
             listener_timeout: Duration::from_millis(500),
             ..config()
@@ -653,14 +646,7 @@ async fn a_cache_clear_announced_while_a_node_was_not_listening_is_applied_on_re
     let db = TestDatabase::create().await;
     let a = node(&db, config()).await;
     let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
-    let b = node(
-        &db,
-        Config {
-            listen_url: Some(proxy.proxied_url(db.url())),
-            ..config()
-        },
-    )
-    .await;
+    let b = node_listening_through(&db, &proxy, config()).await;
     let check = pool(&db).await;
     let s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
     b.get_session(s.id).await.unwrap().unwrap();

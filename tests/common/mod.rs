@@ -35,6 +35,23 @@ pub async fn node(db: &TestDatabase, config: Config) -> SessionManager {
         .expect("manager starts")
 }
 
+/// A node whose LISTEN connection goes through `proxy` (its pool connects directly), so that
+/// a test can cut, stall or refuse the listener alone.
+pub async fn node_listening_through(
+    db: &TestDatabase,
+    proxy: &FaultProxy,
+    config: Config,
+) -> SessionManager {
+    node(
+        db,
+        Config {
+            listen_url: Some(proxy.proxied_url(db.url())),
+            ..config
+        },
+    )
+    .await
+}
+
 /// A plain pool for checking the database directly.
 pub async fn pool(db: &TestDatabase) -> PgPool {
     PgPoolOptions::new()
