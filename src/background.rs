@@ -37,6 +37,18 @@ pub(crate) async fn flush_last_access(inner: Arc<Inner>, mut shutdown: Signal) {
     *inner.final_flush.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.map(|_| ()));
 }
 
+/// Give connections kept between statements back to the pool once they have been idle for
+/// a while, so that others sharing it get them (see [`crate::connections`]).
+pub(crate) async fn return_idle_connections(inner: Arc<Inner>, mut shutdown: Signal) {
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tokio::time::sleep(crate::connections::IDLE_RETURN) => {}
+        }
+        inner.store.connections().return_idle(false);
+    }
+}
+
 /// Delete expired sessions every `cleanup_interval`. The first run comes at a random point of
 /// the first interval so that nodes started together do not all clean at once (they could;
 /// `SKIP LOCKED` keeps them out of each other's way, it would just be wasted work).

@@ -83,9 +83,46 @@ struct Shard {
     lru: LruCache<Uuid, Entry>,
     /// Invalidations applied to this shard (see the module docs).
     generation: u64,
+    /// Per session, the lowest version a fill may still install, learnt since the last
+    /// generation bump (see [`Shard::floor`]).
+    floors: HashMap<Uuid, i64>,
     hits: u64,
     misses: u64,
     fills_rejected: u64,
+}
+
+/// Most floors one shard remembers; past this the shard's generation is bumped instead.
+const FLOORS_PER_SHARD: usize = 256;
+
+impl Shard {
+    /// An invalidation: every fill under way in this shard is refused from now on, which
+    /// also makes every floor redundant.
+    fn bump(&mut self) {
+        self.generation += 1;
+        self.floors.clear();
+    }
+
+    /// This node has seen (handed out, or learnt the deletion of, with `i64::MAX`) version
+    /// `version` of `id`: a fill under way with an older copy must not install it, or reads
+    /// on this node would go back in version. Fills of other sessions are unaffected.
+    fn floor(&mut self, id: Uuid, version: i64) {
+        if self.floors.len() >= FLOORS_PER_SHARD && !self.floors.contains_key(&id) {
+            self.bump();
+            return;
+        }
+        let floor = self.floors.entry(id).or_insert(version);
+        *floor = (*floor).max(version);
+    }
+
+    /// Install `entry`; a session pushed out by the capacity limit leaves its version as a
+    /// floor, so that an older copy of it being read right now cannot come back.
+    fn install(&mut self, id: Uuid, entry: Entry) {
+        if let Some((evicted, old)) = self.lru.push(id, entry)
+            && evicted != id
+        {
+            self.floor(evicted, old.session.version);
+        }
+    }
 }
 
 /// Permission to install what a read or write returns, if nothing changed meanwhile.
@@ -133,6 +170,7 @@ impl Cache {
                 Padded(Mutex::new(Shard {
                     lru: LruCache::new(per_shard),
                     generation: 0,
+                    floors: HashMap::new(),
                     hits: 0,
                     misses: 0,
                     fills_rejected: 0,
@@ -217,15 +255,19 @@ impl Cache {
     /// since the token was taken, or a newer copy is already cached. Returns whether it was
     /// installed.
     ///
-    /// A rejected copy still tells us what the database held: older copies of it are evicted
-    /// and the generation bumped, so that a slower fill holding an older read cannot install
-    /// it after this caller has been handed the newer one (reads on one node never go back in
-    /// version, even while the announcement of a write is still on its way).
+    /// A rejected copy still tells us what the database held, and its caller is handed it:
+    /// older copies of it are evicted and its version becomes a floor for that session, so
+    /// that a slower fill holding an older read cannot install it afterwards (reads on one
+    /// node do not go back in version while the announcement of a write is on its way).
     pub(crate) fn fill(&self, token: FillToken, session: &Session, now: DateTime<Utc>) -> bool {
-        let mut shard = self.lock(token.shard);
-        if !self.is_trusted() || shard.generation != token.generation {
+        let mut guard = self.lock(token.shard);
+        let shard = &mut *guard;
+        let below_floor = shard
+            .floors
+            .get(&session.id)
+            .is_some_and(|floor| session.version < *floor);
+        if !self.is_trusted() || shard.generation != token.generation || below_floor {
             shard.fills_rejected += 1;
-            shard.generation += 1;
             if shard
                 .lru
                 .peek(&session.id)
@@ -233,6 +275,7 @@ impl Cache {
             {
                 shard.lru.pop(&session.id);
             }
+            shard.floor(session.id, session.version);
             return false;
         }
         if shard
@@ -243,7 +286,7 @@ impl Cache {
             return false;
         }
         let entry = self.entry(session, now);
-        shard.lru.put(session.id, entry);
+        shard.install(session.id, entry);
         true
     }
 
@@ -264,7 +307,7 @@ impl Cache {
         let mut shard = self.lock(i);
         let unchanged =
             self.is_trusted() && token.is_some_and(|t| t.generation == shard.generation);
-        shard.generation += 1;
+        shard.bump();
         match session {
             Some(s) if unchanged => {
                 let newer_cached = shard
@@ -273,7 +316,7 @@ impl Cache {
                     .is_some_and(|e| e.session.version > s.version);
                 if !newer_cached {
                     let entry = self.entry(s, now);
-                    shard.lru.put(id, entry);
+                    shard.install(id, entry);
                 }
             }
             _ => {
@@ -282,10 +325,13 @@ impl Cache {
         }
     }
 
-    /// Drop an entry the database no longer vouches for (found gone or expired on re-read).
-    pub(crate) fn remove(&self, id: Uuid) {
+    /// Drop an entry the database no longer vouches for, found gone (`version == None`) or
+    /// expired at `version` on re-read; fills of older copies are refused from now on.
+    pub(crate) fn remove(&self, id: Uuid, version: Option<i64>) {
         if self.enabled() {
-            self.lock(self.picker.pick(&id)).lru.pop(&id);
+            let mut shard = self.lock(self.picker.pick(&id));
+            shard.lru.pop(&id);
+            shard.floor(id, version.unwrap_or(i64::MAX));
         }
     }
 
@@ -296,7 +342,7 @@ impl Cache {
             return false;
         }
         let mut shard = self.lock(self.picker.pick(&id));
-        shard.generation += 1;
+        shard.bump();
         let stale = shard
             .lru
             .peek(&id)
@@ -315,7 +361,7 @@ impl Cache {
                 break;
             }
             let mut shard = self.lock(self.picker.pick(id));
-            shard.generation += 1;
+            shard.bump();
             evicted += usize::from(shard.lru.pop(id).is_some());
         }
         evicted
@@ -327,7 +373,7 @@ impl Cache {
         let mut evicted = 0;
         for i in 0..self.shards.len() {
             let mut shard = self.lock(i);
-            shard.generation += 1;
+            shard.bump();
             let before = shard.lru.len();
             shard.lru.retain(|_, e| e.session.user_id != user_id);
             evicted += before - shard.lru.len();
@@ -339,7 +385,7 @@ impl Cache {
     pub(crate) fn clear(&self) {
         for i in 0..self.shards.len() {
             let mut shard = self.lock(i);
-            shard.generation += 1;
+            shard.bump();
             shard.lru.clear();
         }
     }
@@ -349,7 +395,7 @@ impl Cache {
     pub(crate) fn distrust(&self) {
         self.trusted.store(false, Ordering::Release);
         for i in 0..self.shards.len() {
-            self.lock(i).generation += 1;
+            self.lock(i).bump();
         }
     }
 
@@ -380,7 +426,7 @@ impl Cache {
         let mut evicted = 0;
         for i in 0..self.shards.len() {
             let mut shard = self.lock(i);
-            shard.generation += 1;
+            shard.bump();
             let before = shard.lru.len();
             shard
                 .lru

@@ -154,6 +154,8 @@ pub(crate) struct Names {
     pub cache_epoch: String,
     /// Quoted, schema-qualified invalidation outbox.
     pub outbox: String,
+    /// Quoted, schema-qualified sequence of the outbox.
+    pub outbox_seq: String,
     /// Quoted, schema-qualified create function.
     pub create_fn: String,
     /// NOTIFY channel, unique per schema and prefix.
@@ -254,6 +256,7 @@ impl Config {
             migrations: format!("\"{schema}\".\"{prefix}sessions_migrations\""),
             cache_epoch: format!("\"{schema}\".\"{prefix}sessions_cache_epoch\""),
             outbox: format!("\"{schema}\".\"{prefix}sessions_outbox\""),
+            outbox_seq: format!("\"{schema}\".\"{prefix}sessions_outbox_seq\""),
             create_fn: format!("\"{schema}\".\"{prefix}create_session\""),
             lock_class: lock_class(&channel),
             channel,

@@ -1,40 +1,47 @@
-//! Reuse of pooled connections between the frequent statements, without sqlx's ping on
-//! release.
+//! Reuse of pooled connections between statements, without sqlx's ping on release.
 //!
 //! sqlx's pool sends a `Sync` round trip every time a connection goes back to it, to catch
 //! connections left mid-protocol by a cancelled query. For a session store issuing one short
 //! statement per operation that doubles the messages the database handles (measured here:
 //! 25% fewer updates per second through the pool than on connections used directly).
 //!
-//! So a connection that has just completed a statement is kept in a small stack here instead
-//! and handed to the next operation. Only completed statements are kept, so a connection whose
-//! query was cancelled or failed at the connection level goes back to the pool the normal way,
-//! ping and all. Connections idle here longer than [`IDLE_RETURN`] are given back to the pool at
-//! the next outbox sweep (every 2 s), so under light load they are available to whoever else
-//! uses it; under load they circulate
-//! here and the pool's limits still hold (every connection here is checked out of it).
+//! So every statement pgsession runs on its pool goes through here: a connection that has
+//! just completed a statement is kept in a small stack and handed to the next one. Only
+//! completed statements are kept, so a connection whose query was cancelled, or whose
+//! connection failed, goes back to the pool the normal way, ping and all (and a lost
+//! connection sends every kept one back, since after a database restart they are all dead).
+//!
+//! Sharing the pool: pgsession holds at most four fifths of its connections at once (leased
+//! or kept; all but one of a pool of two to five), which leaves some for whoever else uses the
+//! pool, and a timer gives
+//! connections idle here longer than [`IDLE_RETURN`] back to it. Kept connections skip the
+//! pool's `max_lifetime` and acquire/release hooks while they circulate here.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+use crate::error::is_connection_lost;
+
 /// Connections unused this long go back to the pool.
-pub(crate) const IDLE_RETURN: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_RETURN: Duration = Duration::from_millis(500);
 
 pub(crate) struct Connections {
     pool: PgPool,
     /// Most recently used last.
     idle: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
-    /// One permit per connection the pool may open. A lease holds one, so that when nothing
-    /// is idle here the pool has room (connections kept here count against its limit, and a
-    /// caller waiting in the pool would not see one kept here come free).
+    /// A lease holds one permit. Fewer permits than the pool has connections, so that a
+    /// caller waiting in the pool itself is not starved by connections kept here.
     permits: Semaphore,
+    /// Set at shutdown: from then on connections go straight back to the pool.
+    closing: AtomicBool,
 }
 
-/// A connection in use; [`Lease::keep`] it after a completed statement, or drop it.
+/// A connection in use; [`Lease::keep_if`] it after a statement, or drop it.
 pub(crate) struct Lease<'a> {
     conn: Option<PoolConnection<Postgres>>,
     owner: &'a Connections,
@@ -43,9 +50,13 @@ pub(crate) struct Lease<'a> {
 
 impl Connections {
     pub(crate) fn new(pool: PgPool) -> Connections {
+        let max = pool.options().get_max_connections() as usize;
+        // Leave a fifth of the pool (at least one connection) to others, if it has two.
+        let limit = max.saturating_sub((max / 5).max(1)).max(1);
         Connections {
-            permits: Semaphore::new(pool.options().get_max_connections() as usize),
+            permits: Semaphore::new(limit),
             idle: Mutex::new(Vec::new()),
+            closing: AtomicBool::new(false),
             pool,
         }
     }
@@ -55,7 +66,7 @@ impl Connections {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently used idle connection, or else one from the pool.
+    /// The most recently used kept connection, or else one from the pool.
     pub(crate) async fn acquire(&self) -> Result<Lease<'_>, sqlx::Error> {
         let permit = self
             .permits
@@ -75,7 +86,7 @@ impl Connections {
     }
 
     /// Give connections idle longer than [`IDLE_RETURN`] (or all, with `all`) back to the
-    /// pool.
+    /// pool. Never waits.
     pub(crate) fn return_idle(&self, all: bool) {
         let stale: Vec<_> = {
             let mut idle = self.idle();
@@ -89,15 +100,23 @@ impl Connections {
         // Dropping returns them to the pool (sqlx pings them on the way).
         drop(stale);
     }
+
+    /// Stop keeping connections and give back the kept ones (shutdown).
+    pub(crate) fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.return_idle(true);
+    }
 }
 
 impl Lease<'_> {
-    /// Keep the connection for the next operation if `result` shows the statement completed
-    /// (successfully or with an error from the database itself); otherwise let it go back to
-    /// the pool, which checks it.
+    /// Keep the connection for the next statement if `result` shows the statement completed
+    /// (successfully, or with an error about the statement itself); otherwise let it go back
+    /// to the pool, which checks it.
     pub(crate) fn keep_if<T>(mut self, result: &Result<T, sqlx::Error>) {
         let completed = match result {
             Ok(_) => true,
+            // Shutdown or termination notices arrive as database errors too.
+            Err(e) if is_connection_lost(e) => false,
             Err(sqlx::Error::Database(_) | sqlx::Error::RowNotFound) => true,
             Err(_) => false,
         };
@@ -105,6 +124,9 @@ impl Lease<'_> {
             // The connection failed, not the statement: the database may have restarted, and
             // then every kept connection is dead too. Let the pool check them all.
             self.owner.return_idle(true);
+            return;
+        }
+        if self.owner.closing.load(Ordering::Acquire) {
             return;
         }
         if let Some(conn) = self.conn.take() {

@@ -226,6 +226,10 @@ impl SessionManager {
             )),
             tokio::spawn(outbox::announce(inner.clone(), inner.shutdown.subscribe())),
             tokio::spawn(outbox::sweep(inner.clone(), inner.shutdown.subscribe())),
+            tokio::spawn(background::return_idle_connections(
+                inner.clone(),
+                inner.shutdown.subscribe(),
+            )),
         ];
         if inner.config.run_cleanup {
             tasks.push(tokio::spawn(background::cleanup(
@@ -334,14 +338,14 @@ impl SessionManager {
             Lookup::Miss(token) => token,
         };
         let Some(mut session) = inner.store.fetch(id).await? else {
-            inner.cache.remove(id);
+            inner.cache.remove(id, None);
             return Ok(None);
         };
         if let Some(pending) = inner.touches.pending(id) {
             session.last_accessed_at = session.last_accessed_at.max(pending);
         }
         if session.is_expired(now, inner.idle) {
-            inner.cache.remove(id);
+            inner.cache.remove(id, Some(session.version));
             return Ok(None);
         }
         session.last_accessed_at = now;
@@ -611,7 +615,8 @@ impl Inner {
                 aborted += 1;
             }
         }
-        self.store.connections().return_idle(true);
+        // Operations still under way hand their connections straight back from now on.
+        self.store.connections().close();
         if self.owns_pool {
             let _ = tokio::time::timeout_at(deadline, self.store.pool().close()).await;
         }

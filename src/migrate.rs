@@ -157,6 +157,7 @@ fn render(template: &str, names: &Names) -> String {
     template
         .replace("{{sessions}}", &names.sessions)
         .replace("{{cache_epoch}}", &names.cache_epoch)
+        .replace("{{outbox_seq}}", &names.outbox_seq)
         .replace("{{outbox}}", &names.outbox)
         .replace(
             "{{ids_per_message}}",

@@ -24,7 +24,7 @@ use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 use tokio::sync::Notify;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::manager::Inner;
 use crate::shutdown::Signal;
 use crate::store::Queued;
@@ -99,8 +99,8 @@ struct Announcer {
 }
 
 impl Announcer {
-    /// The own connection, (re)connecting if needed; `None` if that fails (the pool is used
-    /// then).
+    /// The own connection, (re)connecting if needed; `None` if that fails (a pooled one is
+    /// used then).
     async fn conn(&mut self, inner: &Inner) -> Option<&mut PgConnection> {
         if self.conn.is_none() {
             let options = (*inner.store.pool().connect_options())
@@ -116,20 +116,25 @@ impl Announcer {
         self.conn.as_mut()
     }
 
-    /// Send everything queued. On failure the batch goes back to the queue (its rows remain
-    /// for the sweep in any case) and the connection is dropped.
+    /// Send everything queued, retiring announced rows whenever that is due (also while
+    /// writes keep arriving). On failure the batch goes back to the queue (its rows remain for
+    /// the sweep in any case) and the connection is dropped.
     async fn announce_queued(&mut self, inner: &Inner) -> Result<()> {
         let outbox = &inner.outbox;
         loop {
+            self.retire(inner, false).await;
             let batch = outbox.take_batch();
             if batch.is_empty() {
                 return Ok(());
             }
             let messages = pack(batch.iter().map(|q| q.payload.as_str()));
-            let sent = match self.conn(inner).await {
-                Some(conn) => inner.store.announce(&mut *conn, &messages).await,
-                None => inner.store.announce(inner.store.pool(), &messages).await,
-            };
+            let limit = inner.config.listener_timeout;
+            let conn = self.conn(inner).await;
+            let sent =
+                match tokio::time::timeout(limit, inner.store.announce(conn, &messages)).await {
+                    Ok(sent) => sent,
+                    Err(_) => Err(Error::Timeout("announcing invalidations".into())),
+                };
             if let Err(e) = sent {
                 self.conn = None;
                 outbox.put_back(batch);
@@ -153,13 +158,14 @@ impl Announcer {
         }
         let seqs = std::mem::take(&mut self.to_retire);
         self.last_retire = Instant::now();
-        let retired = match self.conn(inner).await {
-            Some(conn) => inner.store.retire(&mut *conn, &seqs).await,
-            None => inner.store.retire(inner.store.pool(), &seqs).await,
-        };
-        if let Err(e) = retired {
+        let limit = inner.config.listener_timeout;
+        let conn = self.conn(inner).await;
+        let retired = tokio::time::timeout(limit, inner.store.retire(conn, &seqs)).await;
+        if !matches!(retired, Ok(Ok(()))) {
             self.conn = None;
-            tracing::debug!(error = %e, "pgsession: retiring announced outbox rows failed");
+            tracing::debug!(
+                "pgsession: retiring announced outbox rows failed; the sweep will announce them again"
+            );
         }
     }
 }
@@ -226,18 +232,25 @@ pub(crate) async fn sweep(inner: Arc<Inner>, mut shutdown: Signal) {
             _ = shutdown.recv() => return,
             _ = tokio::time::sleep(SWEEP_EVERY) => {}
         }
-        // Also the moment to give connections nobody used lately back to the pool.
-        inner.store.connections().return_idle(false);
-        match inner.store.sweep_outbox(ORPHAN_GRACE).await {
-            Ok(0) => {}
-            Ok(n) => {
-                inner.outbox.announced.fetch_add(n, Ordering::Relaxed);
-                tracing::info!(
-                    announced = n,
-                    "pgsession: announced invalidations another node left behind"
-                );
+        // Batches of SWEEP_BATCH until the backlog is gone.
+        loop {
+            match inner.store.sweep_outbox(ORPHAN_GRACE).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    inner.outbox.announced.fetch_add(n, Ordering::Relaxed);
+                    tracing::info!(
+                        announced = n,
+                        "pgsession: announced invalidations another node left behind"
+                    );
+                    if n < crate::store::SWEEP_BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pgsession: outbox sweep failed");
+                    break;
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "pgsession: outbox sweep failed"),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use sqlx::postgres::{PgExecutor, PgPool, PgRow};
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
@@ -21,6 +21,17 @@ use crate::config::Names;
 use crate::connections::Connections;
 use crate::error::{Error, Result, is_connection_lost};
 use crate::session::{Changes, Session};
+
+/// Run `$query.$method(conn)` on a kept or pooled connection (see [`crate::connections`]),
+/// keeping the connection for the next statement when the statement completed.
+macro_rules! on_conn {
+    ($store:expr, $query:expr, $method:ident) => {{
+        let mut conn = $store.conns.acquire().await?;
+        let result = $query.$method(&mut *conn).await;
+        conn.keep_if(&result);
+        result
+    }};
+}
 
 /// SQLSTATE raised by the create function when the cap policy is "reject".
 const MAX_SESSIONS_SQLSTATE: &str = "PS001";
@@ -34,6 +45,9 @@ pub(crate) const IDS_PER_MESSAGE: usize = 200;
 /// Single-session invalidations (`u …`, `d …`, at most 54 bytes each) per message when the
 /// sweep announces orphaned outbox rows: about 5.5 kB, under NOTIFY's 8000 bytes.
 const LINES_PER_MESSAGE: usize = 100;
+
+/// Most orphaned outbox rows one sweep statement announces.
+pub(crate) const SWEEP_BATCH: usize = 1000;
 
 /// The listener's liveness probe, run on the listener's own connection: it must receive the
 /// notification it sends. `$1` channel, `$2` payload.
@@ -72,6 +86,7 @@ impl Sql {
                 .replace("{outbox}", &names.outbox)
                 .replace("{ids_per_message}", &IDS_PER_MESSAGE.to_string())
                 .replace("{lines_per_message}", &LINES_PER_MESSAGE.to_string())
+                .replace("{sweep_batch}", &SWEEP_BATCH.to_string())
                 .replace("{create_fn}", &names.create_fn)
                 .replace("{ch}", &names.channel)
                 .replace("{cols}", COLUMNS)
@@ -137,7 +152,7 @@ impl Sql {
                      DELETE FROM {outbox} WHERE seq IN ( \
                          SELECT seq FROM {outbox} \
                          WHERE created_at < now() - make_interval(secs => $1) \
-                         ORDER BY seq LIMIT 1000 FOR UPDATE SKIP LOCKED) \
+                         ORDER BY seq LIMIT {sweep_batch} FOR UPDATE SKIP LOCKED) \
                      RETURNING seq, payload \
                  ), chunks AS ( \
                      SELECT (row_number() OVER (ORDER BY seq) - 1) / {lines_per_message} AS chunk, \
@@ -290,11 +305,13 @@ impl Store {
         user_id: Uuid,
         now: DateTime<Utc>,
     ) -> Result<Vec<Session>> {
-        let rows = sqlx::query(AssertSqlSafe(self.sql.select_user.clone()))
-            .bind(user_id)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = on_conn!(
+            self,
+            sqlx::query(AssertSqlSafe(self.sql.select_user.clone()))
+                .bind(user_id)
+                .bind(now),
+            fetch_all
+        )?;
         rows.iter().map(|row| self.session_from_row(row)).collect()
     }
 
@@ -410,44 +427,49 @@ impl Store {
     }
 
     /// Send queued invalidations (`messages`, each under 8000 bytes), on `conn` (the
-    /// announcer's own connection) or the pool.
-    pub(crate) async fn announce<'e>(
+    /// announcer's own connection) or, without one, on a pooled connection.
+    pub(crate) async fn announce(
         &self,
-        conn: impl PgExecutor<'e>,
+        conn: Option<&mut PgConnection>,
         messages: &[String],
     ) -> Result<()> {
-        sqlx::query(AssertSqlSafe(self.sql.announce.clone()))
-            .bind(messages)
-            .execute(conn)
-            .await?;
+        let query = sqlx::query(AssertSqlSafe(self.sql.announce.clone())).bind(messages);
+        match conn {
+            Some(conn) => query.execute(conn).await?,
+            None => on_conn!(self, query, execute)?,
+        };
         Ok(())
     }
 
-    /// Delete outbox rows that have been announced.
-    pub(crate) async fn retire<'e>(&self, conn: impl PgExecutor<'e>, seqs: &[i64]) -> Result<()> {
-        sqlx::query(AssertSqlSafe(self.sql.retire.clone()))
-            .bind(seqs)
-            .execute(conn)
-            .await?;
+    /// Delete outbox rows that have been announced, like [`announce`](Self::announce).
+    pub(crate) async fn retire(&self, conn: Option<&mut PgConnection>, seqs: &[i64]) -> Result<()> {
+        let query = sqlx::query(AssertSqlSafe(self.sql.retire.clone())).bind(seqs);
+        match conn {
+            Some(conn) => query.execute(conn).await?,
+            None => on_conn!(self, query, execute)?,
+        };
         Ok(())
     }
 
     /// Announce outbox rows older than `grace`; returns how many.
     pub(crate) async fn sweep_outbox(&self, grace: std::time::Duration) -> Result<u64> {
-        let (swept, _messages): (i64, i64) = sqlx::query_as(AssertSqlSafe(self.sql.sweep.clone()))
-            .bind(grace.as_secs_f64())
-            .fetch_one(&self.pool)
-            .await?;
+        let (swept, _messages): (i64, i64) = on_conn!(
+            self,
+            sqlx::query_as(AssertSqlSafe(self.sql.sweep.clone())).bind(grace.as_secs_f64()),
+            fetch_one
+        )?;
         Ok(swept as u64)
     }
 
     /// Delete every session of a user except those in `keep`; returns how many.
     pub(crate) async fn delete_user(&self, user_id: Uuid, keep: &[Uuid]) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.delete_user.clone()))
-            .bind(user_id)
-            .bind(keep)
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 = on_conn!(
+            self,
+            sqlx::query_scalar(AssertSqlSafe(self.sql.delete_user.clone()))
+                .bind(user_id)
+                .bind(keep),
+            fetch_one
+        )?;
         Ok(n as u64)
     }
 
@@ -455,11 +477,13 @@ impl Store {
     /// mostly in the same lock order; a deadlock with another statement is still possible and
     /// is handled by retrying the flush later).
     pub(crate) async fn touch(&self, ids: &[Uuid], times: &[DateTime<Utc>]) -> Result<u64> {
-        let done = sqlx::query(AssertSqlSafe(self.sql.touch.clone()))
-            .bind(ids)
-            .bind(times)
-            .execute(&self.pool)
-            .await?;
+        let done = on_conn!(
+            self,
+            sqlx::query(AssertSqlSafe(self.sql.touch.clone()))
+                .bind(ids)
+                .bind(times),
+            execute
+        )?;
         Ok(done.rows_affected())
     }
 
@@ -470,45 +494,52 @@ impl Store {
         idle_cutoff: Option<DateTime<Utc>>,
         limit: usize,
     ) -> Result<u64> {
-        let (deleted, _messages): (i64, i64) =
+        let (deleted, _messages): (i64, i64) = on_conn!(
+            self,
             sqlx::query_as(AssertSqlSafe(self.sql.cleanup.clone()))
                 .bind(now)
                 .bind(idle_cutoff)
-                .bind(limit as i64)
-                .fetch_one(&self.pool)
-                .await?;
+                .bind(limit as i64),
+            fetch_one
+        )?;
         Ok(deleted as u64)
     }
 
     /// Current versions of the given sessions (absent ones are missing from the result).
     pub(crate) async fn versions(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64)>> {
-        Ok(sqlx::query_as(AssertSqlSafe(self.sql.versions.clone()))
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(on_conn!(
+            self,
+            sqlx::query_as(AssertSqlSafe(self.sql.versions.clone())).bind(ids),
+            fetch_all
+        )?)
     }
 
     /// Tell every node to empty its cache; returns the new cache epoch.
     pub(crate) async fn broadcast_clear(&self) -> Result<i64> {
-        let (epoch, _): (i64, Option<String>) =
-            sqlx::query_as(AssertSqlSafe(self.sql.clear.clone()))
-                .fetch_one(&self.pool)
-                .await?;
+        let (epoch, _): (i64, Option<String>) = on_conn!(
+            self,
+            sqlx::query_as(AssertSqlSafe(self.sql.clear.clone())),
+            fetch_one
+        )?;
         Ok(epoch)
     }
 
     /// The number of cache clears so far.
     pub(crate) async fn cache_epoch(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar(AssertSqlSafe(self.sql.epoch.clone()))
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(on_conn!(
+            self,
+            sqlx::query_scalar(AssertSqlSafe(self.sql.epoch.clone())),
+            fetch_one
+        )?)
     }
 
     /// The isolation level the pool's connections start transactions with.
     pub(crate) async fn default_isolation(&self) -> Result<String> {
-        Ok(sqlx::query_scalar(DEFAULT_ISOLATION)
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(on_conn!(
+            self,
+            sqlx::query_scalar(DEFAULT_ISOLATION),
+            fetch_one
+        )?)
     }
 
     fn session_from_row(&self, row: &PgRow) -> Result<Session> {
