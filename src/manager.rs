@@ -89,7 +89,8 @@ pub struct Stats {
     pub entries: usize,
     /// Configured cache capacity.
     pub capacity: usize,
-    /// Invalidation messages received from the database (from every node, this one included).
+    /// Invalidations received from the database, from every node, this one included: one per
+    /// line of a NOTIFY payload (a session, a batch of deleted ids, a user, or a clear).
     pub invalidations: u64,
     /// Cache fills refused because an invalidation arrived while the database was being read.
     pub fills_rejected: u64,

@@ -1173,3 +1173,59 @@ async fn connections_kept_between_operations_go_back_to_a_shared_pool_when_idle(
     .await;
     assert!(shared.size() <= 3);
 }
+
+#[tokio::test]
+async fn a_shared_pool_keeps_a_connection_for_the_application_under_session_load() {
+    let db = TestDatabase::create().await;
+    let shared = PgPoolOptions::new()
+        .max_connections(5)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(db.url())
+        .await
+        .unwrap();
+    let m = SessionManager::new(config(), shared.clone()).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Far more session traffic than the pool has connections, until told to stop.
+    let load: Vec<_> = (0..16)
+        .map(|_| {
+            let (m, stop, done) = (m.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    s.set("n", n).unwrap();
+                    m.update_session(&mut s).await.unwrap();
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "the session load running",
+        || async { done.load(std::sync::atomic::Ordering::Relaxed) >= 200 },
+    )
+    .await;
+    // The application's own queries still get a connection promptly, time after time.
+    for _ in 0..5 {
+        let mut conn = tokio::time::timeout(Duration::from_secs(3), shared.acquire())
+            .await
+            .expect("the application waited over 3 s for its own pool")
+            .unwrap();
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(one, 1);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut updates = 0;
+    for l in load {
+        updates += l.await.unwrap();
+    }
+    assert!(updates > 0, "the session load never ran");
+    m.shutdown().await.unwrap();
+}
