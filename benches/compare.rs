@@ -46,34 +46,49 @@ fn config() -> Config {
     }
 }
 
-// The statements pgsession's store (src/store.rs) sends, copied so that the floor runs exactly
-// what pgsession runs, on a schema of its own (`pgsession_bench_raw`, created from
-// `pgsession::schema_sql`) that no manager sweeps.
-const RAW_SELECT: &str = "SELECT id, user_id, version, attributes, created_at, updated_at, \
-     last_accessed_at, expires_at FROM \"pgsession_bench_raw\".\"sessions\" WHERE id = $1";
-const RAW_CREATE: &str =
-    "SELECT \"pgsession_bench_raw\".\"create_session\"($1, $2, $3, $4, $5, $6, $7, $8)";
-const RAW_INSERT: &str = "INSERT INTO \"pgsession_bench_raw\".\"sessions\" (id, user_id, version, \
-     attributes, created_at, updated_at, last_accessed_at, expires_at) \
-     VALUES ($1, $2, 1, $3, $4, $4, $4, $5)";
-const RAW_UPDATE: &str = "WITH updated AS ( \
-     UPDATE \"pgsession_bench_raw\".\"sessions\" SET \
-         attributes = (attributes - $2::text[]) || $3::jsonb, \
-         expires_at = coalesce($4, expires_at), \
-         version = version + 1, \
-         updated_at = $5, \
-         last_accessed_at = greatest(last_accessed_at, $5) \
-     WHERE id = $1 AND expires_at > $5 \
-       AND ($6::timestamptz IS NULL OR greatest(last_accessed_at, $7) > $6) \
-     RETURNING id, user_id, version, created_at, updated_at, last_accessed_at, \
-         expires_at, CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END \
-         AS attributes \
- ), queued AS ( \
-     INSERT INTO \"pgsession_bench_raw\".\"sessions_outbox\" (payload) \
-     SELECT 'u ' || replace(id::text, '-', '') || ' ' || version FROM updated \
-     RETURNING seq \
- ) \
- SELECT updated.*, queued.seq FROM updated, queued";
+/// The floor's own schema (created from `pgsession::schema_sql`), which no manager sweeps.
+const RAW_SCHEMA: &str = "pgsession_bench_raw";
+
+fn raw_config() -> Config {
+    Config {
+        schema: Some(RAW_SCHEMA.into()),
+        ..Config::default()
+    }
+}
+
+/// The statements pgsession sends, taken from the library itself so that the floor runs
+/// exactly what pgsession runs, on the floor's own schema.
+struct RawSql {
+    select: &'static str,
+    create: &'static str,
+    insert: &'static str,
+    update: &'static str,
+    delete: &'static str,
+}
+
+fn raw_sql() -> &'static RawSql {
+    static SQL: std::sync::OnceLock<RawSql> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let all: HashMap<_, _> = pgsession::statements(&raw_config())
+            .unwrap()
+            .into_iter()
+            .collect();
+        let get = |name: &str| -> &'static str {
+            let text = all
+                .get(name)
+                .unwrap_or_else(|| panic!("no statement {name}"));
+            Box::leak(text.clone().into_boxed_str())
+        };
+        RawSql {
+            select: get("select_one"),
+            create: get("create_capped"),
+            insert: get("insert"),
+            update: get("update"),
+            delete: get("delete"),
+        }
+    })
+}
+
 /// The design pgsession did not keep: NOTIFY inside the update (to a channel two managers
 /// listen on, with a payload they ignore, so that delivery costs what it would).
 const RAW_UPDATE_NOTIFY: &str = "WITH updated AS ( \
@@ -91,11 +106,6 @@ const RAW_UPDATE_NOTIFY: &str = "WITH updated AS ( \
  SELECT updated.*, \
         pg_notify('pgsession.pgsession_bench.sessions', 'p raw')::text \
  FROM updated";
-const RAW_DELETE: &str = "WITH deleted AS ( \
-     DELETE FROM \"pgsession_bench_raw\".\"sessions\" WHERE id = $1 RETURNING id) \
- INSERT INTO \"pgsession_bench_raw\".\"sessions_outbox\" (payload) \
- SELECT 'd ' || replace(id::text, '-', '') FROM deleted \
- RETURNING seq";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -228,7 +238,7 @@ impl Systems {
                 let now = Utc::now();
                 let expires = now + chrono::Duration::days(30);
                 if kind != Kind::RawInsert {
-                    let query = sqlx::query_scalar::<_, Vec<Uuid>>(RAW_CREATE)
+                    let query = sqlx::query_scalar::<_, Vec<Uuid>>(raw_sql().create)
                         .bind(id)
                         .bind(Uuid::new_v4())
                         .bind(Json(&attrs))
@@ -239,7 +249,7 @@ impl Systems {
                         .bind(false);
                     on_raw!(self, kind, query, fetch_one).unwrap();
                 } else {
-                    let query = sqlx::query(RAW_INSERT)
+                    let query = sqlx::query(raw_sql().insert)
                         .bind(id)
                         .bind(Uuid::new_v4())
                         .bind(Json(&attrs))
@@ -272,7 +282,7 @@ impl Systems {
                 self.pg_nocap.get_session(id).await.unwrap().map(Handle::Pg)
             }
             (Kind::Raw | Kind::RawPool | Kind::RawInsert | Kind::RawNotify, Key::Uuid(id)) => {
-                let query = sqlx::query(RAW_SELECT).bind(id);
+                let query = sqlx::query(raw_sql().select).bind(id);
                 on_raw!(self, kind, query, fetch_optional)
                     .unwrap()
                     .map(|row| Handle::Raw(id, sqlx::Row::get(&row, "version")))
@@ -307,7 +317,7 @@ impl Systems {
                 let sql = if kind == Kind::RawNotify {
                     RAW_UPDATE_NOTIFY
                 } else {
-                    RAW_UPDATE
+                    raw_sql().update
                 };
                 let row = sqlx::query(sql)
                     .bind(*id)
@@ -344,7 +354,7 @@ impl Systems {
                 assert!(self.pg_nocap.delete_session(id).await.unwrap());
             }
             (Kind::Raw | Kind::RawPool | Kind::RawInsert | Kind::RawNotify, Key::Uuid(id)) => {
-                let query = sqlx::query(RAW_DELETE).bind(id);
+                let query = sqlx::query(raw_sql().delete).bind(id);
                 let row = on_raw!(self, kind, query, fetch_optional).unwrap();
                 assert!(row.is_some());
             }
@@ -810,15 +820,11 @@ async fn run(url: String) {
     .await
     .unwrap();
     // The floor's own schema, exactly as pgsession would create it.
-    sqlx::raw_sql("DROP SCHEMA IF EXISTS pgsession_bench_raw CASCADE")
+    sqlx::raw_sql("DROP SCHEMA IF EXISTS \"pgsession_bench_raw\" CASCADE")
         .execute(&admin)
         .await
         .unwrap();
-    let raw_schema = pgsession::schema_sql(&Config {
-        schema: Some("pgsession_bench_raw".into()),
-        ..Config::default()
-    })
-    .unwrap();
+    let raw_schema = pgsession::schema_sql(&raw_config()).unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(raw_schema))
         .execute(&admin)
         .await

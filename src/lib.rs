@@ -94,3 +94,12 @@ pub use session::Session;
 pub fn schema_sql(config: &Config) -> Result<String> {
     Ok(migrate::script(&config.validate()?))
 }
+
+/// The SQL statements a manager with `config` sends, by name (`select_one`, `insert`,
+/// `create_capped`, `update`, `delete`, …), exactly as sent. It lets the comparison benchmark
+/// issue the very same statements directly as its raw-SQL floor; names and texts are not a
+/// stable API. Returns [`Error::InvalidConfig`] for an invalid configuration.
+#[doc(hidden)]
+pub fn statements(config: &Config) -> Result<Vec<(&'static str, String)>> {
+    Ok(store::statements(&config.validate()?))
+}

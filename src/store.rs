@@ -78,6 +78,31 @@ struct Sql {
     epoch: Arc<str>,
 }
 
+/// Every statement by name, rendered for `names`: see [`crate::statements`].
+pub(crate) fn statements(names: &Names) -> Vec<(&'static str, String)> {
+    let sql = Sql::new(names);
+    [
+        ("select_one", &sql.select_one),
+        ("select_user", &sql.select_user),
+        ("insert", &sql.insert),
+        ("create_capped", &sql.create_capped),
+        ("update", &sql.update),
+        ("delete", &sql.delete),
+        ("announce", &sql.announce),
+        ("retire", &sql.retire),
+        ("sweep", &sql.sweep),
+        ("delete_user", &sql.delete_user),
+        ("touch", &sql.touch),
+        ("cleanup", &sql.cleanup),
+        ("versions", &sql.versions),
+        ("clear", &sql.clear),
+        ("epoch", &sql.epoch),
+    ]
+    .into_iter()
+    .map(|(name, text)| (name, text.to_string()))
+    .collect()
+}
+
 impl Sql {
     fn new(names: &Names) -> Sql {
         let render = |sql: &str| -> Arc<str> {
