@@ -5,7 +5,6 @@
 --   {{sessions}}         schema-qualified, quoted sessions table, e.g. "public"."sessions"
 --   {{cache_epoch}}      schema-qualified, quoted cache-epoch table
 --   {{outbox}}           schema-qualified, quoted invalidation outbox
---   {{outbox_seq}}       schema-qualified, quoted sequence numbering the outbox
 --   {{prefix}}           the configured table prefix (lower-case letters, digits, '_'), may be empty
 --   {{create_fn}}        schema-qualified, quoted create function
 --   {{channel}}          the NOTIFY channel for cache invalidations
@@ -44,8 +43,8 @@ INSERT INTO {{cache_epoch}} (epoch) VALUES (0);
 
 -- Invalidations of the frequent writes (update, delete) waiting to be announced. The write
 -- inserts its row in the same statement, so the row exists exactly when the write committed;
--- the writing node then announces it with NOTIFY in a separate, batched transaction, and
--- deletes announced rows in bulk shortly after. Rows left behind by a node that stopped in between are announced by any node
+-- the writing node then announces it with NOTIFY in a separate, batched transaction that also
+-- deletes the row. Rows left behind by a node that stopped in between are announced by any node
 -- after a grace period. Why not NOTIFY inside the write: PostgreSQL serialises the commits of
 -- all notifying transactions in the cluster, WAL flush included, which caps concurrent writes
 -- at one fsync each.
@@ -53,12 +52,8 @@ INSERT INTO {{cache_epoch}} (epoch) VALUES (0);
 -- UNLOGGED: its rows cost no WAL. A database crash empties it, which is safe: a crash (or a
 -- failover, since unlogged tables are not replicated) drops every listener's connection, and
 -- every node resynchronises its cache by database versions when it reconnects.
--- The numbers come from an ordinary (logged) sequence: an identity column of an unlogged table
--- restarts from 1 after a crash, and a node retiring numbers it announced before the crash
--- could then delete another node's new, unannounced row.
-CREATE SEQUENCE {{outbox_seq}};
 CREATE UNLOGGED TABLE {{outbox}} (
-    seq        bigint      PRIMARY KEY DEFAULT nextval('{{outbox_seq}}'),
+    seq        bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     payload    text        NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );

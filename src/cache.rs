@@ -11,6 +11,11 @@
 //!   between, which may describe a write the read did not see, makes the fill a no-op. Writes
 //!   made by this node take a token too and bump the generation when they land, so a slower
 //!   concurrent fill holding the previous state cannot overwrite them (I1).
+//! * **Floors.** A fill that lost (the generation moved, or it is older than what the node has
+//!   handed out) still returns the copy it read to its caller. So that no slower fill then
+//!   installs an even older copy, the shard remembers per session the lowest version a fill
+//!   may still install; capacity evictions and deletions found on re-read leave one too. A
+//!   shard remembers at most [`FLOORS_PER_SHARD`]; past that it bumps its generation instead.
 //! * **Versions.** Every entry carries the database version; an invalidation `u <id> <v>` only
 //!   evicts older copies, so a node's own update is not thrown away when its own notification
 //!   comes back, and an install never replaces a newer copy with an older one.
@@ -81,7 +86,8 @@ struct Entry {
 
 struct Shard {
     lru: LruCache<Uuid, Entry>,
-    /// Invalidations applied to this shard (see the module docs).
+    /// Invalidations applied to this shard, and floors it had no room to remember (see the
+    /// module docs).
     generation: u64,
     /// Per session, the lowest version a fill may still install, learnt since the last
     /// generation bump (see [`Shard::floor`]).
@@ -191,8 +197,8 @@ impl Cache {
     }
 
     fn lock(&self, i: usize) -> MutexGuard<'_, Shard> {
-        // A panic while holding a shard lock cannot leave an entry half-written (every critical
-        // section is a single LruCache call or a counter bump), so poisoning is ignored.
+        // A panic while holding a shard lock leaves at worst an entry missing or a floor or
+        // generation bumped too far, which only costs misses, so poisoning is ignored.
         self.shards[i]
             .0
             .lock()

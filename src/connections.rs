@@ -5,16 +5,17 @@
 //! statement per operation that doubles the messages the database handles (measured here:
 //! 25% fewer updates per second through the pool than on connections used directly).
 //!
-//! So every statement pgsession runs on its pool goes through here: a connection that has
+//! So the statements pgsession runs on its pool go through here: a connection that has
 //! just completed a statement is kept in a small stack and handed to the next one. Only
 //! completed statements are kept, so a connection whose query was cancelled, or whose
 //! connection failed, goes back to the pool the normal way, ping and all (and a lost
 //! connection sends every kept one back, since after a database restart they are all dead).
 //!
-//! Sharing the pool: pgsession holds at most four fifths of its connections at once (leased
-//! or kept; all but one of a pool of two to five), which leaves some for whoever else uses the
-//! pool, and a timer gives
-//! connections idle here longer than [`IDLE_RETURN`] back to it. Kept connections skip the
+//! Sharing the pool: statements here run on at most four fifths of the pool's connections at
+//! once (rounded down; all but one of a pool of two to five), which leaves the rest to whoever
+//! else uses the pool, and a timer gives connections idle here longer than [`IDLE_RETURN`]
+//! back to it. A lease that found nothing kept waits for the pool and for a connection kept
+//! here, whichever comes first, within the pool's `acquire_timeout`. Kept connections skip the
 //! pool's `max_lifetime` and acquire/release hooks while they circulate here.
 
 use std::sync::Mutex;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::error::is_connection_lost;
 
@@ -37,7 +38,10 @@ pub(crate) struct Connections {
     /// A lease holds one permit. Fewer permits than the pool has connections, so that a
     /// caller waiting in the pool itself is not starved by connections kept here.
     permits: Semaphore,
-    /// Set at shutdown: from then on connections go straight back to the pool.
+    /// Signalled when a connection is kept, for a lease waiting in the pool.
+    kept: Notify,
+    /// Set at shutdown, under the `idle` lock: from then on connections go straight back to
+    /// the pool.
     closing: AtomicBool,
 }
 
@@ -52,10 +56,11 @@ impl Connections {
     pub(crate) fn new(pool: PgPool) -> Connections {
         let max = pool.options().get_max_connections() as usize;
         // Leave a fifth of the pool (at least one connection) to others, if it has two.
-        let limit = max.saturating_sub((max / 5).max(1)).max(1);
+        let limit = max.saturating_sub(max.div_ceil(5)).max(1);
         Connections {
             permits: Semaphore::new(limit),
             idle: Mutex::new(Vec::new()),
+            kept: Notify::new(),
             closing: AtomicBool::new(false),
             pool,
         }
@@ -66,17 +71,31 @@ impl Connections {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently used kept connection, or else one from the pool.
+    /// The most recently used kept connection, or else one from the pool. Fails with
+    /// `PoolTimedOut` after the pool's `acquire_timeout`, like the pool itself.
     pub(crate) async fn acquire(&self) -> Result<Lease<'_>, sqlx::Error> {
+        let limit = self.pool.options().get_acquire_timeout();
+        tokio::time::timeout(limit, self.lease())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+    }
+
+    async fn lease(&self) -> Result<Lease<'_>, sqlx::Error> {
         let permit = self
             .permits
             .acquire()
             .await
             .map_err(|_| sqlx::Error::PoolClosed)?;
-        let kept = self.idle().pop().map(|(conn, _)| conn);
-        let conn = match kept {
-            Some(conn) => conn,
-            None => self.pool.acquire().await?,
+        let conn = loop {
+            if let Some((conn, _)) = self.idle().pop() {
+                break conn;
+            }
+            // The pool may be empty because the application holds the rest while it waits for
+            // us: then only a connection kept here can free this lease.
+            tokio::select! {
+                conn = self.pool.acquire() => break conn?,
+                () = self.kept.notified() => {}
+            }
         };
         Ok(Lease {
             conn: Some(conn),
@@ -103,8 +122,13 @@ impl Connections {
 
     /// Stop keeping connections and give back the kept ones (shutdown).
     pub(crate) fn close(&self) {
-        self.closing.store(true, Ordering::Release);
-        self.return_idle(true);
+        let kept = {
+            let mut idle = self.idle();
+            // Under the lock, so that no lease keeps its connection after this.
+            self.closing.store(true, Ordering::Relaxed);
+            std::mem::take(&mut *idle)
+        };
+        drop(kept);
     }
 }
 
@@ -113,24 +137,27 @@ impl Lease<'_> {
     /// (successfully, or with an error about the statement itself); otherwise let it go back
     /// to the pool, which checks it.
     pub(crate) fn keep_if<T>(mut self, result: &Result<T, sqlx::Error>) {
-        let completed = match result {
-            Ok(_) => true,
+        match result {
+            Ok(_) => {}
             // Shutdown or termination notices arrive as database errors too.
-            Err(e) if is_connection_lost(e) => false,
-            Err(sqlx::Error::Database(_) | sqlx::Error::RowNotFound) => true,
-            Err(_) => false,
-        };
-        if !completed {
-            // The connection failed, not the statement: the database may have restarted, and
-            // then every kept connection is dead too. Let the pool check them all.
-            self.owner.return_idle(true);
-            return;
+            Err(e) if is_connection_lost(e) => {
+                // The connection failed, not the statement: the database may have restarted,
+                // and then every kept connection is dead too. Let the pool check them all.
+                self.owner.return_idle(true);
+                return;
+            }
+            Err(sqlx::Error::Database(_) | sqlx::Error::RowNotFound) => {}
+            // Anything else may have left the connection mid-protocol: the pool checks it.
+            Err(_) => return,
         }
-        if self.owner.closing.load(Ordering::Acquire) {
+        let mut idle = self.owner.idle();
+        if self.owner.closing.load(Ordering::Relaxed) {
             return;
         }
         if let Some(conn) = self.conn.take() {
-            self.owner.idle().push((conn, Instant::now()));
+            idle.push((conn, Instant::now()));
+            drop(idle);
+            self.owner.kept.notify_one();
         }
     }
 }

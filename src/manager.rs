@@ -92,7 +92,8 @@ pub struct Stats {
     /// Invalidations received from the database, from every node, this one included: one per
     /// line of a NOTIFY payload (a session, a batch of deleted ids, a user, or a clear).
     pub invalidations: u64,
-    /// Cache fills refused because an invalidation arrived while the database was being read.
+    /// Cache fills refused because an invalidation arrived while the database was being read,
+    /// or because the node had already handed out a newer version.
     pub fills_rejected: u64,
     /// Times the listener connection was lost and re-established.
     pub reconnects: u64,

@@ -18,14 +18,32 @@ struct Migration {
 }
 
 /// Every migration, in order. Add new files here; never edit an applied one.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "create_sessions",
-    template: include_str!("../migrations/0001_create_sessions.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "create_sessions",
+        template: include_str!("../migrations/0001_create_sessions.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "outbox_sequence",
+        template: include_str!("../migrations/0002_outbox_sequence.sql"),
+    },
+];
 
 /// Apply pending migrations, or with `apply == false` only check that none is pending.
 pub(crate) async fn run(pool: &PgPool, names: &Names, apply: bool) -> Result<()> {
+    run_these(pool, names, apply, MIGRATIONS).await
+}
+
+/// [`run`] with `migrations` as the complete list (tests bring a database to an earlier
+/// version with a prefix of [`MIGRATIONS`]).
+async fn run_these(
+    pool: &PgPool,
+    names: &Names,
+    apply: bool,
+    migrations: &[Migration],
+) -> Result<()> {
     let mut tx = pool.begin().await?;
     // Nodes starting together queue here; the second finds the work done. One bigint key: a
     // different lock space from the two-key per-user locks of the create function.
@@ -60,7 +78,7 @@ pub(crate) async fn run(pool: &PgPool, names: &Names, apply: bool) -> Result<()>
     };
 
     for (version, checksum) in &applied {
-        if let Some(m) = MIGRATIONS.iter().find(|m| m.version == *version)
+        if let Some(m) = migrations.iter().find(|m| m.version == *version)
             && *checksum != checksum_of(m.template)
         {
             return Err(Error::Migration(format!(
@@ -71,7 +89,7 @@ pub(crate) async fn run(pool: &PgPool, names: &Names, apply: bool) -> Result<()>
         }
     }
 
-    let pending: Vec<&Migration> = MIGRATIONS
+    let pending: Vec<&Migration> = migrations
         .iter()
         .filter(|m| !applied.iter().any(|(v, _)| *v == m.version))
         .collect();
@@ -196,8 +214,67 @@ mod tests {
         for m in MIGRATIONS {
             let sql = render(m.template, &names);
             assert!(!sql.contains("{{"), "placeholder left in {}", m.name);
-            assert!(sql.contains("\"auth\".\"app_sessions\""));
+            assert!(
+                sql.contains("\"auth\".\"app_sessions"),
+                "{} ignores the names",
+                m.name
+            );
         }
+    }
+
+    #[tokio::test]
+    async fn upgrading_from_version_1_numbers_the_outbox_above_every_number_handed_out() {
+        let db = pgsession_testkit::TestDatabase::create().await;
+        let pool = PgPool::connect(db.url()).await.unwrap();
+        let names = Config::default().validate().unwrap();
+        run_these(&pool, &names, true, &MIGRATIONS[..1])
+            .await
+            .unwrap();
+        let insert = format!(
+            "INSERT INTO {} (payload) VALUES ('p') RETURNING seq",
+            names.outbox
+        );
+        let mut last = 0i64;
+        for _ in 0..3 {
+            last = sqlx::query_scalar(AssertSqlSafe(insert.clone()))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        }
+        // The highest number is already retired, as a node may have done; the node that
+        // announced it might still hold it.
+        sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {} WHERE seq = $1",
+            names.outbox
+        )))
+        .bind(last)
+        .execute(&pool)
+        .await
+        .unwrap();
+        assert!(matches!(
+            run(&pool, &names, false).await,
+            Err(Error::Migration(msg)) if msg.contains("[2]")
+        ));
+
+        run(&pool, &names, true).await.unwrap();
+        let next: i64 = sqlx::query_scalar(AssertSqlSafe(insert))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(next > last, "number {next} reused after {last}");
+        let (identity, owned): (String, bool) = sqlx::query_as(
+            "SELECT c.is_identity, EXISTS (SELECT 1 FROM pg_depend d \
+                 WHERE d.objid = 'public.sessions_outbox_seq'::regclass AND d.deptype = 'a') \
+             FROM information_schema.columns c \
+             WHERE c.table_name = 'sessions_outbox' AND c.column_name = 'seq'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(identity, "NO");
+        assert!(owned, "the sequence would outlive its table");
+        run(&pool, &names, false).await.unwrap();
+        pool.close().await;
     }
 
     #[test]

@@ -279,7 +279,7 @@ pub(crate) struct Delta<'a> {
 /// The PostgreSQL side: a pool and the rendered statements.
 pub(crate) struct Store {
     pool: PgPool,
-    /// Connections kept between the frequent statements (fetch, create, update, delete).
+    /// Connections kept between statements (every statement but the resynchronisation's).
     conns: Connections,
     sql: Sql,
     max_attribute_size: usize,
@@ -531,12 +531,15 @@ impl Store {
     }
 
     /// Current versions of the given sessions (absent ones are missing from the result).
+    ///
+    /// Resynchronisation runs this and [`Store::cache_epoch`] on the pool itself, so that it
+    /// does not queue for pgsession's connections behind the request traffic that a distrusted
+    /// cache sends to the database.
     pub(crate) async fn versions(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64)>> {
-        Ok(on_conn!(
-            self,
-            sqlx::query_as(AssertSqlSafe(self.sql.versions.clone())).bind(ids),
-            fetch_all
-        )?)
+        Ok(sqlx::query_as(AssertSqlSafe(self.sql.versions.clone()))
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// Tell every node to empty its cache; returns the new cache epoch.
@@ -551,11 +554,9 @@ impl Store {
 
     /// The number of cache clears so far.
     pub(crate) async fn cache_epoch(&self) -> Result<i64> {
-        Ok(on_conn!(
-            self,
-            sqlx::query_scalar(AssertSqlSafe(self.sql.epoch.clone())),
-            fetch_one
-        )?)
+        Ok(sqlx::query_scalar(AssertSqlSafe(self.sql.epoch.clone()))
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// The isolation level the pool's connections start transactions with.

@@ -848,7 +848,7 @@ async fn nodes_starting_together_migrate_once_into_a_custom_schema() {
         .fetch_one(&check)
         .await
         .unwrap();
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2, "each of the two migrations recorded once");
     let s = nodes[0]
         .create_session(Uuid::new_v4(), small())
         .await
@@ -1227,5 +1227,100 @@ async fn a_shared_pool_keeps_a_connection_for_the_application_under_session_load
         updates += l.await.unwrap();
     }
     assert!(updates > 0, "the session load never ran");
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn operations_waiting_for_a_busy_shared_pool_take_connections_pgsession_frees() {
+    let db = TestDatabase::create().await;
+    let shared = PgPoolOptions::new()
+        .max_connections(5)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(db.url())
+        .await
+        .unwrap();
+    let m = SessionManager::new(config(), shared.clone()).await.unwrap();
+    let sessions = {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            v.push(m.create_session(Uuid::new_v4(), small()).await.unwrap());
+        }
+        v
+    };
+    // The application holds most of the pool while it waits for session operations, so that
+    // some of those must wait for connections pgsession itself is using.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(shared.acquire().await.unwrap());
+    }
+    let load: Vec<_> = sessions
+        .into_iter()
+        .map(|mut s| {
+            let m = m.clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let mut n = 0u64;
+                // Longer than the pool's acquire timeout: a waiter left behind would fail.
+                while started.elapsed() < Duration::from_secs(5) {
+                    s.set("n", n).map_err(|e| e.to_string())?;
+                    m.update_session(&mut s).await.map_err(|e| e.to_string())?;
+                    n += 1;
+                }
+                Ok::<u64, String>(n)
+            })
+        })
+        .collect();
+    for l in load {
+        let updates = l.await.unwrap().expect("an operation waited out the pool");
+        assert!(updates > 0);
+    }
+    drop(held);
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_operation_queued_behind_stuck_statements_times_out_like_the_pool() {
+    let db = TestDatabase::create().await;
+    let shared = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(db.url())
+        .await
+        .unwrap();
+    let m = SessionManager::new(config(), shared.clone()).await.unwrap();
+    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    // Another client holds the row, so the update's statement waits for it, holding the one
+    // connection pgsession takes from a pool of two.
+    let blocker = pool(&db).await;
+    let mut tx = blocker.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
+        .bind(s.id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    s.set("k", 1).unwrap();
+    let stuck = {
+        let m = m.clone();
+        tokio::spawn(async move { m.update_session(&mut s).await })
+    };
+    eventually(Duration::from_secs(10), "the update waiting", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+        )
+        .fetch_one(&blocker)
+        .await
+        .unwrap()
+            > 0
+    })
+    .await;
+    let read = tokio::time::timeout(Duration::from_secs(10), m.get_session(Uuid::new_v4()))
+        .await
+        .expect("the read waited with no limit");
+    assert!(
+        matches!(read, Err(Error::Database(sqlx::Error::PoolTimedOut))),
+        "{read:?}"
+    );
+    tx.rollback().await.unwrap();
+    stuck.await.unwrap().unwrap();
     m.shutdown().await.unwrap();
 }
