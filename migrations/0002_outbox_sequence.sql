@@ -8,6 +8,9 @@
 -- before the crash could then delete another node's new, unannounced row. A logged sequence
 -- never goes back.
 --
+-- (A correction to the comments of migration 1, which cannot change once applied: the writing
+-- node deletes announced rows in bulk shortly after the NOTIFY, not in its transaction.)
+--
 -- Numbering continues above every number the identity handed out, so that numbers a node still
 -- holds (it may be running the previous version during a rolling upgrade) are never reused.
 CREATE SEQUENCE {{outbox_seq}};
