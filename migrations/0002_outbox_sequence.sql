@@ -13,6 +13,9 @@
 --
 -- Numbering continues above every number the identity handed out, so that numbers a node still
 -- holds (it may be running the previous version during a rolling upgrade) are never reused.
+-- Nodes of the previous version may be inserting meanwhile: no number may be taken between
+-- reading the last one and switching over.
+LOCK TABLE {{outbox}} IN ACCESS EXCLUSIVE MODE;
 CREATE SEQUENCE {{outbox_seq}};
 SELECT setval('{{outbox_seq}}', greatest(
     coalesce(pg_sequence_last_value(pg_get_serial_sequence('{{outbox}}', 'seq')::regclass), 0),
@@ -20,6 +23,25 @@ SELECT setval('{{outbox_seq}}', greatest(
 ) + 1, false);
 ALTER TABLE {{outbox}} ALTER COLUMN seq DROP IDENTITY;
 ALTER TABLE {{outbox}} ALTER COLUMN seq SET DEFAULT nextval('{{outbox_seq}}');
--- Dropped with the table. A role that writes sessions without owning them needs USAGE on it
--- (see the README).
+-- Dropped with the table.
 ALTER SEQUENCE {{outbox_seq}} OWNED BY {{outbox}}.seq;
+-- Unlike an identity column, a default of nextval() needs USAGE on the sequence: give it to
+-- every role that may insert into the outbox, so that writers keep working through the upgrade.
+DO $$
+DECLARE
+    grantee oid;
+BEGIN
+    FOR grantee IN
+        SELECT DISTINCT acl.grantee
+        FROM pg_class AS c, aclexplode(c.relacl) AS acl
+        WHERE c.oid = '{{outbox}}'::regclass AND acl.privilege_type = 'INSERT'
+          AND acl.grantee <> c.relowner
+    LOOP
+        IF grantee = 0 THEN
+            EXECUTE 'GRANT USAGE ON SEQUENCE {{outbox_seq}} TO PUBLIC';
+        ELSE
+            EXECUTE format('GRANT USAGE ON SEQUENCE {{outbox_seq}} TO %I', pg_get_userbyid(grantee));
+        END IF;
+    END LOOP;
+END
+$$;

@@ -81,8 +81,9 @@ pub struct Config {
     /// is current. Default true.
     pub run_migrations: bool,
     /// Connection URL for the LISTEN connection, when the pool cannot carry LISTEN (PgBouncer in
-    /// transaction mode, a hot standby). `None` uses the pool's own connect options. Default
-    /// `None`.
+    /// transaction mode, a hot standby). It must reach the same database, on the primary: the
+    /// resynchronisation after a reconnect reads session versions through it. `None` uses the
+    /// pool's own connect options. Default `None`.
     pub listen_url: Option<String>,
     /// When no notification has arrived for this long, the listener sends itself a notification
     /// and waits for it to come back, which proves that notifications are still delivered (a

@@ -14,17 +14,18 @@
 //! Sharing the pool: statements here run on at most four fifths of the pool's connections at
 //! once (rounded down; all but one of a pool of two to five), which leaves the rest to whoever
 //! else uses the pool, and a timer gives connections idle here longer than [`IDLE_RETURN`]
-//! back to it. A lease that found nothing kept waits for the pool and for a connection kept
-//! here, whichever comes first, within the pool's `acquire_timeout`. Kept connections skip the
-//! pool's `max_lifetime` and acquire/release hooks while they circulate here.
+//! back to it. A lease that finds nothing kept waits for the pool and, in turn with the other
+//! leases waiting (oldest first), for a connection kept here, whichever comes first, within
+//! the pool's `acquire_timeout`. Kept connections skip the pool's `max_lifetime` and
+//! acquire/release hooks while they circulate here.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
-use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 
 use crate::error::is_connection_lost;
 
@@ -33,16 +34,20 @@ pub(crate) const IDLE_RETURN: Duration = Duration::from_millis(500);
 
 pub(crate) struct Connections {
     pool: PgPool,
-    /// Most recently used last.
-    idle: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
+    kept: Mutex<Kept>,
     /// A lease holds one permit. Fewer permits than the pool has connections, so that a
     /// caller waiting in the pool itself is not starved by connections kept here.
     permits: Semaphore,
-    /// Signalled when a connection is kept, for a lease waiting in the pool.
-    kept: Notify,
-    /// Set at shutdown, under the `idle` lock: from then on connections go straight back to
-    /// the pool.
-    closing: AtomicBool,
+}
+
+struct Kept {
+    /// Most recently used last. Empty whenever a lease is waiting.
+    conns: Vec<(PoolConnection<Postgres>, Instant)>,
+    /// Leases that found nothing kept, oldest first; a connection being kept goes to the
+    /// first of them still waiting rather than onto the stack.
+    waiters: VecDeque<oneshot::Sender<PoolConnection<Postgres>>>,
+    /// Set at shutdown: from then on connections go straight back to the pool.
+    closing: bool,
 }
 
 /// A connection in use; [`Lease::keep_if`] it after a statement, or drop it.
@@ -59,16 +64,18 @@ impl Connections {
         let limit = max.saturating_sub(max.div_ceil(5)).max(1);
         Connections {
             permits: Semaphore::new(limit),
-            idle: Mutex::new(Vec::new()),
-            kept: Notify::new(),
-            closing: AtomicBool::new(false),
+            kept: Mutex::new(Kept {
+                conns: Vec::new(),
+                waiters: VecDeque::new(),
+                closing: false,
+            }),
             pool,
         }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(PoolConnection<Postgres>, Instant)>> {
-        // A Vec of owned connections cannot be left half-updated.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        // Owned connections and senders cannot be left half-updated.
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The most recently used kept connection, or else one from the pool. Fails with
@@ -86,49 +93,83 @@ impl Connections {
             .acquire()
             .await
             .map_err(|_| sqlx::Error::PoolClosed)?;
-        let conn = loop {
-            if let Some((conn, _)) = self.idle().pop() {
-                break conn;
-            }
-            // The pool may be empty because the application holds the rest while it waits for
-            // us: then only a connection kept here can free this lease.
-            tokio::select! {
-                conn = self.pool.acquire() => break conn?,
-                () = self.kept.notified() => {}
-            }
-        };
-        Ok(Lease {
+        let lease = |conn| Lease {
             conn: Some(conn),
             owner: self,
             _permit: permit,
-        })
+        };
+        let mut handed = {
+            let mut kept = self.kept();
+            if let Some((conn, _)) = kept.conns.pop() {
+                return Ok(lease(conn));
+            }
+            let (tx, rx) = oneshot::channel();
+            kept.waiters.retain(|w| !w.is_closed());
+            kept.waiters.push_back(tx);
+            rx
+        };
+        // The pool may be empty because the application holds the rest while it waits for
+        // pgsession: then only a connection kept here can serve this lease.
+        tokio::select! {
+            // An error means shutdown dropped the queue: the pool alone serves from then on.
+            Ok(conn) = &mut handed => Ok(lease(conn)),
+            pooled = self.pool.acquire() => {
+                // One may have been handed over at the same moment: pass it on.
+                handed.close();
+                if let Ok(extra) = handed.try_recv() {
+                    self.keep(extra);
+                }
+                Ok(lease(pooled?))
+            }
+        }
+    }
+
+    /// Hand `conn` to the oldest waiting lease, or else keep it for the next one.
+    fn keep(&self, mut conn: PoolConnection<Postgres>) {
+        let mut kept = self.kept();
+        if kept.closing {
+            // Dropped after the lock is released: back to the pool.
+            return;
+        }
+        while let Some(waiter) = kept.waiters.pop_front() {
+            match waiter.send(conn) {
+                Ok(()) => return,
+                // That lease gave up (its caller was cancelled or timed out).
+                Err(back) => conn = back,
+            }
+        }
+        kept.conns.push((conn, Instant::now()));
     }
 
     /// Give connections idle longer than [`IDLE_RETURN`] (or all, with `all`) back to the
     /// pool. Never waits.
     pub(crate) fn return_idle(&self, all: bool) {
         let stale: Vec<_> = {
-            let mut idle = self.idle();
+            let mut kept = self.kept();
             let keep_from = if all {
-                idle.len()
+                kept.conns.len()
             } else {
-                idle.partition_point(|(_, since)| since.elapsed() >= IDLE_RETURN)
+                kept.conns
+                    .partition_point(|(_, since)| since.elapsed() >= IDLE_RETURN)
             };
-            idle.drain(..keep_from).collect()
+            kept.conns.drain(..keep_from).collect()
         };
         // Dropping returns them to the pool (sqlx pings them on the way).
         drop(stale);
     }
 
-    /// Stop keeping connections and give back the kept ones (shutdown).
+    /// Stop keeping connections and give back the kept ones (shutdown). Leases still waiting
+    /// are left to the pool.
     pub(crate) fn close(&self) {
-        let kept = {
-            let mut idle = self.idle();
-            // Under the lock, so that no lease keeps its connection after this.
-            self.closing.store(true, Ordering::Relaxed);
-            std::mem::take(&mut *idle)
+        let (conns, waiters) = {
+            let mut kept = self.kept();
+            kept.closing = true;
+            (
+                std::mem::take(&mut kept.conns),
+                std::mem::take(&mut kept.waiters),
+            )
         };
-        drop(kept);
+        drop((conns, waiters));
     }
 }
 
@@ -150,14 +191,8 @@ impl Lease<'_> {
             // Anything else may have left the connection mid-protocol: the pool checks it.
             Err(_) => return,
         }
-        let mut idle = self.owner.idle();
-        if self.owner.closing.load(Ordering::Relaxed) {
-            return;
-        }
         if let Some(conn) = self.conn.take() {
-            idle.push((conn, Instant::now()));
-            drop(idle);
-            self.owner.kept.notify_one();
+            self.owner.keep(conn);
         }
     }
 }

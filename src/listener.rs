@@ -140,8 +140,8 @@ pub(crate) async fn run(inner: Arc<Inner>, mut shutdown: Signal) {
             }
         }
         let attempt = async {
-            let listener = connect(&inner, &mut probe).await?;
-            let evicted = resync(&inner).await?;
+            let mut listener = connect(&inner, &mut probe).await?;
+            let evicted = resync(&inner, &mut listener).await?;
             // Notifications that arrive during the resynchronisation wait in the connection
             // and are applied first thing in `serve`.
             Ok::<_, String>((listener, evicted))
@@ -278,10 +278,10 @@ async fn connect(inner: &Inner, probe: &mut Probe) -> Result<PgListener, String>
 /// Evict every cached session whose database version differs or that is gone, and everything
 /// if a cache clear was announced while nobody listened. Runs after LISTEN is active, so a
 /// change committed after these queries' snapshots will be announced.
-async fn resync(inner: &Inner) -> Result<usize, String> {
+async fn resync(inner: &Inner, listener: &mut PgListener) -> Result<usize, String> {
     let limit = inner.config.listener_timeout;
     let failed = |e: crate::Error| format!("resynchronisation failed: {e}");
-    let epoch = timeout(limit, inner.store.cache_epoch())
+    let epoch = timeout(limit, inner.store.cache_epoch(&mut *listener))
         .await
         .map_err(|_| "resynchronisation timed out".to_string())?
         .map_err(failed)?;
@@ -297,7 +297,7 @@ async fn resync(inner: &Inner) -> Result<usize, String> {
     let mut current = HashMap::with_capacity(snapshot.len());
     for chunk in snapshot.chunks(RESYNC_CHUNK) {
         let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-        let versions = timeout(limit, inner.store.versions(&ids))
+        let versions = timeout(limit, inner.store.versions(&mut *listener, &ids))
             .await
             .map_err(|_| "resynchronisation timed out".to_string())?
             .map_err(failed)?;

@@ -230,6 +230,14 @@ mod tests {
         run_these(&pool, &names, true, &MIGRATIONS[..1])
             .await
             .unwrap();
+        // Writers that are not the owner, here everyone.
+        sqlx::query(AssertSqlSafe(format!(
+            "GRANT INSERT, DELETE ON {} TO PUBLIC",
+            names.outbox
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
         let insert = format!(
             "INSERT INTO {} (payload) VALUES ('p') RETURNING seq",
             names.outbox
@@ -273,6 +281,15 @@ mod tests {
         .unwrap();
         assert_eq!(identity, "NO");
         assert!(owned, "the sequence would outlive its table");
+        let public_usage: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM aclexplode( \
+                 (SELECT relacl FROM pg_class WHERE oid = 'public.sessions_outbox_seq'::regclass)) \
+                 WHERE grantee = 0 AND privilege_type = 'USAGE')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(public_usage, "writers lost the right to number outbox rows");
         run(&pool, &names, false).await.unwrap();
         pool.close().await;
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use sqlx::postgres::{PgConnection, PgPool, PgRow};
+use sqlx::postgres::{PgConnection, PgExecutor, PgPool, PgRow};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
@@ -532,13 +532,17 @@ impl Store {
 
     /// Current versions of the given sessions (absent ones are missing from the result).
     ///
-    /// Resynchronisation runs this and [`Store::cache_epoch`] on the pool itself, so that it
-    /// does not queue for pgsession's connections behind the request traffic that a distrusted
-    /// cache sends to the database.
-    pub(crate) async fn versions(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64)>> {
+    /// Resynchronisation runs this and [`Store::cache_epoch`] on the listener's own
+    /// connection: while the cache is distrusted every read goes to the database, and the
+    /// pool may have no connection to spare.
+    pub(crate) async fn versions<'e>(
+        &self,
+        conn: impl PgExecutor<'e>,
+        ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, i64)>> {
         Ok(sqlx::query_as(AssertSqlSafe(self.sql.versions.clone()))
             .bind(ids)
-            .fetch_all(&self.pool)
+            .fetch_all(conn)
             .await?)
     }
 
@@ -553,9 +557,9 @@ impl Store {
     }
 
     /// The number of cache clears so far.
-    pub(crate) async fn cache_epoch(&self) -> Result<i64> {
+    pub(crate) async fn cache_epoch<'e>(&self, conn: impl PgExecutor<'e>) -> Result<i64> {
         Ok(sqlx::query_scalar(AssertSqlSafe(self.sql.epoch.clone()))
-            .fetch_one(&self.pool)
+            .fetch_one(conn)
             .await?)
     }
 

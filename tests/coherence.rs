@@ -779,3 +779,44 @@ async fn concurrent_writes_are_announced_to_other_nodes_and_retired_in_bulk() {
     assert_eq!(batches.iter().sum::<i64>(), 40);
     assert!(batches.len() < 10, "{batches:?}");
 }
+
+#[tokio::test]
+async fn resynchronisation_needs_no_pool_connection() {
+    let db = TestDatabase::create().await;
+    let shared = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(db.url())
+        .await
+        .unwrap();
+    let b = SessionManager::new(config(), shared.clone()).await.unwrap();
+    let s = b.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert_eq!(version_on(&b, s.id).await, Some(1));
+    // The application takes the whole pool (pgsession hands back what it kept once idle).
+    let held = vec![
+        shared.acquire().await.unwrap(),
+        shared.acquire().await.unwrap(),
+    ];
+    let check = pool(&db).await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'pgsession-listener'",
+    )
+    .fetch_all(&check)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true]);
+    // Reconnected and resynchronised, with no pool connection to be had.
+    eventually(
+        RECOVERY,
+        "the cache trusted again after a reconnect",
+        || {
+            let stats = b.stats();
+            async move { stats.reconnects >= 1 && stats.cache_trusted }
+        },
+    )
+    .await;
+    drop(held);
+    assert_eq!(version_on(&b, s.id).await, Some(1));
+    b.shutdown().await.unwrap();
+}

@@ -1230,7 +1230,8 @@ async fn a_shared_pool_keeps_a_connection_for_the_application_under_session_load
     m.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+// Several worker threads, so that a lease woken for a connection races newcomers for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_waiting_for_a_busy_shared_pool_take_connections_pgsession_frees() {
     let db = TestDatabase::create().await;
     let shared = PgPoolOptions::new()
@@ -1305,7 +1306,8 @@ async fn an_operation_queued_behind_stuck_statements_times_out_like_the_pool() {
     };
     eventually(Duration::from_secs(10), "the update waiting", || async {
         sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
         )
         .fetch_one(&blocker)
         .await
