@@ -147,15 +147,15 @@ impl Sql {
                  ), queued AS ( \
                      INSERT INTO {outbox} (payload) \
                      SELECT 'u ' || replace(id::text, '-', '') || ' ' || version FROM updated \
-                     RETURNING seq \
+                     RETURNING seq, payload \
                  ) \
-                 SELECT updated.*, queued.seq FROM updated, queued",
+                 SELECT updated.*, queued.seq, queued.payload FROM updated, queued",
             ),
             delete: render(
                 "WITH deleted AS (DELETE FROM {t} WHERE id = $1 RETURNING id) \
                  INSERT INTO {outbox} (payload) \
                  SELECT 'd ' || replace(id::text, '-', '') FROM deleted \
-                 RETURNING seq",
+                 RETURNING seq, payload",
             ),
             // Announce queued invalidations. The commit need not wait for the WAL flush
             // (nothing durable is written), which keeps NOTIFY's cluster-wide commit lock short.
@@ -315,13 +315,11 @@ impl Store {
     }
 
     async fn fetch_row(&self, id: Uuid) -> Result<Option<PgRow>, sqlx::Error> {
-        let mut conn = self.conns.acquire().await?;
-        let row = sqlx::query(AssertSqlSafe(self.sql.select_one.clone()))
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await;
-        conn.keep_if(&row);
-        row
+        on_conn!(
+            self,
+            sqlx::query(AssertSqlSafe(self.sql.select_one.clone())).bind(id),
+            fetch_optional
+        )
     }
 
     /// Sessions of a user not past their absolute expiry, most recently used first.
@@ -345,36 +343,34 @@ impl Store {
     pub(crate) async fn create(&self, new: &NewSession<'_>) -> Result<Vec<Uuid>> {
         match new.cap {
             None => {
-                let mut conn = self.conns.acquire().await?;
-                let done = sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
-                    .bind(new.id)
-                    .bind(new.user_id)
-                    .bind(Json(new.attributes))
-                    .bind(new.now)
-                    .bind(new.expires_at)
-                    .execute(&mut *conn)
-                    .await;
-                conn.keep_if(&done);
-                done?;
-                Ok(Vec::new())
-            }
-            Some((cap, reject)) => {
-                let call = || async {
-                    let mut conn = self.conns.acquire().await?;
-                    let evicted = sqlx::query_scalar(AssertSqlSafe(self.sql.create_capped.clone()))
+                on_conn!(
+                    self,
+                    sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
                         .bind(new.id)
                         .bind(new.user_id)
                         .bind(Json(new.attributes))
                         .bind(new.now)
-                        .bind(new.expires_at)
-                        .bind(new.idle_cutoff)
-                        // validated to fit i32
-                        .bind(cap as i32)
-                        .bind(reject)
-                        .fetch_one(&mut *conn)
-                        .await;
-                    conn.keep_if(&evicted);
-                    evicted
+                        .bind(new.expires_at),
+                    execute
+                )?;
+                Ok(Vec::new())
+            }
+            Some((cap, reject)) => {
+                let call = || async {
+                    on_conn!(
+                        self,
+                        sqlx::query_scalar(AssertSqlSafe(self.sql.create_capped.clone()))
+                            .bind(new.id)
+                            .bind(new.user_id)
+                            .bind(Json(new.attributes))
+                            .bind(new.now)
+                            .bind(new.expires_at)
+                            .bind(new.idle_cutoff)
+                            // validated to fit i32
+                            .bind(cap as i32)
+                            .bind(reject),
+                        fetch_one
+                    )
                 };
                 // Evicting rows can deadlock with another node's last-access flush; the
                 // transaction was rolled back entirely, so running it again is safe.
@@ -405,20 +401,20 @@ impl Store {
     /// `attributes` are `None` when they equal the caller's copy with the delta applied, and
     /// the outbox entry of its invalidation.
     pub(crate) async fn update(&self, delta: &Delta<'_>) -> Result<Option<(Updated, Queued)>> {
-        let mut conn = self.conns.acquire().await?;
-        let row = sqlx::query(AssertSqlSafe(self.sql.update.clone()))
-            .bind(delta.id)
-            .bind(&delta.removed)
-            .bind(Json(&delta.set))
-            .bind(delta.expires_at)
-            .bind(delta.now)
-            .bind(delta.idle_cutoff)
-            .bind(delta.pending_access)
-            .bind(delta.base_version)
-            .fetch_optional(&mut *conn)
-            .await;
-        conn.keep_if(&row);
-        let Some(row) = row? else { return Ok(None) };
+        let row = on_conn!(
+            self,
+            sqlx::query(AssertSqlSafe(self.sql.update.clone()))
+                .bind(delta.id)
+                .bind(&delta.removed)
+                .bind(Json(&delta.set))
+                .bind(delta.expires_at)
+                .bind(delta.now)
+                .bind(delta.idle_cutoff)
+                .bind(delta.pending_access)
+                .bind(delta.base_version),
+            fetch_optional
+        )?;
+        let Some(row) = row else { return Ok(None) };
         let attributes: Option<Json<Map<String, Value>>> = row.try_get("attributes")?;
         let updated = Updated {
             user_id: row.try_get("user_id")?,
@@ -431,24 +427,19 @@ impl Store {
         };
         let queued = Queued {
             seq: row.try_get("seq")?,
-            payload: format!("u {} {}", delta.id.simple(), updated.version),
+            payload: row.try_get("payload")?,
         };
         Ok(Some((updated, queued)))
     }
 
     /// Delete one session; its outbox entry when it existed.
     pub(crate) async fn delete(&self, id: Uuid) -> Result<Option<Queued>> {
-        let mut conn = self.conns.acquire().await?;
-        let seq = sqlx::query_scalar(AssertSqlSafe(self.sql.delete.clone()))
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await;
-        conn.keep_if(&seq);
-        let seq: Option<i64> = seq?;
-        Ok(seq.map(|seq| Queued {
-            seq,
-            payload: format!("d {}", id.simple()),
-        }))
+        let queued: Option<(i64, String)> = on_conn!(
+            self,
+            sqlx::query_as(AssertSqlSafe(self.sql.delete.clone())).bind(id),
+            fetch_optional
+        )?;
+        Ok(queued.map(|(seq, payload)| Queued { seq, payload }))
     }
 
     /// Send queued invalidations (`messages`, each under 8000 bytes), on `conn` (the
