@@ -783,13 +783,7 @@ async fn concurrent_writes_are_announced_to_other_nodes_and_retired_in_bulk() {
 #[tokio::test]
 async fn resynchronisation_needs_no_pool_connection() {
     let db = TestDatabase::create().await;
-    let shared = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(db.url())
-        .await
-        .unwrap();
-    let b = SessionManager::new(config(), shared.clone()).await.unwrap();
+    let (shared, b) = shared_pool_node(&db, 2, Duration::from_secs(10)).await;
     let s = b.create_session(Uuid::new_v4(), small()).await.unwrap();
     assert_eq!(version_on(&b, s.id).await, Some(1));
     // The application takes the whole pool (pgsession hands back what it kept once idle).

@@ -1148,12 +1148,7 @@ async fn the_schema_script_prepares_a_database_the_manager_accepts_without_migra
 #[tokio::test]
 async fn connections_kept_between_operations_go_back_to_a_shared_pool_when_idle() {
     let db = TestDatabase::create().await;
-    let shared = PgPoolOptions::new()
-        .max_connections(3)
-        .connect(db.url())
-        .await
-        .unwrap();
-    let m = SessionManager::new(config(), shared.clone()).await.unwrap();
+    let (shared, m) = shared_pool_node(&db, 3, Duration::from_secs(30)).await;
     // More concurrent operations than the pool has connections.
     let creates: Vec<_> = (0..12)
         .map(|_| {
@@ -1177,13 +1172,7 @@ async fn connections_kept_between_operations_go_back_to_a_shared_pool_when_idle(
 #[tokio::test]
 async fn a_shared_pool_keeps_a_connection_for_the_application_under_session_load() {
     let db = TestDatabase::create().await;
-    let shared = PgPoolOptions::new()
-        .max_connections(5)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect(db.url())
-        .await
-        .unwrap();
-    let m = SessionManager::new(config(), shared.clone()).await.unwrap();
+    let (shared, m) = shared_pool_node(&db, 5, Duration::from_secs(30)).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Far more session traffic than the pool has connections, until told to stop.
@@ -1234,13 +1223,7 @@ async fn a_shared_pool_keeps_a_connection_for_the_application_under_session_load
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_waiting_for_a_busy_shared_pool_take_connections_pgsession_frees() {
     let db = TestDatabase::create().await;
-    let shared = PgPoolOptions::new()
-        .max_connections(5)
-        .acquire_timeout(Duration::from_secs(3))
-        .connect(db.url())
-        .await
-        .unwrap();
-    let m = SessionManager::new(config(), shared.clone()).await.unwrap();
+    let (shared, m) = shared_pool_node(&db, 5, Duration::from_secs(3)).await;
     let sessions = {
         let mut v = Vec::new();
         for _ in 0..8 {
@@ -1282,13 +1265,7 @@ async fn operations_waiting_for_a_busy_shared_pool_take_connections_pgsession_fr
 #[tokio::test]
 async fn an_operation_queued_behind_stuck_statements_times_out_like_the_pool() {
     let db = TestDatabase::create().await;
-    let shared = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(1))
-        .connect(db.url())
-        .await
-        .unwrap();
-    let m = SessionManager::new(config(), shared.clone()).await.unwrap();
+    let (_shared, m) = shared_pool_node(&db, 2, Duration::from_secs(1)).await;
     let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     // Another client holds the row, so the update's statement waits for it, holding the one
     // connection pgsession takes from a pool of two.

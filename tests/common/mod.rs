@@ -61,6 +61,25 @@ pub async fn pool(db: &TestDatabase) -> PgPool {
         .expect("test pool connects")
 }
 
+/// A pool of `max` connections that the test (as the application) shares with a manager
+/// built on it, and that manager.
+pub async fn shared_pool_node(
+    db: &TestDatabase,
+    max: u32,
+    acquire_timeout: Duration,
+) -> (PgPool, SessionManager) {
+    let shared = PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(acquire_timeout)
+        .connect(db.url())
+        .await
+        .expect("shared pool connects");
+    let node = SessionManager::new(config(), shared.clone())
+        .await
+        .expect("manager on the shared pool starts");
+    (shared, node)
+}
+
 /// `(key, value)` attribute pairs.
 pub fn attrs(pairs: &[(&str, Value)]) -> Vec<(String, Value)> {
     pairs
