@@ -204,14 +204,17 @@ pub(crate) async fn announce(inner: Arc<Inner>, mut shutdown: Signal) {
             _ = outbox.wake.notified() => {}
             _ = tokio::time::sleep_until(retire_due.into()), if !announcer.to_retire.is_empty() => {}
         }
-        let mut backoff = Duration::from_millis(50);
+        // The first retry comes at once: a connection that died while idle (a restarted
+        // database, a terminated backend) is only found out when used, and a fresh one
+        // usually works straight away. Other nodes serve the old state until this succeeds.
+        let mut backoff = Duration::ZERO;
         while let Err(e) = announcer.announce_queued(&inner).await {
             tracing::warn!(error = %e, retry_in = ?backoff, "pgsession: announcing invalidations failed; will retry");
             tokio::select! {
                 _ = shutdown.recv() => break 'running,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(ORPHAN_GRACE);
+            backoff = (backoff * 2).clamp(Duration::from_millis(50), ORPHAN_GRACE);
         }
         announcer.retire(&inner, false).await;
     }

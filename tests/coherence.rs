@@ -264,6 +264,53 @@ async fn a_fill_that_read_before_an_invalidation_is_not_installed_after_it() {
 }
 
 #[tokio::test]
+async fn a_lost_announcer_connection_is_replaced_and_the_write_still_reaches_other_nodes() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let b = node(&db, config()).await;
+    let check = pool(&db).await;
+    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    b.get_session(s.id).await.unwrap().unwrap();
+    set_and_save(&a, &mut s, "n", json!(1)).await;
+    let seen = b.clone();
+    eventually(VISIBLE_WITHIN, "B serves version 2", move || {
+        let b = seen.clone();
+        async move { version_on(&b, s.id).await == Some(2) }
+    })
+    .await;
+
+    // The announcer's connection dies while idle, as in a database restart.
+    let announcer = "SELECT pid FROM pg_stat_activity \
+                     WHERE datname = current_database() AND application_name = 'pgsession-announcer'";
+    let pids: Vec<i32> = sqlx::query_scalar(announcer)
+        .fetch_all(&check)
+        .await
+        .unwrap();
+    assert_eq!(pids.len(), 1, "A announced on a connection of its own");
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+        .bind(pids[0])
+        .fetch_one(&check)
+        .await
+        .unwrap();
+    assert!(killed);
+
+    set_and_save(&a, &mut s, "n", json!(2)).await;
+    let seen = b.clone();
+    // Well before the sweep (ORPHAN_GRACE, 2 s) would announce the row instead.
+    eventually(VISIBLE_WITHIN, "B serves version 3", move || {
+        let b = seen.clone();
+        async move { version_on(&b, s.id).await == Some(3) }
+    })
+    .await;
+    let replaced: Vec<i32> = sqlx::query_scalar(announcer)
+        .fetch_all(&check)
+        .await
+        .unwrap();
+    assert_eq!(replaced.len(), 1);
+    assert_ne!(replaced[0], pids[0], "a new announcer connection");
+}
+
+#[tokio::test]
 async fn killed_listener_backend_degrades_to_database_reads_then_resynchronises() {
     let db = TestDatabase::create().await;
     let a = node(&db, config()).await;
@@ -399,11 +446,18 @@ async fn half_open_listener_connection_is_detected_by_the_probe() {
 async fn database_restart_fails_calls_with_typed_errors_and_recovers_without_stale_reads() {
     let server = TempPostgres::start().expect("private server");
     let url = server.url("postgres");
+    // B's listener goes through a proxy so that the test decides when it may come back.
+    let proxy = FaultProxy::start(socket_addr(&url).await).await;
     let a = SessionManager::connect(config(), &url).await.unwrap();
-    let b = SessionManager::connect(config(), &url).await.unwrap();
+    let b_config = Config {
+        listen_url: Some(proxy.proxied_url(&url)),
+        ..config()
+    };
+    let b = SessionManager::connect(b_config, &url).await.unwrap();
     let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
     b.get_session(s.id).await.unwrap().unwrap();
 
+    proxy.refuse_new(true);
     server.stop().unwrap();
     wait_distrusted(&b).await;
     match b.get_session(s.id).await {
@@ -413,6 +467,7 @@ async fn database_restart_fails_calls_with_typed_errors_and_recovers_without_sta
 
     server.start_again().unwrap();
     // A's pooled connections died with the server: a write may fail (typed) before one works.
+    // B's listener is still kept out, so nobody hears this write's announcement.
     let mut attempts = 0;
     loop {
         s.set("theme", "light").unwrap();
@@ -426,19 +481,31 @@ async fn database_restart_fails_calls_with_typed_errors_and_recovers_without_sta
         }
     }
     assert_eq!(s.version, 2);
-    // Never the pre-restart copy.
+    // The pre-restart copy is still in B's memory, and never served.
     for _ in 0..5 {
         match b.get_session(s.id).await {
             Ok(found) => assert_eq!(found.map(|s| s.version), Some(2)),
             Err(e) => assert!(e.is_transient(), "{e:?}"),
         }
     }
+    assert!(!*b.subscribe_cache_trust().borrow(), "still not listening");
+
+    proxy.refuse_new(false);
     wait_trusted(&b).await;
-    assert_eq!(version_on(&b, s.id).await, Some(2));
+    assert_eq!(version_on(&b, s.id).await, Some(2), "resync evicted it");
     let hits = b.stats().hits;
     assert_eq!(version_on(&b, s.id).await, Some(2));
     assert_eq!(b.stats().hits, hits + 1, "cache in use again");
     assert!(b.stats().reconnects >= 1);
+
+    // And with everything healthy again, A's writes reach B as usual.
+    set_and_save(&a, &mut s, "theme", json!("dark")).await;
+    let seen = b.clone();
+    eventually(VISIBLE_WITHIN, "B serves A's next write", move || {
+        let b = seen.clone();
+        async move { version_on(&b, s.id).await == Some(3) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
