@@ -30,6 +30,20 @@ async fn version_on(node: &SessionManager, id: Uuid) -> Option<i64> {
     node.get_session(id).await.unwrap().map(|s| s.version)
 }
 
+/// Wait until `node` serves `expected` for `id`: a version, or `None` once it is gone.
+async fn wait_serves(
+    node: &SessionManager,
+    id: Uuid,
+    expected: Option<i64>,
+    within: Duration,
+    what: &str,
+) {
+    eventually(within, what, || async move {
+        version_on(node, id).await == expected
+    })
+    .await;
+}
+
 async fn wait_distrusted(node: &SessionManager) {
     let mut trust = node.subscribe_cache_trust();
     tokio::time::timeout(RECOVERY, trust.wait_for(|trusted| !*trusted))
@@ -59,26 +73,19 @@ async fn update_and_delete_on_one_node_are_seen_on_another_within_a_second() {
     );
 
     set_and_save(&a, &mut s, "theme", json!("light")).await;
-    let seen = b.clone();
-    eventually(VISIBLE_WITHIN, "B serves version 2", move || {
-        let b = seen.clone();
-        async move { version_on(&b, s.id).await == Some(2) }
-    })
-    .await;
+    wait_serves(&b, s.id, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
     for _ in 0..20 {
         assert_eq!(version_on(&b, s.id).await, Some(2), "never flips back");
     }
     assert!(b.stats().invalidations >= 1);
 
     assert!(a.delete_session(s.id).await.unwrap());
-    let seen = b.clone();
-    eventually(
+    wait_serves(
+        &b,
+        s.id,
+        None,
         VISIBLE_WITHIN,
         "B stops serving the deleted session",
-        move || {
-            let b = seen.clone();
-            async move { version_on(&b, s.id).await.is_none() }
-        },
     )
     .await;
 }
@@ -118,10 +125,8 @@ async fn logout_everywhere_evicts_hundreds_of_sessions_on_other_nodes() {
     // One notification for all of them: listing 350 ids would exceed NOTIFY's 8000 bytes and
     // roll the delete back.
     assert_eq!(a.delete_all_user_sessions(user).await.unwrap(), 350);
-    let seen = b.clone();
-    eventually(VISIBLE_WITHIN, "B evicted all 350", move || {
-        let b = seen.clone();
-        async move { b.stats().entries == 0 }
+    eventually(VISIBLE_WITHIN, "B evicted all 350", || async {
+        b.stats().entries == 0
     })
     .await;
     for id in &ids {
@@ -154,10 +159,8 @@ async fn cap_eviction_of_hundreds_of_sessions_reaches_other_nodes() {
     // them in chunks that each fit the payload limit.
     let newest = capped.create_session(user, small()).await.unwrap();
     assert_eq!(capped.list_user_sessions(user).await.unwrap().len(), 5);
-    let seen = b.clone();
-    eventually(VISIBLE_WITHIN, "B evicted the 296", move || {
-        let b = seen.clone();
-        async move { b.stats().entries == 4 }
+    eventually(VISIBLE_WITHIN, "B evicted the 296", || async {
+        b.stats().entries == 4
     })
     .await;
     let live: Vec<Uuid> = capped
@@ -202,10 +205,8 @@ async fn cleanup_of_thousands_of_expired_sessions_evicts_them_on_other_nodes() {
     assert!(b.get_session(ids[0]).await.unwrap().is_some());
     // ...until cleanup deletes them and says so, 200 ids per notification.
     assert_eq!(a.cleanup_expired().await.unwrap(), 2500);
-    let seen = b.clone();
-    eventually(VISIBLE_WITHIN, "B evicted all 2500", move || {
-        let b = seen.clone();
-        async move { b.stats().entries == 0 }
+    eventually(VISIBLE_WITHIN, "B evicted all 2500", || async {
+        b.stats().entries == 0
     })
     .await;
     assert!(b.get_session(ids[0]).await.unwrap().is_none());
@@ -246,10 +247,8 @@ async fn a_fill_that_read_before_an_invalidation_is_not_installed_after_it() {
     proxy.wait_until_response_held().await;
     let before = b.stats().invalidations;
     set_and_save(&a, &mut s, "theme", json!("light")).await;
-    let seen = b.clone();
-    eventually(VISIBLE_WITHIN, "B applied the invalidation", move || {
-        let b = seen.clone();
-        async move { b.stats().invalidations > before }
+    eventually(VISIBLE_WITHIN, "B applied the invalidation", || async {
+        b.stats().invalidations > before
     })
     .await;
     proxy.resume();
@@ -272,12 +271,7 @@ async fn a_lost_announcer_connection_is_replaced_and_the_write_still_reaches_oth
     let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
     b.get_session(s.id).await.unwrap().unwrap();
     set_and_save(&a, &mut s, "n", json!(1)).await;
-    let seen = b.clone();
-    eventually(VISIBLE_WITHIN, "B serves version 2", move || {
-        let b = seen.clone();
-        async move { version_on(&b, s.id).await == Some(2) }
-    })
-    .await;
+    wait_serves(&b, s.id, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
 
     // The announcer's connection dies while idle, as in a database restart.
     let announcer = "SELECT pid FROM pg_stat_activity \
@@ -295,13 +289,8 @@ async fn a_lost_announcer_connection_is_replaced_and_the_write_still_reaches_oth
     assert!(killed);
 
     set_and_save(&a, &mut s, "n", json!(2)).await;
-    let seen = b.clone();
     // Well before the sweep (ORPHAN_GRACE, 2 s) would announce the row instead.
-    eventually(VISIBLE_WITHIN, "B serves version 3", move || {
-        let b = seen.clone();
-        async move { version_on(&b, s.id).await == Some(3) }
-    })
-    .await;
+    wait_serves(&b, s.id, Some(3), VISIBLE_WITHIN, "B serves version 3").await;
     let replaced: Vec<i32> = sqlx::query_scalar(announcer)
         .fetch_all(&check)
         .await
@@ -500,12 +489,7 @@ async fn database_restart_fails_calls_with_typed_errors_and_recovers_without_sta
 
     // And with everything healthy again, A's writes reach B as usual.
     set_and_save(&a, &mut s, "theme", json!("dark")).await;
-    let seen = b.clone();
-    eventually(VISIBLE_WITHIN, "B serves A's next write", move || {
-        let b = seen.clone();
-        async move { version_on(&b, s.id).await == Some(3) }
-    })
-    .await;
+    wait_serves(&b, s.id, Some(3), VISIBLE_WITHIN, "B serves A's next write").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -556,10 +540,8 @@ async fn interleaved_misses_and_writes_converge_to_the_database_version() {
         assert!(r.await.unwrap() > 0);
     }
     // Quiet: B has received every invalidation.
-    let seen = b.clone();
-    eventually(VISIBLE_WITHIN, "B received all invalidations", move || {
-        let b = seen.clone();
-        async move { b.stats().invalidations >= writes as u64 }
+    eventually(VISIBLE_WITHIN, "B received all invalidations", || async {
+        b.stats().invalidations >= writes as u64
     })
     .await;
     for id in ids {
@@ -611,10 +593,8 @@ async fn many_tasks_hitting_the_cache_while_invalidations_arrive_see_monotonic_v
         r.await.unwrap();
     }
     let expected_messages = 5 * sessions.iter().step_by(3).count() as u64;
-    let seen = b.clone();
-    eventually(VISIBLE_WITHIN, "all invalidations received", move || {
-        let b = seen.clone();
-        async move { b.stats().invalidations >= expected_messages }
+    eventually(VISIBLE_WITHIN, "all invalidations received", || async {
+        b.stats().invalidations >= expected_messages
     })
     .await;
     for id in &ids {
@@ -671,11 +651,13 @@ async fn cache_max_age_bounds_how_long_writes_outside_pgsession_go_unseen() {
     .await
     .unwrap();
     let started = std::time::Instant::now();
-    let seen = b.clone();
-    eventually(max_age * 5, "re-read after cache_max_age", move || {
-        let b = seen.clone();
-        async move { version_on(&b, s.id).await == Some(2) }
-    })
+    wait_serves(
+        &b,
+        s.id,
+        Some(2),
+        max_age * 5,
+        "re-read after cache_max_age",
+    )
     .await;
     assert!(started.elapsed() >= max_age / 2);
 }
@@ -760,14 +742,12 @@ async fn invalidations_left_in_the_outbox_by_a_stopped_node_are_announced_by_the
         Some(1),
         "nobody announced it yet"
     );
-    let seen = b.clone();
-    eventually(
+    wait_serves(
+        &b,
+        s.id,
+        Some(2),
         Duration::from_secs(5),
         "the sweep announced it",
-        move || {
-            let b = seen.clone();
-            async move { version_on(&b, s.id).await == Some(2) }
-        },
     )
     .await;
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions_outbox")
@@ -816,12 +796,7 @@ async fn concurrent_writes_are_announced_to_other_nodes_and_retired_in_bulk() {
         ids.push(w.await.unwrap());
     }
     for id in ids {
-        let b = b.clone();
-        eventually(VISIBLE_WITHIN, "B sees every update", move || {
-            let b = b.clone();
-            async move { version_on(&b, id).await == Some(2) }
-        })
-        .await;
+        wait_serves(&b, id, Some(2), VISIBLE_WITHIN, "B sees every update").await;
     }
     let stats = a.stats();
     assert_eq!(stats.invalidations_announced, 40);
