@@ -252,7 +252,8 @@ async fn the_cap_refuses_to_run_outside_read_committed() {
 #[tokio::test]
 async fn absolutely_expired_session_is_never_returned_even_before_cleanup() {
     let db = TestDatabase::create().await;
-    let ttl = Duration::from_millis(600);
+    // Long enough that the first read surely comes before expiry.
+    let ttl = Duration::from_secs(1);
     let m = node(
         &db,
         Config {
@@ -287,24 +288,26 @@ async fn absolutely_expired_session_is_never_returned_even_before_cleanup() {
 #[tokio::test]
 async fn idle_session_expires_and_accesses_keep_it_alive() {
     let db = TestDatabase::create().await;
-    let idle = Duration::from_millis(800);
+    // Each 200 ms step may stall for another second before `used` really goes idle.
+    let idle = Duration::from_millis(1200);
     let config = Config {
         idle_timeout: Some(idle),
         last_access_flush_interval: Duration::from_millis(300),
         ..config()
     };
     let m = node(&db, config.clone()).await;
+    // Started now: starting a node takes time the last access must not age by.
+    let other = node(&db, config).await;
     let used = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     let unused = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    // Access one session every 200 ms for 1.2 s (longer than the idle timeout).
-    for _ in 0..6 {
+    // Access one session every 200 ms for 1.6 s (longer than the idle timeout).
+    for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(m.get_session(used.id).await.unwrap().is_some());
     }
     assert!(m.get_session(unused.id).await.unwrap().is_none());
     // Another node sees the accesses once they are flushed.
     m.flush_last_access().await.unwrap();
-    let other = node(&db, config).await;
     assert!(other.get_session(used.id).await.unwrap().is_some());
     assert!(other.get_session(unused.id).await.unwrap().is_none());
 }
@@ -312,7 +315,8 @@ async fn idle_session_expires_and_accesses_keep_it_alive() {
 #[tokio::test]
 async fn set_expires_at_extends_a_session() {
     let db = TestDatabase::create().await;
-    let ttl = Duration::from_millis(500);
+    // Long enough that the update surely comes before expiry.
+    let ttl = Duration::from_secs(1);
     let m = node(
         &db,
         Config {
@@ -1052,13 +1056,23 @@ async fn a_cancelled_start_leaves_no_listener_behind() {
         || async { listeners().await == 0 },
     )
     .await;
-    // Give up on starting while the manager waits for its listener.
+    // Give up on starting while the manager waits for its listener, which cannot finish
+    // connecting: the server has answered, and the answer is held.
+    let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
+    proxy.hold_responses();
     let url = db.url().to_string();
-    let start = tokio::spawn(async move { SessionManager::connect(config(), &url).await });
+    let config = Config {
+        listen_url: Some(proxy.proxied_url(&url)),
+        listener_timeout: Duration::from_secs(30),
+        ..config()
+    };
+    let start = tokio::spawn(async move { SessionManager::connect(config, &url).await });
     eventually(Duration::from_secs(5), "the listener connected", || async {
         listeners().await == 1
     })
     .await;
+    proxy.wait_until_response_held().await;
+    assert!(!start.is_finished(), "still starting");
     start.abort();
     let _ = start.await;
     eventually(

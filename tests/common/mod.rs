@@ -28,11 +28,22 @@ pub fn config() -> Config {
     }
 }
 
-/// A node: a manager with its own pool, as a separate process would have.
+/// A node: a manager with its own pool, as a separate process would have, once it trusts its
+/// cache (a manager whose listener is slow to start serves from the database until then, which
+/// would change what a test counts).
 pub async fn node(db: &TestDatabase, config: Config) -> SessionManager {
-    SessionManager::connect(config, db.url())
+    let node = SessionManager::connect(config, db.url())
         .await
-        .expect("manager starts")
+        .expect("manager starts");
+    listening(node).await
+}
+
+/// `node` once its cache is trusted.
+pub async fn listening(node: SessionManager) -> SessionManager {
+    tokio::time::timeout(Duration::from_secs(15), node.wait_for_cache())
+        .await
+        .expect("the new node's listener is up within 15 s");
+    node
 }
 
 /// A node whose LISTEN connection goes through `proxy` (its pool connects directly), so that
@@ -77,7 +88,7 @@ pub async fn shared_pool_node(
     let node = SessionManager::new(config(), shared.clone())
         .await
         .expect("manager on the shared pool starts");
-    (shared, node)
+    (shared, listening(node).await)
 }
 
 /// `(key, value)` attribute pairs.
