@@ -33,6 +33,22 @@ macro_rules! on_conn {
     }};
 }
 
+/// Run `read` once more if its connection turns out to be dead. A kept connection is not
+/// checked before use the way the pool checks one on checkout, and after a database restart
+/// every idle connection is dead; the failure sends every kept connection back to the pool, so
+/// the second attempt gets a checked one. Only reads: whether a lost write committed is
+/// unknown, so writes report the failure instead.
+async fn read_again_if_lost<T, F, Fut>(read: F) -> Result<T, sqlx::Error>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    match read().await {
+        Err(e) if is_connection_lost(&e) => read().await,
+        other => other,
+    }
+}
+
 /// SQLSTATE raised by the create function when the cap policy is "reject".
 const MAX_SESSIONS_SQLSTATE: &str = "PS001";
 /// SQLSTATE raised by the create function outside READ COMMITTED.
@@ -304,22 +320,17 @@ impl Store {
         &self.conns
     }
 
-    /// Read one session. Retried once when the connection turns out to be dead (after a
-    /// database restart every idle connection is), since a read is safe to repeat.
+    /// Read one session.
     pub(crate) async fn fetch(&self, id: Uuid) -> Result<Option<Session>> {
-        let row = match self.fetch_row(id).await {
-            Err(e) if is_connection_lost(&e) => self.fetch_row(id).await?,
-            other => other?,
-        };
+        let row = read_again_if_lost(|| async {
+            on_conn!(
+                self,
+                sqlx::query(AssertSqlSafe(self.sql.select_one.clone())).bind(id),
+                fetch_optional
+            )
+        })
+        .await?;
         row.map(|row| self.session_from_row(&row)).transpose()
-    }
-
-    async fn fetch_row(&self, id: Uuid) -> Result<Option<PgRow>, sqlx::Error> {
-        on_conn!(
-            self,
-            sqlx::query(AssertSqlSafe(self.sql.select_one.clone())).bind(id),
-            fetch_optional
-        )
     }
 
     /// Sessions of a user not past their absolute expiry, most recently used first.
@@ -328,13 +339,16 @@ impl Store {
         user_id: Uuid,
         now: DateTime<Utc>,
     ) -> Result<Vec<Session>> {
-        let rows = on_conn!(
-            self,
-            sqlx::query(AssertSqlSafe(self.sql.select_user.clone()))
-                .bind(user_id)
-                .bind(now),
-            fetch_all
-        )?;
+        let rows = read_again_if_lost(|| async {
+            on_conn!(
+                self,
+                sqlx::query(AssertSqlSafe(self.sql.select_user.clone()))
+                    .bind(user_id)
+                    .bind(now),
+                fetch_all
+            )
+        })
+        .await?;
         rows.iter().map(|row| self.session_from_row(row)).collect()
     }
 

@@ -1162,6 +1162,45 @@ async fn the_schema_script_prepares_a_database_the_manager_accepts_without_migra
 }
 
 #[tokio::test]
+async fn a_read_whose_kept_connection_died_is_served_from_a_fresh_one() {
+    let db = TestDatabase::create().await;
+    let (shared, m) = shared_pool_node(&db, 4, Duration::from_secs(10)).await;
+    let other = node(&db, config()).await;
+    // Not in m's cache: m reads it from the database.
+    let s = other.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert!(m.get_session(Uuid::new_v4()).await.unwrap().is_none());
+    assert!(
+        shared.num_idle() < shared.size() as usize,
+        "the read's connection is kept for the next statement"
+    );
+
+    // Every backend of the database dies but the listeners' and announcers' (as in a restart,
+    // without the outage that would distrust the cache).
+    let check = pool(&db).await;
+    let kill_pooled_backends = || async {
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND application_name NOT IN ('pgsession-listener', 'pgsession-announcer')",
+        )
+        .fetch_all(&check)
+        .await
+        .unwrap();
+        assert!(!killed.is_empty() && killed.iter().all(|k| *k));
+    };
+    kill_pooled_backends().await;
+    let found = m
+        .get_session(s.id)
+        .await
+        .expect("read again on a checked connection");
+    assert_eq!(found.map(|f| f.version), Some(1));
+
+    kill_pooled_backends().await;
+    let listed = m.list_user_sessions(s.user_id).await.expect("listed again");
+    assert_eq!(listed.len(), 1);
+}
+
+#[tokio::test]
 async fn connections_kept_between_operations_go_back_to_a_shared_pool_when_idle() {
     let db = TestDatabase::create().await;
     let (shared, m) = shared_pool_node(&db, 3, Duration::from_secs(30)).await;
