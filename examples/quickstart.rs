@@ -7,12 +7,36 @@
 //! cargo run --example quickstart
 //! ```
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use pgsession::{Config, SessionManager};
 use pgsession_testkit::TempPostgres;
 use serde_json::json;
 use uuid::Uuid;
+
+/// How long another node may take to catch up with a write before the demo calls it a failure
+/// (it takes well under a millisecond on loopback).
+const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
+
+/// Poll `check` until it holds; how long that took after the write that preceded the call.
+async fn once_visible<F, Fut>(
+    what: &str,
+    mut check: F,
+) -> Result<Duration, Box<dyn std::error::Error>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool, pgsession::Error>>,
+{
+    let started = Instant::now();
+    while !check().await? {
+        if started.elapsed() > VISIBLE_WITHIN {
+            return Err(format!("{what}: not within {VISIBLE_WITHIN:?}").into());
+        }
+        tokio::task::yield_now().await;
+    }
+    Ok(started.elapsed())
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,6 +60,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let node_a = SessionManager::connect(config.clone(), &url).await?;
     let node_b = SessionManager::connect(config, &url).await?;
+    for node in [&node_a, &node_b] {
+        tokio::time::timeout(Duration::from_secs(10), node.wait_for_cache()).await?;
+    }
     println!("two nodes up (schema migrated, cache listeners active)");
 
     // Login on node A.
@@ -73,52 +100,53 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // Node A changes an attribute; node B stops serving the old version within the
-    // notification delay.
+    // notification delay (B hears of the write a moment after A's call returns).
     session.set("theme", "light")?;
     session.remove("role");
     node_a.update_session(&mut session).await?;
-    let written = Instant::now();
-    loop {
-        let seen = node_b
-            .get_session(session.id)
-            .await?
-            .expect("session exists");
-        if seen.version == session.version {
-            println!(
-                "updated on A to version {} (theme={}); node B served it {:?} after A's write returned",
-                seen.version,
-                seen.get("theme").unwrap(),
-                written.elapsed()
-            );
-            break;
-        }
-        if written.elapsed() > Duration::from_secs(2) {
-            return Err("node B did not see the update".into());
-        }
-        tokio::task::yield_now().await;
-    }
+    let version = session.version;
+    let delay = once_visible("node B serves the update", || async {
+        let seen = node_b.get_session(session.id).await?;
+        Ok(seen.is_some_and(|s| s.version == version))
+    })
+    .await?;
+    let seen = node_b
+        .get_session(session.id)
+        .await?
+        .expect("session exists");
+    println!(
+        "updated on A to version {} (theme={}); node B served it {delay:?} after A's write returned",
+        seen.version,
+        seen.get("theme").unwrap(),
+    );
 
-    // The per-user cap: a fourth login evicts the least recently used session.
+    // The per-user cap: a fourth login evicts the least recently used session, on every node.
     for _ in 0..3 {
         node_a.create_session(user, []).await?;
     }
     let live = node_a.list_user_sessions(user).await?;
+    let delay = once_visible("node B drops the evicted session", || async {
+        Ok(node_b.get_session(session.id).await?.is_none())
+    })
+    .await?;
     println!(
-        "after 4 logins with a cap of 3 the user has {} sessions; the first one is {}",
-        live.len(),
-        if node_b.get_session(session.id).await?.is_some() {
-            "still there"
-        } else {
-            "gone (evicted on every node)"
-        }
+        "after 4 logins with a cap of 3 the user has {} sessions; the first one is gone \
+         (node B stopped serving it {delay:?} after the login)",
+        live.len()
     );
 
-    // Logout everywhere.
+    // Logout everywhere, from node B: node A stops serving every one of them too.
     let deleted = node_b.delete_all_user_sessions(user).await?;
-    println!("logged out everywhere: {deleted} sessions deleted");
-    for s in live {
-        assert!(node_a.get_session(s.id).await?.is_none());
-    }
+    let delay = once_visible("node A drops the user's sessions", || async {
+        for s in &live {
+            if node_a.get_session(s.id).await?.is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    println!("logged out everywhere on B: {deleted} sessions deleted, gone from A after {delay:?}");
 
     let stats = node_b.stats();
     println!(
