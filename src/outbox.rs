@@ -197,6 +197,13 @@ pub(crate) async fn announce(inner: Arc<Inner>, mut shutdown: Signal) {
         to_retire: Vec::new(),
         last_retire: Instant::now(),
     };
+    // Connect now rather than at the first write, whose announcement would otherwise wait for
+    // the connection (several milliseconds more before other nodes hear of it). A failure
+    // here is retried at the first announcement.
+    tokio::select! {
+        _ = shutdown.recv() => return,
+        _ = announcer.conn(&inner) => {}
+    }
     'running: loop {
         let retire_due = announcer.last_retire + RETIRE_EVERY;
         tokio::select! {

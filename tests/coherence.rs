@@ -274,30 +274,43 @@ async fn a_lost_announcer_connection_is_replaced_and_the_write_still_reaches_oth
     set_and_save(&a, &mut s, "n", json!(1)).await;
     wait_serves(&b, s.id, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
 
-    // The announcer's connection dies while idle, as in a database restart.
+    // Each node connected its announcer at start, not at its first write.
     let announcer = "SELECT pid FROM pg_stat_activity \
                      WHERE datname = current_database() AND application_name = 'pgsession-announcer'";
-    let pids: Vec<i32> = sqlx::query_scalar(announcer)
-        .fetch_all(&check)
-        .await
-        .unwrap();
-    assert_eq!(pids.len(), 1, "A announced on a connection of its own");
-    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
-        .bind(pids[0])
-        .fetch_one(&check)
-        .await
-        .unwrap();
-    assert!(killed);
+    let announcers = || async {
+        let pids: Vec<i32> = sqlx::query_scalar(announcer)
+            .fetch_all(&check)
+            .await
+            .unwrap();
+        pids
+    };
+    eventually(
+        VISIBLE_WITHIN,
+        "one announcer per node, B's before it wrote anything",
+        || async { announcers().await.len() == 2 },
+    )
+    .await;
+    let pids = announcers().await;
+
+    // The announcers' connections die while idle, as in a database restart.
+    let killed: Vec<bool> =
+        sqlx::query_scalar("SELECT pg_terminate_backend(pid, 5000) FROM unnest($1::int[]) AS pid")
+            .bind(&pids)
+            .fetch_all(&check)
+            .await
+            .unwrap();
+    assert_eq!(killed, vec![true, true]);
 
     set_and_save(&a, &mut s, "n", json!(2)).await;
     // Well before the sweep (ORPHAN_GRACE, 2 s) would announce the row instead.
     wait_serves(&b, s.id, Some(3), VISIBLE_WITHIN, "B serves version 3").await;
-    let replaced: Vec<i32> = sqlx::query_scalar(announcer)
-        .fetch_all(&check)
-        .await
-        .unwrap();
-    assert_eq!(replaced.len(), 1);
-    assert_ne!(replaced[0], pids[0], "a new announcer connection");
+    let replaced = announcers().await;
+    assert_eq!(
+        replaced.len(),
+        1,
+        "A's announcer reconnected (B has written nothing)"
+    );
+    assert!(!pids.contains(&replaced[0]), "a new announcer connection");
 }
 
 #[tokio::test]
