@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use sqlx::postgres::{PgConnection, PgExecutor, PgPool, PgRow};
+use sqlx::postgres::{PgArguments, PgConnection, PgExecutor, PgPool, PgRow, Postgres};
+use sqlx::query::Query;
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
@@ -464,16 +465,21 @@ impl Store {
         messages: &[String],
     ) -> Result<()> {
         let query = sqlx::query(AssertSqlSafe(self.sql.announce.clone())).bind(messages);
-        match conn {
-            Some(conn) => query.execute(conn).await?,
-            None => on_conn!(self, query, execute)?,
-        };
-        Ok(())
+        self.execute_on(conn, query).await
     }
 
     /// Delete outbox rows that have been announced, like [`announce`](Self::announce).
     pub(crate) async fn retire(&self, conn: Option<&mut PgConnection>, seqs: &[i64]) -> Result<()> {
         let query = sqlx::query(AssertSqlSafe(self.sql.retire.clone())).bind(seqs);
+        self.execute_on(conn, query).await
+    }
+
+    /// Run `query` on `conn`, or on a pooled connection without one.
+    async fn execute_on(
+        &self,
+        conn: Option<&mut PgConnection>,
+        query: Query<'_, Postgres, PgArguments>,
+    ) -> Result<()> {
         match conn {
             Some(conn) => query.execute(conn).await?,
             None => on_conn!(self, query, execute)?,
