@@ -724,12 +724,7 @@ async fn cleanup_deletes_in_bounded_statements_and_skips_rows_others_hold() {
         .await
         .unwrap();
     // Another transaction holds one expired row (an update in flight, say).
-    let mut holder = check.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
-        .bind(ids[0])
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = lock_row(&check, ids[0]).await;
 
     let deleted = tokio::time::timeout(Duration::from_secs(10), m.cleanup_expired())
         .await
@@ -1105,12 +1100,7 @@ async fn an_access_being_flushed_still_counts_for_reads() {
         .await
         .unwrap();
     // Stall the flush on the row lock.
-    let mut holder = check.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
-        .bind(s.id)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = lock_row(&check, s.id).await;
     let flush = {
         let m = m.clone();
         tokio::spawn(async move { m.flush_last_access().await })
@@ -1325,12 +1315,7 @@ async fn an_operation_queued_behind_stuck_statements_times_out_like_the_pool() {
     // Another client holds the row, so the update's statement waits for it, holding the one
     // connection pgsession takes from a pool of two.
     let blocker = pool(&db).await;
-    let mut tx = blocker.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
-        .bind(s.id)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let tx = lock_row(&blocker, s.id).await;
     s.set("k", 1).unwrap();
     let stuck = {
         let m = m.clone();

@@ -91,6 +91,18 @@ pub async fn shared_pool_node(
     (shared, listening(node).await)
 }
 
+/// Lock session `id`'s row in a transaction of `pool`'s, as another writer in the middle of an
+/// update would; the lock is held until the returned transaction ends.
+pub async fn lock_row(pool: &PgPool, id: Uuid) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.expect("transaction begins");
+    sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .expect("row locked");
+    tx
+}
+
 /// `(key, value)` attribute pairs.
 pub fn attrs(pairs: &[(&str, Value)]) -> Vec<(String, Value)> {
     pairs
