@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use chrono::{DateTime, Utc};
@@ -159,6 +159,11 @@ pub(crate) struct Cache {
     shards: Box<[Padded<Mutex<Shard>>]>,
     picker: ShardPicker,
     trusted: AtomicBool,
+    /// Trust also lapses by itself at this instant (nanoseconds since `clock`) unless the
+    /// listener renews it: a listener that stops hearing anything, or whose task does not get
+    /// to run, cannot leave the cache trusted for longer than that.
+    lease_until: AtomicU64,
+    clock: std::time::Instant,
     max_age: Option<chrono::Duration>,
 }
 
@@ -187,6 +192,8 @@ impl Cache {
             shards,
             picker: ShardPicker::new(n.max(1)),
             trusted: AtomicBool::new(false),
+            lease_until: AtomicU64::new(0),
+            clock: std::time::Instant::now(),
             max_age,
         }
     }
@@ -207,6 +214,13 @@ impl Cache {
 
     fn is_trusted(&self) -> bool {
         self.trusted.load(Ordering::Acquire)
+            && (self.clock.elapsed().as_nanos() as u64) < self.lease_until.load(Ordering::Acquire)
+    }
+
+    /// Extend the lease on trust to `lease` from now (see `lease_until`).
+    pub(crate) fn renew(&self, lease: std::time::Duration) {
+        let until = (self.clock.elapsed() + lease).as_nanos() as u64;
+        self.lease_until.fetch_max(until, Ordering::AcqRel);
     }
 
     /// Look a session up. A hit records `now` as its last access in the cached copy.
@@ -405,8 +419,9 @@ impl Cache {
         }
     }
 
-    /// Serve and fill again (after a resynchronisation).
-    pub(crate) fn trust(&self) {
+    /// Serve and fill again (after a resynchronisation), for `lease` unless renewed.
+    pub(crate) fn trust(&self, lease: std::time::Duration) {
+        self.renew(lease);
         self.trusted.store(true, Ordering::Release);
     }
 
@@ -477,7 +492,7 @@ mod tests {
 
     fn trusted_cache() -> Cache {
         let cache = Cache::new(100, None);
-        cache.trust();
+        cache.trust(std::time::Duration::from_secs(3600));
         cache
     }
 
@@ -531,7 +546,7 @@ mod tests {
         let s = session(1);
         let t = token(&cache, s.id);
         cache.distrust();
-        cache.trust();
+        cache.trust(std::time::Duration::from_secs(3600));
         assert!(!cache.fill(t, &s, Utc::now()));
         cache.distrust();
         assert!(matches!(
@@ -572,7 +587,7 @@ mod tests {
     #[test]
     fn expired_and_over_age_entries_are_not_served() {
         let cache = Cache::new(100, Some(chrono::Duration::seconds(10)));
-        cache.trust();
+        cache.trust(std::time::Duration::from_secs(3600));
         let s = session(1);
         let t = token(&cache, s.id);
         let now = Utc::now();
@@ -619,6 +634,25 @@ mod tests {
         let current = HashMap::from([(same.id, 4), (changed.id, 2)]);
         assert_eq!(cache.resync(&current), 2);
         assert_eq!(cache.snapshot(), vec![(same.id, 4)]);
+    }
+
+    #[test]
+    fn trust_lapses_unless_the_listener_renews_it() {
+        let cache = Cache::new(100, None);
+        let s = session(1);
+        cache.trust(std::time::Duration::ZERO);
+        assert!(!cache.trusted());
+        assert!(matches!(
+            cache.lookup(s.id, Utc::now(), None),
+            Lookup::Miss(None)
+        ));
+        cache.renew(std::time::Duration::from_secs(3600));
+        let t = token(&cache, s.id);
+        assert!(cache.fill(t, &s, Utc::now()));
+        assert!(matches!(
+            cache.lookup(s.id, Utc::now(), None),
+            Lookup::Hit(_)
+        ));
     }
 
     #[test]

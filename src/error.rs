@@ -135,5 +135,16 @@ pub(crate) fn is_connection_lost(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether a failed write certainly did not commit: it never got a connection, or the database
+/// rejected the statement itself (the transaction was rolled back). Anything else, a lost
+/// connection above all, leaves the outcome unknown.
+pub(crate) fn proves_nothing_written(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(_) => !is_connection_lost(e),
+        _ => false,
+    }
+}
+
 /// Convenience alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

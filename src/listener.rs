@@ -54,6 +54,8 @@ pub(crate) struct ListenerState {
     pub resync_evictions: AtomicU64,
     /// Cache clears seen so far (see the module docs).
     cache_epoch: AtomicI64,
+    /// Start time of the server last resynchronised with (see [`ListenerState::see_server`]).
+    server_started: AtomicI64,
     trusted: watch::Sender<bool>,
     degraded: Mutex<Degraded>,
 }
@@ -70,6 +72,7 @@ impl ListenerState {
             reconnects: AtomicU64::new(0),
             resync_evictions: AtomicU64::new(0),
             cache_epoch: AtomicI64::new(EPOCH_UNKNOWN),
+            server_started: AtomicI64::new(EPOCH_UNKNOWN),
             trusted: watch::channel(false).0,
             degraded: Mutex::new(Degraded {
                 since: Some(Instant::now()),
@@ -107,6 +110,13 @@ impl ListenerState {
     /// A receiver that sees every change of trust.
     pub(crate) fn subscribe(&self) -> watch::Receiver<bool> {
         self.trusted.subscribe()
+    }
+
+    /// Record the start time of the server just resynchronised with; true if it differs from
+    /// the one before (the server restarted, or another one took over).
+    pub(crate) fn see_server(&self, started: i64) -> bool {
+        let before = self.server_started.swap(started, Ordering::AcqRel);
+        before != EPOCH_UNKNOWN && before != started
     }
 
     /// Record a clear count seen; true if it is newer than the last one.
@@ -165,7 +175,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut shutdown: Signal) {
         state
             .resync_evictions
             .fetch_add(evicted as u64, Ordering::Relaxed);
-        inner.cache.trust();
+        inner.cache.trust(lease(&inner));
         state.set_trusted(true);
         tracing::debug!(evicted, "pgsession: cache listener active, cache trusted");
 
@@ -229,7 +239,10 @@ async fn round_trip(
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         match tokio::time::timeout_at(deadline, listener.try_recv()).await {
-            Ok(Ok(Some(n))) if n.payload() == payload => return Ok(()),
+            Ok(Ok(Some(n))) if n.payload() == payload => {
+                inner.cache.renew(lease(inner));
+                return Ok(());
+            }
             Ok(Ok(Some(n))) => apply(inner, n.payload()),
             Ok(Ok(None)) => return Err("connection closed".into()),
             Ok(Err(e)) => return Err(e.to_string()),
@@ -281,11 +294,18 @@ async fn connect(inner: &Inner, probe: &mut Probe) -> Result<PgListener, String>
 async fn resync(inner: &Inner, listener: &mut PgListener) -> Result<usize, String> {
     let limit = inner.config.listener_timeout;
     let failed = |e: crate::Error| format!("resynchronisation failed: {e}");
-    let epoch = timeout(limit, inner.store.cache_epoch(&mut *listener))
+    let (epoch, server_started) = timeout(limit, inner.store.cache_epoch(&mut *listener))
         .await
         .map_err(|_| "resynchronisation timed out".to_string())?
         .map_err(failed)?;
-    if inner.listener.see_epoch(epoch) {
+    // Both are recorded: `|` rather than `||`.
+    let other_server = inner.listener.see_server(server_started);
+    if inner.listener.see_epoch(epoch) | other_server {
+        if other_server {
+            tracing::warn!(
+                "pgsession: the database server restarted or changed; emptying the cache"
+            );
+        }
         let evicted = inner.cache.counters().entries;
         inner.cache.clear();
         return Ok(evicted);
@@ -337,12 +357,21 @@ async fn serve(
     }
 }
 
+/// How long trust lasts without hearing from the listener connection: it is renewed by every
+/// notification (probes included), and the probe comes after `listener_probe_interval` of
+/// quiet and may take `listener_timeout`.
+fn lease(inner: &Inner) -> Duration {
+    inner.config.listener_probe_interval + inner.config.listener_timeout
+}
+
 /// Apply a payload: one invalidation per line. Anything unreadable clears the cache: better a
 /// few misses than an entry nobody can vouch for.
 pub(crate) fn apply(inner: &Inner, payload: &str) {
     for line in payload.split('\n') {
         apply_line(inner, line);
     }
+    // Everything committed before this notification has been received and applied.
+    inner.cache.renew(lease(inner));
 }
 
 fn apply_line(inner: &Inner, payload: &str) {

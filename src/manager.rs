@@ -401,7 +401,9 @@ impl SessionManager {
             pending_access: inner.touches.pending(id),
         };
         let token = inner.cache.token_for(id);
-        match inner.store.update(&delta).await? {
+        let outcome = InDoubt::arm(inner, id);
+        let updated = inner.store.update(&delta).await;
+        match outcome.settle(updated)? {
             Some((updated, queued)) => {
                 inner.outbox.push(queued);
                 // Without attributes back, the caller's copy (its own changes applied) is the
@@ -438,7 +440,12 @@ impl SessionManager {
     /// serving it within the notification delay, this one at once.
     pub async fn delete_session(&self, id: Uuid) -> Result<bool> {
         let inner = self.open()?;
-        let queued = inner.store.delete(id).await?;
+        let outcome = InDoubt::arm(inner, id);
+        let deleted = inner.store.delete(id).await;
+        let (queued, retried) = outcome.settle(deleted)?;
+        if retried {
+            inner.outbox.in_doubt();
+        }
         inner.cache.apply_own_write(id, None, None, now());
         let deleted = queued.is_some();
         if let Some(queued) = queued {
@@ -601,6 +608,45 @@ impl SessionManager {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .unwrap_or(Ok(()))
+    }
+}
+
+/// Covers an update or delete while its statement is under way. If it ends without a known
+/// outcome (the connection died with the statement sent, or the caller's future was dropped),
+/// the write may have committed with nobody to announce it: this node stops serving its
+/// cached copy, and every outbox row is announced at once instead of after the sweep's grace.
+struct InDoubt<'a> {
+    inner: &'a Inner,
+    id: Uuid,
+    armed: bool,
+}
+
+impl<'a> InDoubt<'a> {
+    fn arm(inner: &'a Inner, id: Uuid) -> InDoubt<'a> {
+        InDoubt {
+            inner,
+            id,
+            armed: true,
+        }
+    }
+
+    /// The statement's result: errors that prove nothing was committed disarm the guard.
+    fn settle<T>(mut self, result: Result<T>) -> Result<T> {
+        self.armed = match &result {
+            Ok(_) => false,
+            Err(Error::Database(e)) => !crate::error::proves_nothing_written(e),
+            Err(_) => true,
+        };
+        result
+    }
+}
+
+impl Drop for InDoubt<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.cache.apply_own_write(self.id, None, None, now());
+            self.inner.outbox.in_doubt();
+        }
     }
 }
 

@@ -16,13 +16,13 @@
 //! [`ORPHAN_GRACE`]. So other nodes see a committed write within the notification delay
 //! normally, and within about `ORPHAN_GRACE + SWEEP_EVERY` in those failure cases.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
 use crate::error::{Error, Result};
 use crate::manager::Inner;
@@ -46,6 +46,11 @@ const RETIRE_EVERY: Duration = Duration::from_millis(500);
 pub(crate) struct Outbox {
     queue: Mutex<Vec<Queued>>,
     wake: Notify,
+    /// Set when a write's outcome is unknown (its connection died, or its caller gave up
+    /// while it was under way): its outbox row may exist with nobody to announce it, so the
+    /// announce task sweeps every outbox row at once instead of leaving it to the periodic
+    /// sweep's grace.
+    sweep_now: AtomicBool,
     /// Invalidations announced by this node (by the announce task or the sweep).
     pub(crate) announced: AtomicU64,
     /// NOTIFY messages this node sent for them.
@@ -57,6 +62,7 @@ impl Outbox {
         Outbox {
             queue: Mutex::new(Vec::new()),
             wake: Notify::new(),
+            sweep_now: AtomicBool::new(false),
             announced: AtomicU64::new(0),
             messages: AtomicU64::new(0),
         }
@@ -73,8 +79,17 @@ impl Outbox {
             let mut queue = self.lock();
             if queue.len() < MAX_QUEUED {
                 queue.push(queued);
+            } else {
+                // Its row is in the outbox table: have it swept now rather than after the grace.
+                self.sweep_now.store(true, Ordering::Release);
             }
         }
+        self.wake.notify_one();
+    }
+
+    /// A write whose outcome is unknown: announce whatever the outbox table holds, now.
+    pub(crate) fn in_doubt(&self) {
+        self.sweep_now.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
@@ -91,36 +106,97 @@ impl Outbox {
     }
 }
 
+/// Attempts made at once after a failure before backing off: a connection that died (a
+/// terminated backend, a restarted server) fails at once, and so may the pool's idle
+/// connections after it, so retrying at once costs nothing and delays nobody.
+const IMMEDIATE_RETRIES: u32 = 16;
+
+/// The pause before retry number `failures` (counted from 1).
+fn retry_pause(failures: u32) -> Duration {
+    if failures <= IMMEDIATE_RETRIES {
+        return Duration::ZERO;
+    }
+    let doublings = (failures - IMMEDIATE_RETRIES - 1).min(16);
+    (Duration::from_millis(50) * 2u32.pow(doublings)).min(ORPHAN_GRACE)
+}
+
 /// The announce task's connection and the announced rows awaiting deletion.
 struct Announcer {
     conn: Option<PgConnection>,
+    /// A replacement for `conn` being opened in the background: announcements go through
+    /// the pool meanwhile rather than wait for it.
+    connecting: Option<oneshot::Receiver<Option<PgConnection>>>,
     to_retire: Vec<i64>,
     last_retire: Instant,
 }
 
 impl Announcer {
-    /// The own connection, (re)connecting if needed; `None` if that fails (a pooled one is
-    /// used then).
-    async fn conn(&mut self, inner: &Inner) -> Option<&mut PgConnection> {
+    /// The own connection if it is up; otherwise `None` (the caller then uses a pooled
+    /// connection) after making sure a replacement is being opened.
+    fn conn(&mut self, inner: &Inner) -> Option<&mut PgConnection> {
         if self.conn.is_none() {
-            let options = (*inner.store.pool().connect_options())
-                .clone()
-                .application_name("pgsession-announcer");
-            let connect = PgConnection::connect_with(&options);
-            match tokio::time::timeout(inner.config.listener_timeout, connect).await {
-                Ok(Ok(conn)) => self.conn = Some(conn),
-                Ok(Err(e)) => tracing::debug!(error = %e, "pgsession: announcer connection failed"),
-                Err(_) => tracing::debug!("pgsession: announcer connection timed out"),
+            match self.connecting.as_mut().map(|rx| rx.try_recv()) {
+                Some(Ok(conn)) => {
+                    self.connecting = None;
+                    self.conn = conn;
+                }
+                Some(Err(oneshot::error::TryRecvError::Empty)) => {}
+                Some(Err(oneshot::error::TryRecvError::Closed)) | None => {
+                    self.connecting = Some(self.reconnect(inner));
+                }
             }
         }
         self.conn.as_mut()
     }
 
-    /// Send everything queued, retiring announced rows whenever that is due (also while
-    /// writes keep arriving). On failure the batch goes back to the queue (its rows remain for
-    /// the sweep in any case) and the connection is dropped.
+    fn reconnect(&self, inner: &Inner) -> oneshot::Receiver<Option<PgConnection>> {
+        let options = (*inner.store.pool().connect_options())
+            .clone()
+            .application_name("pgsession-announcer");
+        let limit = inner.config.listener_timeout;
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let conn = match tokio::time::timeout(limit, PgConnection::connect_with(&options)).await
+            {
+                Ok(Ok(conn)) => Some(conn),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "pgsession: announcer connection failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!("pgsession: announcer connection timed out");
+                    None
+                }
+            };
+            // Dropped (closed) if the announcer has stopped meanwhile.
+            let _ = tx.send(conn);
+        });
+        rx
+    }
+
+    /// Sweep the outbox now if a write's outcome was unknown, then send everything queued,
+    /// retiring announced rows whenever that is due (also while writes keep arriving). On
+    /// failure the batch goes back to the queue (its rows remain for the sweep in any case)
+    /// and the connection is dropped.
     async fn announce_queued(&mut self, inner: &Inner) -> Result<()> {
         let outbox = &inner.outbox;
+        let limit = inner.config.listener_timeout;
+        if outbox.sweep_now.swap(false, Ordering::AcqRel) {
+            let swept =
+                match tokio::time::timeout(limit, inner.store.sweep_outbox(Duration::ZERO)).await {
+                    Ok(swept) => swept,
+                    Err(_) => Err(Error::Timeout("sweeping the outbox".into())),
+                };
+            match swept {
+                Ok(n) => {
+                    outbox.announced.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    outbox.sweep_now.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
+        }
         loop {
             self.retire(inner, false).await;
             let batch = outbox.take_batch();
@@ -128,8 +204,7 @@ impl Announcer {
                 return Ok(());
             }
             let messages = pack(batch.iter().map(|q| q.payload.as_str()));
-            let limit = inner.config.listener_timeout;
-            let conn = self.conn(inner).await;
+            let conn = self.conn(inner);
             let sent =
                 match tokio::time::timeout(limit, inner.store.announce(conn, &messages)).await {
                     Ok(sent) => sent,
@@ -150,22 +225,24 @@ impl Announcer {
         }
     }
 
-    /// Delete announced rows if it is time (or `now_anyway`). Failures are only logged: the
-    /// rows are then announced once more by the sweep.
+    /// Delete announced rows if it is time (or `now_anyway`). A failure keeps them for the
+    /// next attempt; if none succeeds within the sweep's grace, the sweep announces them once
+    /// more, which is harmless.
     async fn retire(&mut self, inner: &Inner, now_anyway: bool) {
         if self.to_retire.is_empty() || (!now_anyway && self.last_retire.elapsed() < RETIRE_EVERY) {
             return;
         }
-        let seqs = std::mem::take(&mut self.to_retire);
         self.last_retire = Instant::now();
         let limit = inner.config.listener_timeout;
-        let conn = self.conn(inner).await;
+        let seqs = std::mem::take(&mut self.to_retire);
+        let conn = self.conn(inner);
         let retired = tokio::time::timeout(limit, inner.store.retire(conn, &seqs)).await;
         if !matches!(retired, Ok(Ok(()))) {
+            if seqs.len() < MAX_QUEUED {
+                self.to_retire = seqs;
+            }
             self.conn = None;
-            tracing::debug!(
-                "pgsession: retiring announced outbox rows failed; the sweep will announce them again"
-            );
+            tracing::debug!("pgsession: retiring announced outbox rows failed; will retry");
         }
     }
 }
@@ -194,16 +271,13 @@ pub(crate) async fn announce(inner: Arc<Inner>, mut shutdown: Signal) {
     let outbox = &inner.outbox;
     let mut announcer = Announcer {
         conn: None,
+        connecting: None,
         to_retire: Vec::new(),
         last_retire: Instant::now(),
     };
-    // Connect now rather than at the first write, whose announcement would otherwise wait for
-    // the connection (several milliseconds more before other nodes hear of it). A failure
-    // here is retried at the first announcement.
-    tokio::select! {
-        _ = shutdown.recv() => return,
-        _ = announcer.conn(&inner) => {}
-    }
+    // Open the connection now rather than at the first write, whose announcement would
+    // otherwise go through the pool.
+    announcer.conn(&inner);
     'running: loop {
         let retire_due = announcer.last_retire + RETIRE_EVERY;
         tokio::select! {
@@ -211,17 +285,16 @@ pub(crate) async fn announce(inner: Arc<Inner>, mut shutdown: Signal) {
             _ = outbox.wake.notified() => {}
             _ = tokio::time::sleep_until(retire_due.into()), if !announcer.to_retire.is_empty() => {}
         }
-        // The first retry comes at once: a connection that died while idle (a restarted
-        // database, a terminated backend) is only found out when used, and a fresh one
-        // usually works straight away. Other nodes serve the old state until this succeeds.
-        let mut backoff = Duration::ZERO;
+        // Other nodes serve the old state until this succeeds.
+        let mut failures = 0;
         while let Err(e) = announcer.announce_queued(&inner).await {
-            tracing::warn!(error = %e, retry_in = ?backoff, "pgsession: announcing invalidations failed; will retry");
+            failures += 1;
+            let pause = retry_pause(failures);
+            tracing::warn!(error = %e, retry_in = ?pause, "pgsession: announcing invalidations failed; will retry");
             tokio::select! {
                 _ = shutdown.recv() => break 'running,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
-            backoff = (backoff * 2).clamp(Duration::from_millis(50), ORPHAN_GRACE);
         }
         announcer.retire(&inner, false).await;
     }

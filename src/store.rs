@@ -28,26 +28,43 @@ use crate::session::{Changes, Session};
 macro_rules! on_conn {
     ($store:expr, $query:expr, $method:ident) => {{
         let mut conn = $store.conns.acquire().await?;
-        let result = $query.$method(&mut *conn).await;
+        let result = $query.$method(&mut **conn).await;
         conn.keep_if(&result);
         result
     }};
 }
 
-/// Run `read` once more if its connection turns out to be dead. A kept connection is not
-/// checked before use the way the pool checks one on checkout, and after a database restart
-/// every idle connection is dead; the failure sends every kept connection back to the pool, so
-/// the second attempt gets a checked one. Only reads: whether a lost write committed is
-/// unknown, so writes report the failure instead.
-async fn read_again_if_lost<T, F, Fut>(read: F) -> Result<T, sqlx::Error>
+/// Most attempts of a statement that may safely run again when its connection turns out to be
+/// dead. A kept connection is not checked before use the way the pool checks one on checkout,
+/// and after a database restart or a mass `pg_terminate_backend` every idle connection is
+/// dead, the pool's included: each of them fails at once, so a few attempts reach a live one.
+const ATTEMPTS_IF_LOST: usize = 12;
+
+/// Run `statement` again (up to [`ATTEMPTS_IF_LOST`] times) while its connection is lost, or
+/// while it deadlocks (the transaction was rolled back). Only for statements that give the same
+/// outcome when run twice: reads, deletes. For other writes, whether a lost one committed is
+/// unknown, so they report the failure instead.
+async fn again_if_lost<T, F, Fut>(statement: F) -> Result<T, sqlx::Error>
 where
-    F: Fn() -> Fut,
+    F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
 {
-    match read().await {
-        Err(e) if is_connection_lost(&e) => read().await,
-        other => other,
+    let mut attempt = 0;
+    loop {
+        match statement(attempt).await {
+            Err(e)
+                if attempt + 1 < ATTEMPTS_IF_LOST
+                    && (is_connection_lost(&e) || is_deadlock(&e)) =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
+}
+
+fn is_deadlock(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
 }
 
 /// SQLSTATE raised by the create function when the cap policy is "reject".
@@ -206,9 +223,14 @@ impl Sql {
                  SELECT (SELECT count(*) FROM orphans), (SELECT count(m) FROM notified)",
             ),
             // One compact message however many sessions the user had.
+            // Rows are locked in id order, the order of the last-access flush, so that the two
+            // cannot deadlock.
             delete_user: render(
-                "WITH deleted AS ( \
-                     DELETE FROM {t} WHERE user_id = $1 AND id <> ALL($2) RETURNING id \
+                "WITH doomed AS ( \
+                     SELECT id FROM {t} WHERE user_id = $1 AND id <> ALL($2) \
+                     ORDER BY id FOR UPDATE \
+                 ), deleted AS ( \
+                     DELETE FROM {t} s USING doomed d WHERE s.id = d.id RETURNING s.id \
                  ), counted AS (SELECT count(*) AS n FROM deleted) \
                  SELECT n, CASE WHEN n > 0 THEN \
                      pg_notify('{ch}', 'U ' || replace($1::text, '-', ''))::text END \
@@ -244,7 +266,13 @@ impl Sql {
                 "WITH bumped AS (UPDATE {epoch_t} SET epoch = epoch + 1 RETURNING epoch) \
                  SELECT epoch, pg_notify('{ch}', 'C ' || epoch)::text FROM bumped",
             ),
-            epoch: render("SELECT epoch FROM {epoch_t}"),
+            // With the server's start time: a node that reconnects to another server (a
+            // restart, a failover) cannot trust versions it cached, since the new server may
+            // lack the latest writes and hand out their version numbers again.
+            epoch: render(
+                "SELECT epoch, (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8 \
+                 FROM {epoch_t}",
+            ),
         }
     }
 }
@@ -323,7 +351,7 @@ impl Store {
 
     /// Read one session.
     pub(crate) async fn fetch(&self, id: Uuid) -> Result<Option<Session>> {
-        let row = read_again_if_lost(|| async {
+        let row = again_if_lost(|_| async {
             on_conn!(
                 self,
                 sqlx::query(AssertSqlSafe(self.sql.select_one.clone())).bind(id),
@@ -340,7 +368,7 @@ impl Store {
         user_id: Uuid,
         now: DateTime<Utc>,
     ) -> Result<Vec<Session>> {
-        let rows = read_again_if_lost(|| async {
+        let rows = again_if_lost(|_| async {
             on_conn!(
                 self,
                 sqlx::query(AssertSqlSafe(self.sql.select_user.clone()))
@@ -355,60 +383,63 @@ impl Store {
 
     /// Insert a session, enforcing the per-user cap in the same transaction. Returns the ids of
     /// sessions deleted to make room.
+    ///
+    /// A create whose connection was lost may have committed: the id is ours alone, so the
+    /// retry first looks for it, and runs the create again only if it is not there (the
+    /// sessions the lost attempt evicted were announced by its own commit).
     pub(crate) async fn create(&self, new: &NewSession<'_>) -> Result<Vec<Uuid>> {
-        match new.cap {
-            None => {
-                on_conn!(
+        let result = again_if_lost(|attempt| async move {
+            if attempt > 0 {
+                let exists = on_conn!(
                     self,
-                    sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
-                        .bind(new.id)
-                        .bind(new.user_id)
-                        .bind(Json(new.attributes))
-                        .bind(new.now)
-                        .bind(new.expires_at),
-                    execute
+                    sqlx::query(AssertSqlSafe(self.sql.select_one.clone())).bind(new.id),
+                    fetch_optional
                 )?;
-                Ok(Vec::new())
+                if exists.is_some() {
+                    return Ok(Vec::new());
+                }
             }
-            Some((cap, reject)) => {
-                let call = || async {
+            match new.cap {
+                None => {
                     on_conn!(
                         self,
-                        sqlx::query_scalar(AssertSqlSafe(self.sql.create_capped.clone()))
+                        sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
                             .bind(new.id)
                             .bind(new.user_id)
                             .bind(Json(new.attributes))
                             .bind(new.now)
-                            .bind(new.expires_at)
-                            .bind(new.idle_cutoff)
-                            // validated to fit i32
-                            .bind(cap as i32)
-                            .bind(reject),
-                        fetch_one
-                    )
-                };
-                // Evicting rows can deadlock with another node's last-access flush; the
-                // transaction was rolled back entirely, so running it again is safe.
-                let result = match call().await {
-                    Err(sqlx::Error::Database(e))
-                        if matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
-                    {
-                        call().await
-                    }
-                    other => other,
-                };
-                match result {
-                    Ok(evicted) => Ok(evicted),
-                    Err(sqlx::Error::Database(e)) => match e.code().as_deref() {
-                        Some(MAX_SESSIONS_SQLSTATE) => Err(Error::MaxSessionsReached),
-                        Some(ISOLATION_SQLSTATE) => {
-                            Err(Error::InvalidConfig(e.message().to_owned()))
-                        }
-                        _ => Err(sqlx::Error::Database(e).into()),
-                    },
-                    Err(e) => Err(e.into()),
+                            .bind(new.expires_at),
+                        execute
+                    )?;
+                    Ok(Vec::new())
                 }
+                // Evicting rows can deadlock with another node's last-access flush; the
+                // transaction was then rolled back entirely, and is run again.
+                Some((cap, reject)) => on_conn!(
+                    self,
+                    sqlx::query_scalar(AssertSqlSafe(self.sql.create_capped.clone()))
+                        .bind(new.id)
+                        .bind(new.user_id)
+                        .bind(Json(new.attributes))
+                        .bind(new.now)
+                        .bind(new.expires_at)
+                        .bind(new.idle_cutoff)
+                        // validated to fit i32
+                        .bind(cap as i32)
+                        .bind(reject),
+                    fetch_one
+                ),
             }
+        })
+        .await;
+        match result {
+            Ok(evicted) => Ok(evicted),
+            Err(sqlx::Error::Database(e)) => match e.code().as_deref() {
+                Some(MAX_SESSIONS_SQLSTATE) => Err(Error::MaxSessionsReached),
+                Some(ISOLATION_SQLSTATE) => Err(Error::InvalidConfig(e.message().to_owned())),
+                _ => Err(sqlx::Error::Database(e).into()),
+            },
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -447,14 +478,26 @@ impl Store {
         Ok(Some((updated, queued)))
     }
 
-    /// Delete one session; its outbox entry when it existed.
-    pub(crate) async fn delete(&self, id: Uuid) -> Result<Option<Queued>> {
-        let queued: Option<(i64, String)> = on_conn!(
-            self,
-            sqlx::query_as(AssertSqlSafe(self.sql.delete.clone())).bind(id),
-            fetch_optional
-        )?;
-        Ok(queued.map(|(seq, payload)| Queued { seq, payload }))
+    /// Delete one session; its outbox entry when it existed, and whether an earlier attempt
+    /// lost its connection (it may then have deleted the session, leaving its outbox entry
+    /// unannounced).
+    pub(crate) async fn delete(&self, id: Uuid) -> Result<(Option<Queued>, bool)> {
+        let retried = std::sync::atomic::AtomicBool::new(false);
+        let queued: Option<(i64, String)> = again_if_lost(|attempt| {
+            retried.store(attempt > 0, std::sync::atomic::Ordering::Relaxed);
+            async move {
+                on_conn!(
+                    self,
+                    sqlx::query_as(AssertSqlSafe(self.sql.delete.clone())).bind(id),
+                    fetch_optional
+                )
+            }
+        })
+        .await?;
+        Ok((
+            queued.map(|(seq, payload)| Queued { seq, payload }),
+            retried.load(std::sync::atomic::Ordering::Relaxed),
+        ))
     }
 
     /// Send queued invalidations (`messages`, each under 8000 bytes), on `conn` (the
@@ -497,15 +540,19 @@ impl Store {
         Ok(swept as u64)
     }
 
-    /// Delete every session of a user except those in `keep`; returns how many.
+    /// Delete every session of a user except those in `keep`; returns how many (after a lost
+    /// connection, how many the attempt that completed deleted).
     pub(crate) async fn delete_user(&self, user_id: Uuid, keep: &[Uuid]) -> Result<u64> {
-        let n: i64 = on_conn!(
-            self,
-            sqlx::query_scalar(AssertSqlSafe(self.sql.delete_user.clone()))
-                .bind(user_id)
-                .bind(keep),
-            fetch_one
-        )?;
+        let n: i64 = again_if_lost(|_| async {
+            on_conn!(
+                self,
+                sqlx::query_scalar(AssertSqlSafe(self.sql.delete_user.clone()))
+                    .bind(user_id)
+                    .bind(keep),
+                fetch_one
+            )
+        })
+        .await?;
         Ok(n as u64)
     }
 
@@ -567,9 +614,10 @@ impl Store {
         Ok(epoch)
     }
 
-    /// The number of cache clears so far.
-    pub(crate) async fn cache_epoch<'e>(&self, conn: impl PgExecutor<'e>) -> Result<i64> {
-        Ok(sqlx::query_scalar(AssertSqlSafe(self.sql.epoch.clone()))
+    /// The number of cache clears so far, and when the server started (microseconds since
+    /// 1970), which tells one server incarnation from another.
+    pub(crate) async fn cache_epoch<'e>(&self, conn: impl PgExecutor<'e>) -> Result<(i64, i64)> {
+        Ok(sqlx::query_as(AssertSqlSafe(self.sql.epoch.clone()))
             .fetch_one(conn)
             .await?)
     }

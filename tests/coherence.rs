@@ -881,3 +881,137 @@ async fn resynchronisation_needs_no_pool_connection() {
     assert_eq!(version_on(&b, s.id).await, Some(1));
     b.shutdown().await.unwrap();
 }
+
+/// A node whose pool (and so its announcer) reaches the server through `proxy`, while its
+/// listener connects directly.
+async fn node_writing_through(db: &TestDatabase, proxy: &FaultProxy) -> SessionManager {
+    let config = Config {
+        listen_url: Some(db.url().to_string()),
+        ..config()
+    };
+    listening(
+        SessionManager::connect(config, &proxy.proxied_url(db.url()))
+            .await
+            .expect("manager starts"),
+    )
+    .await
+}
+
+async fn terminate_announcers(check: &sqlx::PgPool) -> usize {
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'pgsession-announcer'",
+    )
+    .fetch_all(check)
+    .await
+    .unwrap();
+    killed.into_iter().filter(|k| *k).count()
+}
+
+#[tokio::test]
+async fn a_killed_announcer_that_cannot_reconnect_at_once_does_not_delay_invalidations() {
+    let db = TestDatabase::create().await;
+    let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
+    let a = node_writing_through(&db, &proxy).await;
+    let b = node(&db, config()).await;
+    let check = pool(&db).await;
+    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    // A's pool has a connection kept, B has the session cached.
+    set_and_save(&a, &mut s, "n", json!(1)).await;
+    wait_serves(&b, s.id, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
+    eventually(VISIBLE_WITHIN, "both announcers connected", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'pgsession-announcer'",
+        )
+        .fetch_one(&check)
+        .await
+        .unwrap();
+        n == 2
+    })
+    .await;
+
+    // A's announcer dies, and opening a new connection to the server hangs (an overloaded
+    // server, a lossy network), while A's pooled connections keep working.
+    proxy.stall_new(true);
+    assert!(terminate_announcers(&check).await >= 1);
+    for version in 3..6 {
+        set_and_save(&a, &mut s, "n", json!(version)).await;
+        assert_eq!(s.version, version);
+        // Well before listener_timeout (2 s), the limit for opening a connection.
+        wait_serves(
+            &b,
+            s.id,
+            Some(version),
+            VISIBLE_WITHIN,
+            "B serves the new version",
+        )
+        .await;
+    }
+    proxy.stall_new(false);
+    a.delete_session(s.id).await.unwrap();
+    wait_serves(
+        &b,
+        s.id,
+        None,
+        VISIBLE_WITHIN,
+        "B stops serving the deleted session",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_write_whose_connection_died_after_commit_still_reaches_other_nodes_at_once() {
+    let db = TestDatabase::create().await;
+    let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
+    let a = node_writing_through(&db, &proxy).await;
+    let b = node(&db, config()).await;
+    let check = pool(&db).await;
+    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    // A's connection has the update statement prepared, so that the held answer below is
+    // the execution's, not the preparation's.
+    set_and_save(&a, &mut s, "n", json!(1)).await;
+    wait_serves(&b, s.id, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
+
+    // The update commits on the server, but its answer never reaches A.
+    proxy.hold_responses();
+    s.set("n", json!(2)).unwrap();
+    let write = {
+        let a = a.clone();
+        let mut s = s.clone();
+        tokio::spawn(async move { a.update_session(&mut s).await })
+    };
+    tokio::time::timeout(RECOVERY, proxy.wait_until_response_held())
+        .await
+        .expect("the update reached the server");
+    // (The held answer may be another statement's, the announcer's say: the update reaches the
+    // server all the same.)
+    eventually(RECOVERY, "the update committed", || async {
+        db_version(&check, s.id).await == Some(3)
+    })
+    .await;
+    proxy.disconnect_all();
+    proxy.resume();
+    let outcome = write.await.unwrap();
+    assert!(
+        matches!(&outcome, Err(e) if e.is_transient()),
+        "the writer cannot know the outcome: {outcome:?}"
+    );
+    // Neither node serves version 2 any more, well before the outbox sweep's grace (2 s).
+    wait_serves(
+        &a,
+        s.id,
+        Some(3),
+        VISIBLE_WITHIN,
+        "A re-reads its in-doubt write",
+    )
+    .await;
+    wait_serves(
+        &b,
+        s.id,
+        Some(3),
+        VISIBLE_WITHIN,
+        "B learns of the committed write",
+    )
+    .await;
+}

@@ -1343,3 +1343,44 @@ async fn an_operation_queued_behind_stuck_statements_times_out_like_the_pool() {
     stuck.await.unwrap().unwrap();
     m.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_concurrent_operations_than_connections_open_no_connection_twice() {
+    let db = TestDatabase::create().await;
+    let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
+    // Pool of 10 (at most 8 held by operations), listener and announcer: 12 connections.
+    let manager = listening(
+        SessionManager::connect(config(), &proxy.proxied_url(db.url()))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let manager = manager.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ops = 0;
+            while tokio::time::Instant::now() < deadline {
+                let mut s = manager
+                    .create_session(Uuid::new_v4(), small())
+                    .await
+                    .unwrap();
+                s.set("n", ops).unwrap();
+                manager.update_session(&mut s).await.unwrap();
+                manager.delete_session(s.id).await.unwrap();
+                ops += 1;
+            }
+            ops
+        }));
+    }
+    let mut ops = 0;
+    for t in tasks {
+        ops += t.await.unwrap();
+    }
+    assert!(ops > 24, "the workload ran ({ops} rounds)");
+    // Opening a connection for a waiting operation and dropping it half-open when another
+    // operation's connection came free first would show here as hundreds.
+    let opened = proxy.connections_accepted();
+    assert!(opened <= 12, "{opened} connections opened for 12 slots");
+}

@@ -31,11 +31,14 @@ impl Mode {
 }
 
 struct Shared {
-    target: SocketAddr,
+    /// Where new connections go (see [`FaultProxy::retarget`]).
+    target: Mutex<SocketAddr>,
     mode: watch::Sender<Mode>,
     /// Number of server->client chunks currently held.
     held_responses: watch::Sender<usize>,
     refuse: AtomicBool,
+    /// While true, new connections are accepted but not forwarded until it is false again.
+    stall_new: watch::Sender<bool>,
     accepted: AtomicU64,
     connections: Mutex<Vec<AbortHandle>>,
 }
@@ -63,10 +66,11 @@ impl FaultProxy {
             .expect("pgsession-testkit: FaultProxy cannot listen on 127.0.0.1");
         let addr = listener.local_addr().expect("listener has an address");
         let shared = Arc::new(Shared {
-            target,
+            target: Mutex::new(target),
             mode: watch::Sender::new(Mode::Forward),
             held_responses: watch::Sender::new(0),
             refuse: AtomicBool::new(false),
+            stall_new: watch::Sender::new(false),
             accepted: AtomicU64::new(0),
             connections: Mutex::new(Vec::new()),
         });
@@ -127,6 +131,21 @@ impl FaultProxy {
         self.shared.refuse.store(refuse, Ordering::SeqCst);
     }
 
+    /// While `true`, newly accepted connections are held without reaching the server (as
+    /// behind an overloaded server or a lossy network, a client's connection attempt hangs);
+    /// they are forwarded once this is set back to `false`. Existing connections are not
+    /// affected.
+    pub fn stall_new(&self, stall: bool) {
+        self.shared.stall_new.send_replace(stall);
+    }
+
+    /// Send new connections to `target` from now on, as a virtual IP or a DNS name moved to
+    /// another server would (after a failover, say). Current connections are left as they are:
+    /// cut them with [`FaultProxy::disconnect_all`].
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.shared.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+    }
+
     /// Number of connections accepted so far, refused ones included.
     pub fn connections_accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
@@ -167,7 +186,12 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 async fn forward(client: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
-    let server = TcpStream::connect(shared.target).await?;
+    let mut stall = shared.stall_new.subscribe();
+    if stall.wait_for(|stalled| !*stalled).await.is_err() {
+        return Ok(());
+    }
+    let target = *shared.target.lock().unwrap_or_else(|e| e.into_inner());
+    let server = TcpStream::connect(target).await?;
     // Small protocol messages must not sit in Nagle's buffer and look like a held response.
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;

@@ -69,6 +69,9 @@ pub struct TempPostgres {
     data_dir: PathBuf,
     log: PathBuf,
     port: u16,
+    bin: PathBuf,
+    owner: Option<(u32, u32)>,
+    options: ServerOptions,
     controller: Mutex<Controller>,
 }
 
@@ -100,117 +103,57 @@ impl TempPostgres {
     pub fn start_with(options: ServerOptions) -> Result<TempPostgres, String> {
         let bin = find_bindir()?;
         let owner = server_user()?;
-        let name = format!("pgsession-testkit-{}", uuid::Uuid::new_v4().simple());
-        let root = std::env::temp_dir().join(&name);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&root)
-            .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-        // From here on the directory is ours to clean up on every error path.
-        let cleanup = {
-            let root = root.clone();
-            move |e: String| {
-                let _ = std::fs::remove_dir_all(&root);
-                e
-            }
-        };
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
-                .map_err(|e| cleanup(format!("cannot chown {}: {e}", root.display())))?;
-        }
+        let (root, name) = make_root(owner)?;
         let data_dir = root.join("data");
-        let log = root.join("server.log");
-
         let mut initdb = Command::new(bin.join("initdb"));
         initdb
             .arg("-D")
             .arg(&data_dir)
             .args(["--no-sync", "-A", "trust", "-U", "postgres", "-E", "UTF8"])
             .args(["--locale=C", "--no-instructions"]);
-        let out = as_server_user(&mut initdb, owner, &root)
-            .output()
-            .map_err(|e| cleanup(format!("cannot run {}/initdb: {e}", bin.display())))?;
-        if !out.status.success() {
-            return Err(cleanup(format!(
-                "initdb failed ({}):\n{}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
+        run_as_server_user(&mut initdb, owner, &root, "initdb")
+            .map_err(|e| remove_root(&root, e))?;
+        launch(root, name, bin, owner, options)
+    }
 
-        let on = |durable| if durable { "on" } else { "off" };
-        let mut settings: Vec<(String, String)> = [
-            ("listen_addresses", "127.0.0.1".to_owned()),
-            ("unix_socket_directories", String::new()),
-            ("max_connections", options.max_connections.to_string()),
-            ("fsync", on(options.durable).to_owned()),
-            ("synchronous_commit", on(options.durable).to_owned()),
-            ("full_page_writes", on(options.durable).to_owned()),
-            // Names every server process (ps titles), so leftovers are easy to find.
-            ("cluster_name", name.clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        settings.extend(options.settings);
-
-        let mut sh = Command::new("sh");
-        sh.arg("-c")
-            .arg(CONTROLLER)
-            .arg("pgsession-testkit-controller")
-            .arg(&root)
-            .arg(&log)
-            .arg(bin.join("postgres"))
+    /// Start a streaming replica (hot standby) of this server: a base backup taken through
+    /// `upstream` (this server's address, or a [`FaultProxy`](crate::FaultProxy) in front of
+    /// it, so that a test can cut replication), which it then keeps replicating from
+    /// asynchronously. Same options as this server. [`TempPostgres::promote`] makes it a
+    /// primary. Blocks until it accepts (read-only) connections.
+    pub fn start_standby(&self, upstream: SocketAddr) -> Result<TempPostgres, String> {
+        let bin = find_bindir()?;
+        let owner = server_user()?;
+        let (root, name) = make_root(owner)?;
+        let data_dir = root.join("data");
+        let mut backup = Command::new(bin.join("pg_basebackup"));
+        backup
             .arg("-D")
-            .arg(&data_dir);
-        for (k, v) in &settings {
-            sh.arg("-c").arg(format!("{k}={v}"));
-        }
-        sh.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            // Keeps a Ctrl-C meant for the test run from killing the controller before it can
-            // clean up; the closed pipe is what tells it to stop.
-            .process_group(0);
-        let mut child = as_server_user(&mut sh, owner, &root)
-            .spawn()
-            .map_err(|e| cleanup(format!("cannot run sh: {e}")))?;
-        let mut controller = Controller {
-            stdin: child.stdin.take(),
-            stdout: BufReader::new(child.stdout.take().expect("stdout is piped")),
-            child,
-            postmaster: None,
-        };
+            .arg(&data_dir)
+            .args(["-h", &upstream.ip().to_string()])
+            .args(["-p", &upstream.port().to_string()])
+            .args(["-U", "postgres", "-X", "stream", "-c", "fast", "--no-sync"])
+            // Writes standby.signal and primary_conninfo (pointing at `upstream`).
+            .arg("-R");
+        run_as_server_user(&mut backup, owner, &root, "pg_basebackup")
+            .map_err(|e| remove_root(&root, e))?;
+        launch(root, name, bin, owner, self.options.clone())
+    }
 
-        let mut last_error = String::new();
-        for _ in 0..PORT_ATTEMPTS {
-            let port = match free_port() {
-                Ok(port) => port,
-                Err(e) => {
-                    last_error = e;
-                    break;
-                }
-            };
-            match controller.start(port, &data_dir, &log) {
-                Ok(()) => {
-                    return Ok(TempPostgres {
-                        root,
-                        data_dir,
-                        log,
-                        port,
-                        controller: Mutex::new(controller),
-                    });
-                }
-                Err(StartError::PortTaken(e)) => last_error = e,
-                Err(StartError::Other(e)) => {
-                    last_error = e;
-                    break;
-                }
-            }
-        }
-        controller.shut_down();
-        Err(cleanup(last_error))
+    /// Promote a standby to a primary (`pg_ctl promote`); returns once it accepts writes.
+    pub fn promote(&self) -> Result<(), String> {
+        let mut promote = Command::new(self.bin.join("pg_ctl"));
+        promote
+            .arg("promote")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-w", "-t", "30"]);
+        run_as_server_user(&mut promote, self.owner, &self.root, "pg_ctl promote")
+    }
+
+    /// `127.0.0.1:PORT`, e.g. to put a proxy in front of the server.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/<dbname>`.
@@ -252,6 +195,136 @@ impl TempPostgres {
         // A panic while holding the lock leaves the controller state as valid as any other.
         self.controller.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// A new, private directory for one server, owned by the server's OS user.
+fn make_root(owner: Option<(u32, u32)>) -> Result<(PathBuf, String), String> {
+    let name = format!("pgsession-testkit-{}", uuid::Uuid::new_v4().simple());
+    let root = std::env::temp_dir().join(&name);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&root)
+        .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(&root, Some(uid), Some(gid))
+            .map_err(|e| remove_root(&root, format!("cannot chown {}: {e}", root.display())))?;
+    }
+    Ok((root, name))
+}
+
+/// Remove a server's directory on an error path, passing the error on.
+fn remove_root(root: &Path, e: String) -> String {
+    let _ = std::fs::remove_dir_all(root);
+    e
+}
+
+/// Run a server program (initdb, pg_basebackup, pg_ctl) to completion as the server's user.
+fn run_as_server_user(
+    cmd: &mut Command,
+    owner: Option<(u32, u32)>,
+    root: &Path,
+    what: &str,
+) -> Result<(), String> {
+    let out = as_server_user(cmd, owner, root)
+        .output()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Start the controller and the server on a prepared data directory `root/data`.
+fn launch(
+    root: PathBuf,
+    name: String,
+    bin: PathBuf,
+    owner: Option<(u32, u32)>,
+    options: ServerOptions,
+) -> Result<TempPostgres, String> {
+    let data_dir = root.join("data");
+    let log = root.join("server.log");
+    let on = |durable| if durable { "on" } else { "off" };
+    let mut settings: Vec<(String, String)> = [
+        ("listen_addresses", "127.0.0.1".to_owned()),
+        ("unix_socket_directories", String::new()),
+        ("max_connections", options.max_connections.to_string()),
+        ("fsync", on(options.durable).to_owned()),
+        ("synchronous_commit", on(options.durable).to_owned()),
+        ("full_page_writes", on(options.durable).to_owned()),
+        // Names every server process (ps titles), so leftovers are easy to find.
+        ("cluster_name", name.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    settings.extend(options.settings.iter().cloned());
+
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(CONTROLLER)
+        .arg("pgsession-testkit-controller")
+        .arg(&root)
+        .arg(&log)
+        .arg(bin.join("postgres"))
+        .arg("-D")
+        .arg(&data_dir);
+    for (k, v) in &settings {
+        sh.arg("-c").arg(format!("{k}={v}"));
+    }
+    sh.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        // Keeps a Ctrl-C meant for the test run from killing the controller before it can
+        // clean up; the closed pipe is what tells it to stop.
+        .process_group(0);
+    let mut child = as_server_user(&mut sh, owner, &root)
+        .spawn()
+        .map_err(|e| remove_root(&root, format!("cannot run sh: {e}")))?;
+    let mut controller = Controller {
+        stdin: child.stdin.take(),
+        stdout: BufReader::new(child.stdout.take().expect("stdout is piped")),
+        child,
+        postmaster: None,
+    };
+
+    let mut last_error = String::new();
+    for _ in 0..PORT_ATTEMPTS {
+        let port = match free_port() {
+            Ok(port) => port,
+            Err(e) => {
+                last_error = e;
+                break;
+            }
+        };
+        match controller.start(port, &data_dir, &log) {
+            Ok(()) => {
+                return Ok(TempPostgres {
+                    root,
+                    data_dir,
+                    log,
+                    port,
+                    bin,
+                    owner,
+                    options,
+                    controller: Mutex::new(controller),
+                });
+            }
+            Err(StartError::PortTaken(e)) => last_error = e,
+            Err(StartError::Other(e)) => {
+                last_error = e;
+                break;
+            }
+        }
+    }
+    controller.shut_down();
+    Err(remove_root(&root, last_error))
 }
 
 impl Drop for TempPostgres {

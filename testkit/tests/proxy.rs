@@ -163,3 +163,20 @@ async fn drop_closes_connections() {
     tokio::task::yield_now().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn stalls_new_connections_but_not_existing_ones() {
+    let (_db, proxy, url) = setup().await;
+    let mut existing = PgConnection::connect(&url).await.unwrap();
+    proxy.stall_new(true);
+    let connecting = PgConnection::connect(&url);
+    tokio::pin!(connecting);
+    assert!(
+        timeout(STALL, &mut connecting).await.is_err(),
+        "a new connection completed while new ones stall"
+    );
+    assert_eq!(select_one(&mut existing).await.unwrap(), 1);
+    proxy.stall_new(false);
+    let mut late = timeout(PATIENCE, connecting).await.unwrap().unwrap();
+    assert_eq!(select_one(&mut late).await.unwrap(), 1);
+}
