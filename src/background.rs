@@ -1,73 +1,120 @@
-//! The periodic tasks: last-access flushing and expired-session cleanup.
+//! The periodic tasks: last-access flushing, expired-session cleanup, and giving idle kept
+//! connections back to the pool. Each gets only the parts it works on.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::manager::Inner;
-use crate::shutdown::Signal;
+use crate::backoff::Backoff;
+use crate::error::Result;
+use crate::store::Store;
+use crate::time::now;
+use crate::touch::Touches;
 
-/// Write recorded accesses every `last_access_flush_interval`, or sooner when a buffer shard
-/// fills up; write the rest once more at shutdown.
-pub(crate) async fn flush_last_access(inner: Arc<Inner>, mut shutdown: Signal) {
-    let interval = inner.config.last_access_flush_interval;
+/// Write recorded accesses every `interval`, or sooner when a batch's worth is pending; write
+/// the rest once more at `cancel`, returning that final flush's outcome.
+pub(crate) async fn flush_last_access(
+    touches: Arc<Touches>,
+    store: Arc<Store>,
+    interval: Duration,
+    batch: usize,
+    cancel: CancellationToken,
+) -> Result<()> {
+    // Accesses stay buffered until written, so a failed flush loses nothing; retries back off
+    // so that early-flush wake-ups do not spin on a failing database.
+    let mut backoff = Backoff::new(0, Duration::from_millis(100), interval);
     'running: loop {
         tokio::select! {
-            _ = shutdown.recv() => break,
+            _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}
-            _ = inner.touches.wake.notified() => {}
+            _ = touches.wake.notified() => {}
         }
-        // Retry a failed flush after a growing pause (nothing is lost meanwhile: accesses stay
-        // buffered until written), without letting early-flush wake-ups spin on a failing
-        // database.
-        let mut backoff = Duration::from_millis(100);
-        while let Err(e) = inner.flush_touches().await {
-            tracing::warn!(error = %e, retry_in = ?backoff, "pgsession: last-access flush failed; will retry");
+        backoff.reset();
+        while let Err(e) = touches.flush(&store, batch).await {
+            let pause = backoff.next_pause();
+            tracing::warn!(error = %e, retry_in = ?pause, "pgsession: last-access flush failed; will retry");
             tokio::select! {
-                _ = shutdown.recv() => break 'running,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = cancel.cancelled() => break 'running,
+                _ = tokio::time::sleep(pause) => {}
             }
-            backoff = (backoff * 2).min(interval);
         }
     }
     // The final flush: accesses recorded until now must reach the database.
-    let result = inner.flush_touches().await;
-    *inner.final_flush.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.map(|_| ()));
+    touches.flush(&store, batch).await.map(|_| ())
 }
 
-/// Give connections kept between statements back to the pool once they have been idle for
-/// a while, so that others sharing it get them (see [`crate::connections`]).
-pub(crate) async fn return_idle_connections(inner: Arc<Inner>, mut shutdown: Signal) {
+/// Give connections kept between statements back to the pool once they have been idle for a
+/// while, so that others sharing it get them (see [`crate::connections`]).
+pub(crate) async fn return_idle_connections(
+    store: Arc<Store>,
+    cancel: CancellationToken,
+) -> Result<()> {
     loop {
         tokio::select! {
-            _ = shutdown.recv() => return,
+            _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(crate::connections::IDLE_RETURN) => {}
         }
-        inner.store.connections().return_idle(false);
+        store.connections().return_idle(false);
     }
 }
 
-/// Delete expired sessions every `cleanup_interval`. The first run comes at a random point of
-/// the first interval so that nodes started together do not all clean at once (they could;
-/// `SKIP LOCKED` keeps them out of each other's way, it would just be wasted work).
-pub(crate) async fn cleanup(inner: Arc<Inner>, mut shutdown: Signal) {
-    let interval = inner.config.cleanup_interval;
-    let fraction = (Uuid::new_v4().as_u64_pair().0 >> 11) as f64 / (1u64 << 53) as f64;
-    let mut wait = interval.mul_f64(fraction);
-    loop {
-        tokio::select! {
-            _ = shutdown.recv() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        wait = interval;
-        match inner.cleanup_expired().await {
-            Ok(n) => {
-                inner.cleanup_deleted.fetch_add(n, Ordering::Relaxed);
-                tracing::debug!(deleted = n, "pgsession: expired sessions cleaned up");
+/// What cleanup deletes and how.
+#[derive(Clone, Debug)]
+pub(crate) struct Cleanup {
+    /// Inactivity expiry, if any.
+    pub idle: Option<chrono::Duration>,
+    /// Extra idle time allowed, so that accesses not yet flushed by some node are not
+    /// mistaken for inactivity.
+    pub grace: chrono::Duration,
+    /// Rows per statement.
+    pub batch: usize,
+}
+
+impl Cleanup {
+    /// Delete expired sessions in batches until none is left (or `cancel`); how many.
+    pub(crate) async fn run_once(&self, store: &Store, cancel: &CancellationToken) -> Result<u64> {
+        let now = now();
+        let idle_cutoff = self.idle.map(|idle| now - idle - self.grace);
+        let mut total = 0;
+        loop {
+            let n = store.cleanup_batch(now, idle_cutoff, self.batch).await?;
+            total += n;
+            if n < self.batch as u64 || cancel.is_cancelled() {
+                return Ok(total);
             }
-            Err(e) => tracing::warn!(error = %e, "pgsession: cleanup of expired sessions failed"),
+        }
+    }
+
+    /// Delete expired sessions every `interval`, counting them in `deleted`. The first run
+    /// comes at a random point of the first interval so that nodes started together do not
+    /// all clean at once (they could: `SKIP LOCKED` keeps them apart; it would be wasted work).
+    pub(crate) async fn periodically(
+        self,
+        store: Arc<Store>,
+        interval: Duration,
+        deleted: Arc<AtomicU64>,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        let fraction = (Uuid::new_v4().as_u64_pair().0 >> 11) as f64 / (1u64 << 53) as f64;
+        let mut wait = interval.mul_f64(fraction);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = interval;
+            match self.run_once(&store, &cancel).await {
+                Ok(n) => {
+                    deleted.fetch_add(n, Ordering::Relaxed);
+                    tracing::debug!(deleted = n, "pgsession: expired sessions cleaned up");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pgsession: cleanup of expired sessions failed")
+                }
+            }
         }
     }
 }

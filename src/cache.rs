@@ -5,12 +5,12 @@
 //!
 //! * **Shards.** Sessions are spread over independent `Mutex<LruCache>` shards, so hits on
 //!   different sessions rarely meet on a lock and no lock is process-wide.
-//! * **Generations (I3).** Each shard counts the invalidations applied to it. A reader that
+//! * **Generations (G3).** Each shard counts the invalidations applied to it. A reader that
 //!   misses takes a [`FillToken`] (shard and generation) *before* it reads the database, and the
 //!   copy it read is installed only if the generation is unchanged: any invalidation applied in
 //!   between, which may describe a write the read did not see, makes the fill a no-op. Writes
 //!   made by this node take a token too and bump the generation when they land, so a slower
-//!   concurrent fill holding the previous state cannot overwrite them (I1).
+//!   concurrent fill holding the previous state cannot overwrite them (G1).
 //! * **Floors.** A fill that lost (the generation moved, or it is older than what the node has
 //!   handed out) still returns the copy it read to its caller. So that no slower fill then
 //!   installs an even older copy, the shard remembers per session the lowest version a fill
@@ -19,10 +19,10 @@
 //! * **Versions.** Every entry carries the database version; an invalidation `u <id> <v>` only
 //!   evicts older copies, so a node's own update is not thrown away when its own notification
 //!   comes back, and an install never replaces a newer copy with an older one.
-//! * **Trust (I4).** While the listener is down or resynchronising the cache is *distrusted*:
+//! * **Trust (G4).** While the listener is down or resynchronising the cache is *distrusted*:
 //!   lookups miss without a token (nothing is served, nothing is filled). Distrusting bumps
 //!   every shard's generation, so fills that started earlier are rejected too.
-//! * **Expiry (I5).** A lookup never serves an entry that is expired by its own timestamps
+//! * **Expiry (G5).** A lookup never serves an entry that is expired by its own timestamps
 //!   (absolute expiry, or idle by this node's last access) or older than `cache_max_age`; it
 //!   reports a miss and the caller re-reads the database, where another node may have recorded
 //!   a later access.
@@ -36,50 +36,11 @@ use chrono::{DateTime, Utc};
 use lru::LruCache;
 use uuid::Uuid;
 
-use crate::session::Session;
-
-/// Keeps each shard's lock on its own cache line so that two threads working on different
-/// shards do not slow each other down through false sharing.
-#[repr(align(128))]
-pub(crate) struct Padded<T>(pub T);
-
-/// Spread ids over `n` (a power of two) shards. Ids come from clients, so the mix is keyed with a
-/// per-process random seed.
-#[derive(Clone, Copy)]
-pub(crate) struct ShardPicker {
-    seed: u64,
-    mask: usize,
-}
-
-impl ShardPicker {
-    pub(crate) fn new(shards: usize) -> ShardPicker {
-        debug_assert!(shards.is_power_of_two());
-        ShardPicker {
-            seed: Uuid::new_v4().as_u64_pair().0 | 1,
-            mask: shards - 1,
-        }
-    }
-
-    #[inline]
-    pub(crate) fn pick(&self, id: &Uuid) -> usize {
-        let (hi, lo) = id.as_u64_pair();
-        let h = (hi ^ lo.rotate_left(17) ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (h >> 40) as usize & self.mask
-    }
-}
-
-/// A reasonable shard count: a few per core, a power of two, never more than the capacity.
-pub(crate) fn shard_count(capacity: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
-    (cores * 8)
-        .next_power_of_two()
-        .clamp(1, 64)
-        .min(capacity.max(1).next_power_of_two())
-        .max(1)
-}
+use crate::record::Record;
+use crate::shard::{Padded, ShardPicker, shard_count};
 
 struct Entry {
-    session: Session,
+    session: Record,
     /// After this instant the entry must be re-read (`cache_max_age`).
     stale_after: DateTime<Utc>,
 }
@@ -141,7 +102,7 @@ pub(crate) struct FillToken {
 /// Outcome of a lookup.
 pub(crate) enum Lookup {
     /// Served from memory; no database I/O needed.
-    Hit(Session),
+    Hit(Record),
     /// Read the database; install the result with the token if there is one.
     Miss(Option<FillToken>),
 }
@@ -279,7 +240,7 @@ impl Cache {
     /// older copies of it are evicted and its version becomes a floor for that session, so
     /// that a slower fill holding an older read cannot install it afterwards (reads on one
     /// node do not go back in version while the announcement of a write is on its way).
-    pub(crate) fn fill(&self, token: FillToken, session: &Session, now: DateTime<Utc>) -> bool {
+    pub(crate) fn fill(&self, token: FillToken, session: &Record, now: DateTime<Utc>) -> bool {
         let mut guard = self.lock(token.shard);
         let shard = &mut *guard;
         let below_floor = shard
@@ -310,14 +271,14 @@ impl Cache {
         true
     }
 
-    /// Record a write this node committed: install the new state if nothing was invalidated
+    /// Note a write this node committed: install the new state if nothing was invalidated
     /// since `token`, otherwise (or for a deletion, `session == None`) evict. Always bumps the
     /// generation so that fills that read the previous state are rejected.
     pub(crate) fn apply_own_write(
         &self,
         id: Uuid,
         token: Option<FillToken>,
-        session: Option<&Session>,
+        session: Option<&Record>,
         now: DateTime<Utc>,
     ) {
         if !self.enabled() {
@@ -469,11 +430,9 @@ impl Cache {
         c
     }
 
-    fn entry(&self, session: &Session, now: DateTime<Utc>) -> Entry {
-        let mut session = session.clone();
-        session.changes = Default::default();
+    fn entry(&self, session: &Record, now: DateTime<Utc>) -> Entry {
         Entry {
-            session,
+            session: session.clone(),
             stale_after: self
                 .max_age
                 .and_then(|age| now.checked_add_signed(age))
@@ -486,8 +445,8 @@ impl Cache {
 mod tests {
     use super::*;
 
-    fn session(version: i64) -> Session {
-        crate::session::test_session(version, 1024)
+    fn session(version: i64) -> Record {
+        Record::for_test(version)
     }
 
     fn trusted_cache() -> Cache {
@@ -653,15 +612,5 @@ mod tests {
             cache.lookup(s.id, Utc::now(), None),
             Lookup::Hit(_)
         ));
-    }
-
-    #[test]
-    fn shard_picker_spreads_ids() {
-        let picker = ShardPicker::new(16);
-        let mut counts = [0usize; 16];
-        for _ in 0..16_000 {
-            counts[picker.pick(&Uuid::new_v4())] += 1;
-        }
-        assert!(counts.iter().all(|&c| c > 700), "{counts:?}");
     }
 }

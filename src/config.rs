@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::names::Names;
 
 /// What [`SessionManager::create_session`](crate::SessionManager::create_session) does when the
 /// user already has [`Config::max_sessions_per_user`] live sessions.
@@ -138,33 +139,6 @@ const MAX_IDENT_LEN: usize = 63;
 /// Largest cache; `LruCache` allocates its index for the full capacity at once.
 const MAX_CACHE_CAPACITY: usize = 10_000_000;
 
-/// Database object names derived from a validated configuration.
-#[derive(Clone, Debug)]
-pub(crate) struct Names {
-    /// Quoted schema, e.g. `"public"`.
-    pub schema: String,
-    /// Unquoted schema name, for catalog lookups.
-    pub schema_raw: String,
-    /// Unquoted table prefix.
-    pub prefix: String,
-    /// Quoted, schema-qualified sessions table.
-    pub sessions: String,
-    /// Quoted, schema-qualified migrations bookkeeping table.
-    pub migrations: String,
-    /// Quoted, schema-qualified cache-epoch table.
-    pub cache_epoch: String,
-    /// Quoted, schema-qualified invalidation outbox.
-    pub outbox: String,
-    /// Quoted, schema-qualified sequence of the outbox.
-    pub outbox_seq: String,
-    /// Quoted, schema-qualified create function.
-    pub create_fn: String,
-    /// NOTIFY channel, unique per schema and prefix.
-    pub channel: String,
-    /// Advisory-lock class for this table (first key of the two-key lock functions).
-    pub lock_class: i32,
-}
-
 impl Config {
     /// Check every field; the error names the first bad one.
     pub(crate) fn validate(&self) -> Result<Names> {
@@ -242,26 +216,14 @@ impl Config {
             check_identifier("table_prefix", &self.table_prefix, MAX_PREFIX_LEN)?;
         }
         let prefix = self.table_prefix.as_str();
-        let channel = format!("pgsession.{schema}.{prefix}sessions");
+        let channel = crate::names::channel(schema, prefix);
         if channel.len() > MAX_IDENT_LEN {
             return bad(format!(
                 "schema and table_prefix together are too long: the notification channel \
                  {channel:?} must fit {MAX_IDENT_LEN} bytes"
             ));
         }
-        Ok(Names {
-            schema: format!("\"{schema}\""),
-            schema_raw: schema.to_owned(),
-            prefix: prefix.to_owned(),
-            sessions: format!("\"{schema}\".\"{prefix}sessions\""),
-            migrations: format!("\"{schema}\".\"{prefix}sessions_migrations\""),
-            cache_epoch: format!("\"{schema}\".\"{prefix}sessions_cache_epoch\""),
-            outbox: format!("\"{schema}\".\"{prefix}sessions_outbox\""),
-            outbox_seq: format!("\"{schema}\".\"{prefix}sessions_outbox_seq\""),
-            create_fn: format!("\"{schema}\".\"{prefix}create_session\""),
-            lock_class: lock_class(&channel),
-            channel,
-        })
+        Ok(Names::new(schema, prefix))
     }
 }
 
@@ -284,17 +246,6 @@ fn check_identifier(field: &str, value: &str, max_len: usize) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// A stable 32-bit key derived from the channel (FNV-1a), so that different schemas and prefixes
-/// use different advisory locks and none collide with the application's single-key locks.
-fn lock_class(channel: &str) -> i32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in channel.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h as i32
 }
 
 #[cfg(test)]

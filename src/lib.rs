@@ -1,3 +1,5 @@
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
 //! Server-side sessions stored in PostgreSQL, served from an in-process LRU cache that stays
 //! coherent across every node of a service through `LISTEN`/`NOTIFY`.
 //!
@@ -81,7 +83,9 @@
 //! | server restart, failover | nothing stale: reads go to the database until the cache is emptied |
 //! | writes outside pgsession | `cache_max_age` (5 min by default) |
 
+mod announcer;
 mod background;
+mod backoff;
 mod cache;
 mod config;
 mod connections;
@@ -89,17 +93,22 @@ mod error;
 mod listener;
 mod manager;
 mod migrate;
+mod names;
 mod notify;
 mod outbox;
+mod record;
 mod session;
-mod shutdown;
+mod shard;
 mod store;
+mod time;
 mod touch;
 
 pub use config::{Config, MaxSessionsPolicy};
 pub use error::{Error, Result};
 pub use manager::{SessionManager, Stats};
 pub use session::Session;
+/// The sqlx version pgsession is built on: [`SessionManager::new`] takes its [`PgPool`](sqlx::PgPool).
+pub use sqlx;
 
 /// The complete schema for `config` (its schema name and table prefix) as one SQL script, for
 /// deployments that manage schemas with their own migration tool and run the manager with

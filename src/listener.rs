@@ -1,30 +1,22 @@
-//! The LISTEN connection that keeps this node's cache coherent with every other node.
+//! The LISTEN connection that keeps this node's cache coherent with every other node
+//! (guarantees G2, G4 and G6 of `docs/design.md`).
 //!
-//! The task is a loop over three states:
+//! The task loops over three states: **degraded** (the cache is distrusted, reads go to the
+//! database; connect and LISTEN, retrying with backoff for as long as the manager runs),
+//! **resynchronising** (LISTEN is active, so every later commit will be announced: evict every
+//! cached session whose database version differs, or everything if a clear was missed or the
+//! server changed), and **trusted** (apply notifications; after `listener_probe_interval` of
+//! quiet, prove the connection with a notification to itself, within `listener_timeout`). Any
+//! error distrusts the cache at once. A connection that dies soon after it was established
+//! does not reset the backoff, so a flapping network is not hammered.
 //!
-//! 1. **Degraded** (the initial state): the cache is distrusted, reads go to the database.
-//!    Connect a dedicated connection and `LISTEN`; on failure wait (50 ms, doubling up to
-//!    `listener_max_backoff`) and try again, for as long as the manager runs.
-//! 2. **Resynchronising**: LISTEN is active, so every later commit will be announced. Read the
-//!    database version of every cached session and evict those that changed or are gone while
-//!    nobody was listening. Still distrusted; notifications wait in the socket meanwhile.
-//!    A cache clear announced while nobody listened is caught by comparing the database's
-//!    clear count with the last one seen.
-//! 3. **Trusted**: apply notifications as they arrive. When none has arrived for
-//!    `listener_probe_interval`, send a notification to ourselves through the connection and
-//!    wait up to `listener_timeout` for it to come back: a silently dead (half-open) connection,
-//!    or one behind a proxy that does not carry notifications, would otherwise go unnoticed.
-//!    The same round trip is made right after LISTEN, before trusting anything. Any error, a
-//!    closed connection, or a failed probe distrusts the cache at once and goes back to 1.
-//!
-//! A connection that dies right after being established does not reset the backoff, so a
-//! flapping network is not hammered with reconnections and resynchronisations.
-//!
-//! sqlx's `PgListener` can reconnect by itself, but silently loses the notifications sent
-//! meanwhile; this loop never lets it (`eager_reconnect(false)`, a new listener every time), so
-//! every reconnection passes through resynchronisation.
+//! sqlx's `PgListener` can reconnect by itself but silently loses the notifications sent
+//! meanwhile; it is never allowed to (a new listener every time), so every reconnection passes
+//! through resynchronisation. The loop works on a [`Connect`]ion source, a fake in the tests
+//! below.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -33,11 +25,14 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::watch;
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::manager::Inner;
+use crate::backoff::Backoff;
+use crate::cache::Cache;
+use crate::error::Result;
 use crate::notify::Message;
-use crate::shutdown::Signal;
+use crate::store::Store;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// A connection that stayed up this long resets the reconnection backoff.
@@ -81,7 +76,7 @@ impl ListenerState {
         }
     }
 
-    fn set_trusted(&self, trusted: bool) {
+    pub(crate) fn set_trusted(&self, trusted: bool) {
         let mut d = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
         match (trusted, d.since) {
             (true, Some(since)) => {
@@ -127,73 +122,265 @@ impl ListenerState {
 
 /// Distrusts the cache when the listener task ends for any reason (shutdown, a panic, its
 /// runtime going away), so that no path leaves a trusted cache without a listener.
-struct DistrustOnExit<'a>(&'a Inner);
+struct DistrustOnExit<'a>(&'a Cache, &'a ListenerState);
 
 impl Drop for DistrustOnExit<'_> {
     fn drop(&mut self) {
-        self.0.cache.distrust();
-        self.0.listener.set_trusted(false);
+        self.0.distrust();
+        self.1.set_trusted(false);
     }
 }
 
-/// Run until shutdown.
-pub(crate) async fn run(inner: Arc<Inner>, mut shutdown: Signal) {
-    let _exit = DistrustOnExit(&inner);
-    let mut backoff = Duration::ZERO;
-    let mut connected_before = false;
-    let mut probe = Probe::new();
-    loop {
-        if !backoff.is_zero() {
-            tokio::select! {
-                _ = shutdown.recv() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-        }
-        let attempt = async {
-            let mut listener = connect(&inner, &mut probe).await?;
-            let evicted = resync(&inner, &mut listener).await?;
-            // Notifications that arrive during the resynchronisation wait in the connection
-            // and are applied first thing in `serve`.
-            Ok::<_, String>((listener, evicted))
-        };
-        let (mut listener, evicted) = tokio::select! {
-            _ = shutdown.recv() => return,
-            result = attempt => match result {
-                Ok(ok) => ok,
-                Err(e) => {
-                    backoff = (backoff * 2).clamp(FIRST_BACKOFF, inner.config.listener_max_backoff);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "pgsession: cache listener could not connect; serving from the database");
-                    continue;
+/// A connection with LISTEN active, as the loop uses it.
+pub(crate) trait Feed: Send {
+    /// Send `payload` on the channel through this very connection.
+    fn notify(&mut self, payload: &str) -> impl Future<Output = Result<(), String>> + Send;
+    /// The next notification's payload; `Ok(None)` when the connection closed.
+    fn recv(&mut self) -> impl Future<Output = Result<Option<String>, String>> + Send;
+    /// The clear count and the server's start time, read through this connection.
+    fn epoch(&mut self) -> impl Future<Output = Result<(i64, i64), String>> + Send;
+    /// The database versions of `ids` (absent ones are missing), read through it.
+    fn versions(
+        &mut self,
+        ids: &[Uuid],
+    ) -> impl Future<Output = Result<Vec<(Uuid, i64)>, String>> + Send;
+}
+
+/// Where LISTEN connections come from.
+pub(crate) trait Connect: Send + Sync + 'static {
+    type Feed: Feed;
+    /// A new connection with LISTEN active on the channel.
+    fn connect(&self) -> impl Future<Output = Result<Self::Feed, String>> + Send;
+}
+
+/// The listener's timing (from [`Config`](crate::Config)).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timing {
+    pub probe_interval: Duration,
+    pub timeout: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Timing {
+    /// How long trust lasts without hearing from the connection: every notification renews it
+    /// (probes included), and a probe comes after `probe_interval` of quiet and may take
+    /// `timeout`.
+    fn lease(&self) -> Duration {
+        self.probe_interval + self.timeout
+    }
+}
+
+/// The listener task and what it works on.
+pub(crate) struct Listener<C> {
+    pub connect: C,
+    pub cache: Arc<Cache>,
+    pub state: Arc<ListenerState>,
+    pub timing: Timing,
+}
+
+impl<C: Connect> Listener<C> {
+    /// Run until `cancel`.
+    pub(crate) async fn run(self, cancel: CancellationToken) -> Result<()> {
+        let _exit = DistrustOnExit(&self.cache, &self.state);
+        let mut backoff = Backoff::new(0, FIRST_BACKOFF, self.timing.max_backoff);
+        let mut pause = Duration::ZERO;
+        let mut connected_before = false;
+        let mut probe = Probe::new();
+        loop {
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
-        };
-        let state = &inner.listener;
-        if connected_before {
-            state.reconnects.fetch_add(1, Ordering::Relaxed);
-        }
-        connected_before = true;
-        state
-            .resync_evictions
-            .fetch_add(evicted as u64, Ordering::Relaxed);
-        inner.cache.trust(lease(&inner));
-        state.set_trusted(true);
-        tracing::debug!(evicted, "pgsession: cache listener active, cache trusted");
+            let attempt = async {
+                let mut feed = self.establish(&mut probe).await?;
+                let evicted = self.resync(&mut feed).await?;
+                // Notifications that arrive during the resynchronisation wait in the
+                // connection and are applied first thing in `serve`.
+                Ok::<_, String>((feed, evicted))
+            };
+            let (mut feed, evicted) = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                result = attempt => match result {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        pause = backoff.next_pause();
+                        tracing::warn!(error = %e, retry_in = ?pause, "pgsession: cache listener could not connect; serving from the database");
+                        continue;
+                    }
+                }
+            };
+            if connected_before {
+                self.state.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            connected_before = true;
+            self.state
+                .resync_evictions
+                .fetch_add(evicted as u64, Ordering::Relaxed);
+            self.cache.trust(self.timing.lease());
+            self.state.set_trusted(true);
+            tracing::debug!(evicted, "pgsession: cache listener active, cache trusted");
 
-        let connected_at = Instant::now();
-        let lost = serve(&inner, &mut listener, &mut probe, &mut shutdown).await;
-        inner.cache.distrust();
-        state.set_trusted(false);
-        match lost {
-            None => return,
-            Some(reason) => {
-                tracing::warn!(%reason, "pgsession: cache listener lost; serving from the database until it is back");
+            let connected_at = tokio::time::Instant::now();
+            let lost = self.serve(&mut feed, &mut probe, &cancel).await;
+            self.cache.distrust();
+            self.state.set_trusted(false);
+            match lost {
+                None => return Ok(()),
+                Some(reason) => {
+                    tracing::warn!(%reason, "pgsession: cache listener lost; serving from the database until it is back");
+                }
+            }
+            pause = if connected_at.elapsed() >= STABLE_AFTER {
+                backoff.reset();
+                Duration::ZERO
+            } else {
+                backoff.next_pause()
+            };
+        }
+    }
+
+    /// A fresh connection, LISTENing, proven to receive notifications.
+    async fn establish(&self, probe: &mut Probe) -> Result<C::Feed, String> {
+        let mut feed = timeout(self.timing.timeout, self.connect.connect())
+            .await
+            .map_err(|_| "connecting timed out".to_string())??;
+        self.round_trip(&mut feed, probe).await?;
+        Ok(feed)
+    }
+
+    /// Send a probe through `feed` and wait until it comes back, applying whatever other
+    /// notifications arrive meanwhile. An error describes why the connection cannot be trusted.
+    async fn round_trip(&self, feed: &mut C::Feed, probe: &mut Probe) -> Result<(), String> {
+        let limit = self.timing.timeout;
+        let payload = probe.next_payload();
+        match timeout(limit, feed.notify(&payload)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("probe failed: {e}")),
+            Err(_) => return Err("probe timed out (half-open connection?)".into()),
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, feed.recv()).await {
+                Ok(Ok(Some(n))) if n == payload => {
+                    self.cache.renew(self.timing.lease());
+                    return Ok(());
+                }
+                Ok(Ok(Some(n))) => self.apply(&n),
+                Ok(Ok(None)) => return Err("connection closed".into()),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(
+                        "probe notification did not come back (half-open connection, \
+                                or a proxy that does not carry notifications?)"
+                            .into(),
+                    );
+                }
             }
         }
-        backoff = if connected_at.elapsed() >= STABLE_AFTER {
-            Duration::ZERO
-        } else {
-            (backoff * 2).clamp(FIRST_BACKOFF, inner.config.listener_max_backoff)
-        };
+    }
+
+    /// Evict every cached session whose database version differs or that is gone, and
+    /// everything if a cache clear was announced while nobody listened or the server is not
+    /// the one the cache was filled from. Runs after LISTEN is active, so a change committed
+    /// after these reads will be announced.
+    async fn resync(&self, feed: &mut C::Feed) -> Result<usize, String> {
+        let limit = self.timing.timeout;
+        let timed_out = |_| "resynchronisation timed out".to_string();
+        let (epoch, server_started) = timeout(limit, feed.epoch()).await.map_err(timed_out)??;
+        // Both are recorded: `|` rather than `||`.
+        let other_server = self.state.see_server(server_started);
+        if self.state.see_epoch(epoch) | other_server {
+            if other_server {
+                tracing::warn!(
+                    "pgsession: the database server restarted or changed; emptying the cache"
+                );
+            }
+            let evicted = self.cache.counters().entries;
+            self.cache.clear();
+            return Ok(evicted);
+        }
+        let snapshot = self.cache.snapshot();
+        if snapshot.is_empty() {
+            return Ok(0);
+        }
+        let mut current = HashMap::with_capacity(snapshot.len());
+        for chunk in snapshot.chunks(RESYNC_CHUNK) {
+            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+            let versions = timeout(limit, feed.versions(&ids))
+                .await
+                .map_err(timed_out)??;
+            current.extend(versions);
+        }
+        Ok(self.cache.resync(&current))
+    }
+
+    /// Apply notifications until the connection is lost (returns the reason) or `cancel`
+    /// (returns `None`).
+    async fn serve(
+        &self,
+        feed: &mut C::Feed,
+        probe: &mut Probe,
+        cancel: &CancellationToken,
+    ) -> Option<String> {
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                next = timeout(self.timing.probe_interval, feed.recv()) => next,
+            };
+            match next {
+                Ok(Ok(Some(payload))) => self.apply(&payload),
+                Ok(Ok(None)) => return Some("connection closed".into()),
+                Ok(Err(e)) => return Some(e),
+                // Quiet: prove the connection still delivers. `recv` is cancel-safe (only whole
+                // messages are consumed), so the probe can use the same connection.
+                Err(_idle) => {
+                    let checked = tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        checked = self.round_trip(feed, probe) => checked,
+                    };
+                    if let Err(reason) = checked {
+                        return Some(reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Apply a payload: one invalidation per line. Anything unreadable clears the cache: better
+    /// a few misses than an entry nobody can vouch for.
+    fn apply(&self, payload: &str) {
+        for line in payload.split('\n') {
+            self.apply_line(line);
+        }
+        // Everything committed before this notification has been received and applied.
+        self.cache.renew(self.timing.lease());
+    }
+
+    fn apply_line(&self, payload: &str) {
+        let cache = &self.cache;
+        match Message::parse(payload) {
+            Some(Message::Updated { id, version }) => {
+                cache.invalidate_version(id, version);
+            }
+            Some(Message::Deleted(ids)) => {
+                cache.invalidate_deleted(&ids);
+            }
+            Some(Message::UserDeleted(user_id)) => {
+                cache.invalidate_user(user_id);
+            }
+            Some(Message::Clear(epoch)) => {
+                self.state.see_epoch(epoch);
+                cache.clear();
+            }
+            Some(Message::Probe) => return,
+            None => {
+                tracing::warn!(%payload, "pgsession: unreadable invalidation; clearing the cache");
+                cache.clear();
+            }
+        }
+        self.state.invalidations.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -218,183 +405,267 @@ impl Probe {
     }
 }
 
-/// Send a probe through `listener` and wait until it comes back, applying whatever other
-/// notifications arrive meanwhile. An error describes why the connection cannot be trusted.
-async fn round_trip(
-    inner: &Inner,
-    listener: &mut PgListener,
-    probe: &mut Probe,
-) -> Result<(), String> {
-    let limit = inner.config.listener_timeout;
-    let payload = probe.next_payload();
-    let send = sqlx::query(crate::store::PROBE)
-        .bind(&inner.names.channel)
-        .bind(&payload)
-        .execute(&mut *listener);
-    match timeout(limit, send).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(format!("probe failed: {e}")),
-        Err(_) => return Err("probe timed out (half-open connection?)".into()),
-    }
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match tokio::time::timeout_at(deadline, listener.try_recv()).await {
-            Ok(Ok(Some(n))) if n.payload() == payload => {
-                inner.cache.renew(lease(inner));
-                return Ok(());
-            }
-            Ok(Ok(Some(n))) => apply(inner, n.payload()),
-            Ok(Ok(None)) => return Err("connection closed".into()),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => {
-                return Err(
-                    "probe notification did not come back (half-open connection, or \
-                            a proxy that does not carry notifications?)"
-                        .into(),
-                );
-            }
-        }
-    }
+/// LISTEN connections to PostgreSQL: a dedicated connection each (its own single-connection
+/// pool, so the pool's acquire timeout does not apply), never reconnected silently.
+pub(crate) struct PgConnect {
+    pub options: PgConnectOptions,
+    pub channel: String,
+    pub store: Arc<Store>,
+    pub timeout: Duration,
 }
 
-/// A fresh listener on its own single-connection pool, LISTENing on the channel, proven to
-/// receive notifications.
-async fn connect(inner: &Inner, probe: &mut Probe) -> Result<PgListener, String> {
-    let limit = inner.config.listener_timeout;
-    let options: PgConnectOptions = match &inner.config.listen_url {
-        // Validated when the manager was built.
-        Some(url) => url.parse().map_err(|e| format!("listen_url: {e}"))?,
-        None => (*inner.store.pool().connect_options()).clone(),
-    };
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .min_connections(0)
-        .acquire_timeout(limit)
-        .test_before_acquire(false)
-        .max_lifetime(None)
-        .idle_timeout(None)
-        .connect_lazy_with(options.application_name("pgsession-listener"));
-    let mut listener = timeout(limit, PgListener::connect_with(&pool))
-        .await
-        .map_err(|_| "connecting timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    listener.eager_reconnect(false);
-    listener.ignore_pool_close_event(true);
-    timeout(limit, listener.listen(&inner.names.channel))
-        .await
-        .map_err(|_| "LISTEN timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    round_trip(inner, &mut listener, probe).await?;
-    Ok(listener)
+/// A PostgreSQL LISTEN connection; resynchronisation reads go through it too, so they never
+/// wait for the pool (which may have nothing to spare while every read goes to the database).
+pub(crate) struct PgFeed {
+    listener: PgListener,
+    channel: String,
+    store: Arc<Store>,
 }
 
-/// Evict every cached session whose database version differs or that is gone, and everything
-/// if a cache clear was announced while nobody listened. Runs after LISTEN is active, so a
-/// change committed after these queries' snapshots will be announced.
-async fn resync(inner: &Inner, listener: &mut PgListener) -> Result<usize, String> {
-    let limit = inner.config.listener_timeout;
-    let failed = |e: crate::Error| format!("resynchronisation failed: {e}");
-    let (epoch, server_started) = timeout(limit, inner.store.cache_epoch(&mut *listener))
-        .await
-        .map_err(|_| "resynchronisation timed out".to_string())?
-        .map_err(failed)?;
-    // Both are recorded: `|` rather than `||`.
-    let other_server = inner.listener.see_server(server_started);
-    if inner.listener.see_epoch(epoch) | other_server {
-        if other_server {
-            tracing::warn!(
-                "pgsession: the database server restarted or changed; emptying the cache"
-            );
-        }
-        let evicted = inner.cache.counters().entries;
-        inner.cache.clear();
-        return Ok(evicted);
-    }
-    let snapshot = inner.cache.snapshot();
-    if snapshot.is_empty() {
-        return Ok(0);
-    }
-    let mut current = HashMap::with_capacity(snapshot.len());
-    for chunk in snapshot.chunks(RESYNC_CHUNK) {
-        let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-        let versions = timeout(limit, inner.store.versions(&mut *listener, &ids))
+impl Connect for PgConnect {
+    type Feed = PgFeed;
+
+    async fn connect(&self) -> Result<PgFeed, String> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(self.timeout)
+            .test_before_acquire(false)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with(self.options.clone().application_name("pgsession-listener"));
+        let mut listener = PgListener::connect_with(&pool)
             .await
-            .map_err(|_| "resynchronisation timed out".to_string())?
-            .map_err(failed)?;
-        current.extend(versions);
+            .map_err(|e| e.to_string())?;
+        listener.eager_reconnect(false);
+        listener.ignore_pool_close_event(true);
+        listener
+            .listen(&self.channel)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(PgFeed {
+            listener,
+            channel: self.channel.clone(),
+            store: self.store.clone(),
+        })
     }
-    Ok(inner.cache.resync(&current))
 }
 
-/// Apply notifications until the connection is lost (returns the reason) or shutdown (None).
-async fn serve(
-    inner: &Inner,
-    listener: &mut PgListener,
-    probe: &mut Probe,
-    shutdown: &mut Signal,
-) -> Option<String> {
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.recv() => return None,
-            next = timeout(inner.config.listener_probe_interval, listener.try_recv()) => next,
+impl Feed for PgFeed {
+    async fn notify(&mut self, payload: &str) -> Result<(), String> {
+        sqlx::query(crate::store::PROBE)
+            .bind(&self.channel)
+            .bind(payload)
+            .execute(&mut self.listener)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn recv(&mut self) -> Result<Option<String>, String> {
+        match self.listener.try_recv().await {
+            Ok(Some(n)) => Ok(Some(n.payload().to_owned())),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn epoch(&mut self) -> Result<(i64, i64), String> {
+        self.store
+            .cache_epoch(&mut self.listener)
+            .await
+            .map_err(|e| format!("resynchronisation failed: {e}"))
+    }
+
+    async fn versions(&mut self, ids: &[Uuid]) -> Result<Vec<(Uuid, i64)>, String> {
+        self.store
+            .versions(&mut self.listener, ids)
+            .await
+            .map_err(|e| format!("resynchronisation failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop's timing against a fake connection, on tokio's paused clock: times are exact.
+
+    use std::sync::atomic::AtomicBool;
+
+    use tokio::sync::mpsc;
+    use tokio::time::Instant as Clock;
+
+    use super::*;
+
+    const TIMING: Timing = Timing {
+        probe_interval: Duration::from_millis(200),
+        timeout: Duration::from_millis(500),
+        max_backoff: Duration::from_millis(400),
+    };
+
+    /// Connections that fail while `fail` is set; each one echoes its probes while `echo` is
+    /// set, and closes when the test sends it `CLOSE`.
+    #[derive(Clone, Default)]
+    struct Fake {
+        fail: Arc<AtomicBool>,
+        echo: Arc<AtomicBool>,
+        attempts: Arc<Mutex<Vec<Clock>>>,
+        feeds: Arc<Mutex<Vec<mpsc::UnboundedSender<String>>>>,
+    }
+
+    const CLOSE: &str = "close";
+
+    struct FakeFeed {
+        rx: mpsc::UnboundedReceiver<String>,
+        tx: mpsc::UnboundedSender<String>,
+        echo: Arc<AtomicBool>,
+    }
+
+    impl Connect for Fake {
+        type Feed = FakeFeed;
+        async fn connect(&self) -> Result<FakeFeed, String> {
+            self.attempts.lock().unwrap().push(Clock::now());
+            if self.fail.load(Ordering::SeqCst) {
+                return Err("refused".into());
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.feeds.lock().unwrap().push(tx.clone());
+            Ok(FakeFeed {
+                rx,
+                tx,
+                echo: self.echo.clone(),
+            })
+        }
+    }
+
+    impl Feed for FakeFeed {
+        async fn notify(&mut self, payload: &str) -> Result<(), String> {
+            if self.echo.load(Ordering::SeqCst) {
+                let _ = self.tx.send(payload.to_owned());
+            }
+            Ok(())
+        }
+        async fn recv(&mut self) -> Result<Option<String>, String> {
+            match self.rx.recv().await {
+                Some(p) if p == CLOSE => Ok(None),
+                other => Ok(other),
+            }
+        }
+        async fn epoch(&mut self) -> Result<(i64, i64), String> {
+            Ok((0, 1))
+        }
+        async fn versions(&mut self, _: &[Uuid]) -> Result<Vec<(Uuid, i64)>, String> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn start(fake: &Fake) -> (Arc<ListenerState>, CancellationToken) {
+        let state = Arc::new(ListenerState::new());
+        let cancel = CancellationToken::new();
+        let listener = Listener {
+            connect: fake.clone(),
+            cache: Arc::new(Cache::new(100, None)),
+            state: state.clone(),
+            timing: TIMING,
         };
-        match next {
-            Ok(Ok(Some(notification))) => apply(inner, notification.payload()),
-            Ok(Ok(None)) => return Some("connection closed".into()),
-            Ok(Err(e)) => return Some(e.to_string()),
-            // Idle: prove the connection still delivers. try_recv is cancel-safe (sqlx only
-            // consumes whole messages), so the probe can use the same connection.
-            Err(_idle) => {
-                let checked = tokio::select! {
-                    _ = shutdown.recv() => return None,
-                    checked = round_trip(inner, listener, probe) => checked,
-                };
-                if let Err(reason) = checked {
-                    return Some(reason);
+        tokio::spawn(listener.run(cancel.clone()));
+        (state, cancel)
+    }
+
+    async fn wait_for(state: &ListenerState, trusted: bool) -> Clock {
+        state.subscribe().wait_for(|t| *t == trusted).await.unwrap();
+        Clock::now()
+    }
+
+    fn gaps(times: &[Clock]) -> Vec<Duration> {
+        times.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnection_backs_off_doubling_up_to_the_maximum() {
+        let fake = Fake::default();
+        fake.fail.store(true, Ordering::SeqCst);
+        let (_state, cancel) = start(&fake);
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        cancel.cancel();
+        let ms = Duration::from_millis;
+        let attempts = fake.attempts.lock().unwrap().clone();
+        assert_eq!(
+            gaps(&attempts)[..6],
+            [ms(50), ms(100), ms(200), ms(400), ms(400), ms(400)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_distrusted_after_probe_interval_plus_timeout() {
+        let fake = Fake::default();
+        fake.echo.store(true, Ordering::SeqCst);
+        let (state, _cancel) = start(&fake);
+        let trusted_at = wait_for(&state, true).await;
+        // While probes come back (every probe interval of quiet), the cache stays trusted.
+        tokio::time::sleep(Duration::from_millis(5050)).await;
+        assert!(*state.subscribe().borrow());
+        // The connection goes silent 50 ms after the probe at 5 s came back.
+        fake.echo.store(false, Ordering::SeqCst);
+        let distrusted_at = wait_for(&state, false).await;
+        assert_eq!(
+            distrusted_at - trusted_at,
+            Duration::from_millis(5000) + TIMING.probe_interval + TIMING.timeout,
+            "noticed one probe interval after the last sign of life, plus the probe's timeout"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn notifications_keep_a_busy_connection_trusted_without_probes() {
+        let fake = Fake::default();
+        fake.echo.store(true, Ordering::SeqCst);
+        let (state, _cancel) = start(&fake);
+        wait_for(&state, true).await;
+        // Probes would not come back any more, but other nodes' notifications keep arriving.
+        fake.echo.store(false, Ordering::SeqCst);
+        let feed = fake.feeds.lock().unwrap()[0].clone();
+        for _ in 0..50 {
+            tokio::time::sleep(TIMING.probe_interval / 2).await;
+            feed.send("p other 1".into()).unwrap();
+        }
+        assert!(*state.subscribe().borrow());
+        assert_eq!(fake.attempts.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_stayed_up_reconnects_at_once_one_that_flapped_waits() {
+        let fake = Fake::default();
+        fake.echo.store(true, Ordering::SeqCst);
+        let (state, _cancel) = start(&fake);
+        wait_for(&state, true).await;
+        tokio::time::sleep(STABLE_AFTER).await;
+        let close = |i: usize| {
+            fake.feeds.lock().unwrap()[i].send(CLOSE.into()).unwrap();
+        };
+        // Reconnection may complete before this task looks again: wait for the attempt.
+        let attempted = |n: usize| {
+            let fake = fake.clone();
+            async move {
+                while fake.attempts.lock().unwrap().len() < n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
-        }
+        };
+        close(0);
+        let closed_at = Clock::now();
+        attempted(2).await;
+        let attempts = fake.attempts.lock().unwrap().clone();
+        assert_eq!(
+            attempts[1], closed_at,
+            "stable connection: reconnected at once"
+        );
+        wait_for(&state, true).await;
+        // Lost again straight away: this time the backoff applies.
+        close(1);
+        let closed_at = Clock::now();
+        attempted(3).await;
+        let attempts = fake.attempts.lock().unwrap().clone();
+        assert_eq!(attempts[2] - closed_at, FIRST_BACKOFF);
+        wait_for(&state, true).await;
+        assert_eq!(state.reconnects.load(Ordering::Relaxed), 2);
     }
-}
-
-/// How long trust lasts without hearing from the listener connection: it is renewed by every
-/// notification (probes included), and the probe comes after `listener_probe_interval` of
-/// quiet and may take `listener_timeout`.
-fn lease(inner: &Inner) -> Duration {
-    inner.config.listener_probe_interval + inner.config.listener_timeout
-}
-
-/// Apply a payload: one invalidation per line. Anything unreadable clears the cache: better a
-/// few misses than an entry nobody can vouch for.
-pub(crate) fn apply(inner: &Inner, payload: &str) {
-    for line in payload.split('\n') {
-        apply_line(inner, line);
-    }
-    // Everything committed before this notification has been received and applied.
-    inner.cache.renew(lease(inner));
-}
-
-fn apply_line(inner: &Inner, payload: &str) {
-    let cache = &inner.cache;
-    match Message::parse(payload) {
-        Some(Message::Updated { id, version }) => {
-            cache.invalidate_version(id, version);
-        }
-        Some(Message::Deleted(ids)) => {
-            cache.invalidate_deleted(&ids);
-        }
-        Some(Message::UserDeleted(user_id)) => {
-            cache.invalidate_user(user_id);
-        }
-        Some(Message::Clear(epoch)) => {
-            inner.listener.see_epoch(epoch);
-            cache.clear();
-        }
-        Some(Message::Probe) => return,
-        None => {
-            tracing::warn!(%payload, "pgsession: unreadable invalidation; clearing the cache");
-            cache.clear();
-        }
-    }
-    inner.listener.invalidations.fetch_add(1, Ordering::Relaxed);
 }

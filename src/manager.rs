@@ -1,25 +1,30 @@
-//! `SessionManager`: the public entry point tying store, cache, listener and tasks together.
+//! `SessionManager`: the public entry point. It builds the parts (store, cache, access buffer,
+//! outbox queue, listener state), hands each background task the parts it works on, and runs
+//! the public operations over them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
+use crate::announcer::{self, Announcer};
+use crate::background::{self, Cleanup};
 use crate::cache::{Cache, Lookup};
-use crate::config::{Config, MaxSessionsPolicy, Names};
+use crate::config::{Config, MaxSessionsPolicy};
 use crate::error::{Error, Result};
-use crate::listener::{self, ListenerState};
-use crate::outbox::{self, Outbox};
-use crate::session::{Changes, Session, build_attributes, validate_attribute};
-use crate::shutdown::Shutdown;
+use crate::listener::{Listener, ListenerState, PgConnect, Timing};
+use crate::migrate;
+use crate::names::Names;
+use crate::outbox::Outbox;
+use crate::session::{Session, build_attributes, validate_attribute};
 use crate::store::{Delta, NewSession, Store};
+use crate::time::{chrono_duration, now};
 use crate::touch::Touches;
-use crate::{background, migrate};
 
 /// Connections of the pool built by [`SessionManager::connect`].
 const CONNECT_POOL_SIZE: u32 = 10;
@@ -36,43 +41,68 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct SessionManager {
     inner: Arc<Inner>,
-    /// Dropped with the last clone: stops the background tasks even without `shutdown()`.
-    _owner: Arc<Owner>,
 }
 
-struct Owner(Arc<Inner>);
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        // Without an explicit shutdown the tasks still stop, and the flush task still makes
-        // its final flush; nobody waits for it.
-        self.0.shutdown.close();
-    }
-}
-
-/// State shared by the manager's clones and its background tasks.
-pub(crate) struct Inner {
-    pub(crate) config: Config,
-    pub(crate) names: Names,
-    pub(crate) store: Store,
-    pub(crate) cache: Cache,
-    pub(crate) touches: Touches,
-    pub(crate) outbox: Outbox,
-    pub(crate) listener: ListenerState,
-    pub(crate) shutdown: Shutdown,
-    pub(crate) final_flush: Mutex<Option<Result<()>>>,
-    /// The outcome of shutdown, for the caller that started it.
-    shutdown_result: Mutex<Option<Result<()>>>,
-    pub(crate) cleanup_deleted: AtomicU64,
-    flushes: AtomicU64,
-    flush_errors: AtomicU64,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+/// The state every clone shares. The background tasks hold only the parts they work on, never
+/// this: so when the last clone is dropped, this is dropped, which stops them.
+struct Inner {
+    config: Config,
+    names: Names,
+    store: Arc<Store>,
+    cache: Arc<Cache>,
+    touches: Arc<Touches>,
+    outbox: Arc<Outbox>,
+    listener: Arc<ListenerState>,
+    cleanup: Cleanup,
+    cleanup_deleted: Arc<AtomicU64>,
+    /// Cancelled at shutdown, or when this is dropped (the guard below).
+    cancel: CancellationToken,
+    _cancel_on_drop: DropGuard,
+    /// The background tasks, each with its name; taken by shutdown.
+    tasks: Mutex<Option<Tasks>>,
+    shutdown: ShutdownState,
     owns_pool: bool,
     ttl: chrono::Duration,
     idle: Option<chrono::Duration>,
-    /// Extra idle time cleanup allows, so that accesses not yet flushed by some node are not
-    /// mistaken for inactivity.
-    cleanup_grace: chrono::Duration,
+}
+
+/// The background tasks, each ending with its name and outcome.
+type Tasks = JoinSet<(&'static str, Result<()>)>;
+
+/// Shutdown runs once, in a task of its own; later callers wait for it.
+struct ShutdownState {
+    started: AtomicBool,
+    done: tokio::sync::watch::Sender<bool>,
+    /// The outcome, for the first caller to collect it.
+    outcome: Mutex<Option<Result<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Without an explicit shutdown the tasks still stop (the guard cancels them) and the
+        // flush task still makes its final flush: let them finish rather than abort them.
+        if let Some(mut tasks) = self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            tasks.detach_all();
+        }
+    }
+}
+
+impl std::fmt::Debug for SessionManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = &self.inner;
+        f.debug_struct("SessionManager")
+            .field("schema", &inner.names.schema_raw)
+            .field("prefix", &inner.names.prefix)
+            .field("cache_capacity", &inner.config.cache_capacity)
+            .field("cache_trusted", &self.cache_trusted())
+            .field("shut_down", &inner.cancel.is_cancelled())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Counters describing what the manager has done, for dashboards and for checking that the
@@ -121,22 +151,6 @@ pub struct Stats {
     pub announce_messages: u64,
 }
 
-/// Now, at the microsecond precision PostgreSQL stores, so that values handed out equal what a
-/// later read returns.
-fn now() -> DateTime<Utc> {
-    to_micros(Utc::now())
-}
-
-/// `t` truncated to microseconds.
-pub(crate) fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
-}
-
-fn chrono_duration(d: Duration) -> chrono::Duration {
-    // Config::validate bounds every duration to 100 years.
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
 impl SessionManager {
     /// Connect to `database_url`, apply migrations (unless `config.run_migrations` is off) and
     /// start the background tasks. The pool it builds has 10 connections, a 5-second acquire
@@ -145,6 +159,27 @@ impl SessionManager {
     ///
     /// Waits up to `config.listener_timeout` for the cache listener; if it is not up by then,
     /// the manager starts with reads going to the database until it is.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for an invalid configuration or URL, [`Error::Migration`] when
+    /// the schema is not what this version expects, [`Error::Database`] when the database
+    /// cannot be reached.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), pgsession::Error> {
+    /// use pgsession::{Config, SessionManager};
+    ///
+    /// let config = Config {
+    ///     max_sessions_per_user: Some(3),
+    ///     ..Config::default()
+    /// };
+    /// let manager = SessionManager::connect(config, "postgres://localhost/app").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn connect(config: Config, database_url: &str) -> Result<SessionManager> {
         config.validate()?;
         let options: PgConnectOptions = database_url
@@ -170,80 +205,135 @@ impl SessionManager {
 
     /// Use an existing pool (which the caller keeps owning: `shutdown` does not close it).
     /// Applies migrations unless `config.run_migrations` is off, and starts the background
-    /// tasks. The pool's connections must default to READ COMMITTED (PostgreSQL's default);
-    /// otherwise this returns [`Error::InvalidConfig`]. Waits for the listener like
-    /// [`connect`](Self::connect).
+    /// tasks. Waits for the listener like [`connect`](Self::connect).
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect); also [`Error::InvalidConfig`] when the pool's
+    /// connections do not default to READ COMMITTED (PostgreSQL's default), which the per-user
+    /// cap relies on.
     pub async fn new(config: Config, pool: PgPool) -> Result<SessionManager> {
         Self::start(config, pool, false).await
     }
 
     async fn start(config: Config, pool: PgPool, owns_pool: bool) -> Result<SessionManager> {
         let names = config.validate()?;
-        if let Some(url) = &config.listen_url {
-            url.parse::<PgConnectOptions>()
-                .map_err(|e| Error::InvalidConfig(format!("listen_url: {e}")))?;
-        }
+        let listen_options = match &config.listen_url {
+            Some(url) => url
+                .parse::<PgConnectOptions>()
+                .map_err(|e| Error::InvalidConfig(format!("listen_url: {e}")))?,
+            None => (*pool.connect_options()).clone(),
+        };
         migrate::run(&pool, &names, config.run_migrations).await?;
 
-        let idle = config.idle_timeout.map(chrono_duration);
-        let max_attribute_size = config.max_attribute_size;
-        let inner = Arc::new(Inner {
-            store: Store::new(pool, &names, max_attribute_size),
-            cache: Cache::new(
-                config.cache_capacity,
-                config.cache_max_age.map(chrono_duration),
-            ),
-            touches: Touches::new(config.max_pending_touches, config.last_access_batch_size),
-            outbox: Outbox::new(),
-            listener: ListenerState::new(),
-            shutdown: Shutdown::new(),
-            final_flush: Mutex::new(None),
-            shutdown_result: Mutex::new(None),
-            cleanup_deleted: AtomicU64::new(0),
-            flushes: AtomicU64::new(0),
-            flush_errors: AtomicU64::new(0),
-            tasks: Mutex::new(Vec::new()),
-            owns_pool,
-            ttl: chrono_duration(config.session_ttl),
-            idle,
-            cleanup_grace: chrono_duration(config.last_access_flush_interval * 2),
-            names,
-            config,
-        });
-
-        let isolation = inner.store.default_isolation().await?;
+        let store = Arc::new(Store::new(pool, &names));
+        let isolation = store.default_isolation().await?;
         if isolation != "read committed" {
             return Err(Error::InvalidConfig(format!(
                 "the pool's connections default to {isolation:?} isolation; pgsession needs \
                  \"read committed\" (set default_transaction_isolation on the connections)"
             )));
         }
-        // From here on, dropping this future (or the manager) stops whatever was started.
-        let owner = Arc::new(Owner(inner.clone()));
+        let cache = Arc::new(Cache::new(
+            config.cache_capacity,
+            config.cache_max_age.map(chrono_duration),
+        ));
+        let touches = Arc::new(Touches::new(
+            config.max_pending_touches,
+            config.last_access_batch_size,
+        ));
+        let outbox = Arc::new(Outbox::new());
+        let listener = Arc::new(ListenerState::new());
+        let idle = config.idle_timeout.map(chrono_duration);
+        let cleanup = Cleanup {
+            idle,
+            grace: chrono_duration(config.last_access_flush_interval * 2),
+            batch: config.cleanup_batch_size,
+        };
+        let cancel = CancellationToken::new();
+        let cleanup_deleted = Arc::new(AtomicU64::new(0));
 
-        let mut tasks = vec![
-            tokio::spawn(background::flush_last_access(
-                inner.clone(),
-                inner.shutdown.subscribe(),
-            )),
-            tokio::spawn(outbox::announce(inner.clone(), inner.shutdown.subscribe())),
-            tokio::spawn(outbox::sweep(inner.clone(), inner.shutdown.subscribe())),
-            tokio::spawn(background::return_idle_connections(
-                inner.clone(),
-                inner.shutdown.subscribe(),
-            )),
-        ];
-        if inner.config.run_cleanup {
-            tasks.push(tokio::spawn(background::cleanup(
-                inner.clone(),
-                inner.shutdown.subscribe(),
-            )));
+        let mut tasks = JoinSet::new();
+        tasks.spawn(named(
+            "last-access flush",
+            background::flush_last_access(
+                touches.clone(),
+                store.clone(),
+                config.last_access_flush_interval,
+                config.last_access_batch_size,
+                cancel.clone(),
+            ),
+        ));
+        tasks.spawn(named(
+            "announcer",
+            Announcer {
+                outbox: outbox.clone(),
+                store: store.clone(),
+                timeout: config.listener_timeout,
+            }
+            .run(cancel.clone()),
+        ));
+        tasks.spawn(named(
+            "outbox sweep",
+            announcer::sweep(outbox.clone(), store.clone(), cancel.clone()),
+        ));
+        tasks.spawn(named(
+            "idle connection return",
+            background::return_idle_connections(store.clone(), cancel.clone()),
+        ));
+        if config.run_cleanup {
+            tasks.spawn(named(
+                "cleanup",
+                cleanup.clone().periodically(
+                    store.clone(),
+                    config.cleanup_interval,
+                    cleanup_deleted.clone(),
+                    cancel.clone(),
+                ),
+            ));
         }
+        if cache.enabled() {
+            let listener = Listener {
+                connect: PgConnect {
+                    options: listen_options,
+                    channel: names.channel.clone(),
+                    store: store.clone(),
+                    timeout: config.listener_timeout,
+                },
+                cache: cache.clone(),
+                state: listener.clone(),
+                timing: Timing {
+                    probe_interval: config.listener_probe_interval,
+                    timeout: config.listener_timeout,
+                    max_backoff: config.listener_max_backoff,
+                },
+            };
+            tasks.spawn(named("listener", listener.run(cancel.clone())));
+        }
+        let inner = Arc::new(Inner {
+            ttl: chrono_duration(config.session_ttl),
+            idle,
+            store,
+            cache,
+            touches,
+            outbox,
+            listener,
+            cleanup,
+            cleanup_deleted,
+            _cancel_on_drop: cancel.clone().drop_guard(),
+            cancel,
+            tasks: Mutex::new(Some(tasks)),
+            shutdown: ShutdownState {
+                started: AtomicBool::new(false),
+                done: tokio::sync::watch::channel(false).0,
+                outcome: Mutex::new(None),
+            },
+            owns_pool,
+            names,
+            config,
+        });
+        // From here on, dropping this future (or the manager) stops whatever was started.
         if inner.cache.enabled() {
-            tasks.push(tokio::spawn(listener::run(
-                inner.clone(),
-                inner.shutdown.subscribe(),
-            )));
             // Normally the listener is up within a round trip or two; if not, start degraded
             // (reads go to the database) and let it keep trying in the background.
             let ready = inner.listener.wait_trusted();
@@ -256,16 +346,11 @@ impl SessionManager {
                 );
             }
         }
-        *inner.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
-
-        Ok(SessionManager {
-            _owner: owner,
-            inner,
-        })
+        Ok(SessionManager { inner })
     }
 
     fn open(&self) -> Result<&Inner> {
-        if self.inner.shutdown.is_closed() {
+        if self.inner.cancel.is_cancelled() {
             Err(Error::ShutDown)
         } else {
             Ok(&self.inner)
@@ -275,16 +360,39 @@ impl SessionManager {
     /// Create a session for `user_id` with initial `attributes`, in one round trip.
     ///
     /// With a per-user cap, the user's least recently used sessions beyond it are deleted in
-    /// the same transaction (or, with [`MaxSessionsPolicy::Reject`], the call fails with
-    /// [`Error::MaxSessionsReached`]); concurrent logins of one user are serialised, so the cap
-    /// holds across nodes. Attributes are validated first: on error nothing is written.
+    /// the same transaction (or, with [`MaxSessionsPolicy::Reject`], the call fails); concurrent
+    /// logins of one user are serialised, so the cap holds across nodes. A create whose
+    /// connection is lost is retried on another one (it looks for its own id first, so it is
+    /// never made twice).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AttributeTooLarge`] or [`Error::InvalidAttribute`] for an attribute that cannot
+    /// be stored (checked before any SQL runs: nothing is written),
+    /// [`Error::MaxSessionsReached`] with the reject policy, [`Error::Database`],
+    /// [`Error::ShutDown`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run(manager: pgsession::SessionManager, user_id: uuid::Uuid) -> pgsession::Result<()> {
+    /// use serde_json::json;
+    ///
+    /// let session = manager
+    ///     .create_session(user_id, [("role".to_string(), json!("admin"))])
+    ///     .await?;
+    /// // Put `session.id` into the session cookie.
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn create_session(
         &self,
         user_id: Uuid,
         attributes: impl IntoIterator<Item = (String, Value)>,
     ) -> Result<Session> {
         let inner = self.open()?;
-        let attributes = build_attributes(attributes, inner.config.max_attribute_size)?;
+        let limit = inner.config.max_attribute_size;
+        let attributes = build_attributes(attributes, limit)?;
         let now = now();
         let id = Uuid::new_v4();
         let new = NewSession {
@@ -295,7 +403,7 @@ impl SessionManager {
             expires_at: now + inner.ttl,
             // Sessions idle by the stored time but possibly used on a node that has not flushed
             // yet still count (and rank as least recently used).
-            idle_cutoff: inner.idle.map(|idle| now - idle - inner.cleanup_grace),
+            idle_cutoff: inner.idle.map(|idle| now - idle - inner.cleanup.grace),
             cap: inner.config.max_sessions_per_user.map(|cap| {
                 (
                     cap,
@@ -310,7 +418,7 @@ impl SessionManager {
         for gone in evicted {
             inner.cache.apply_own_write(gone, None, None, now);
         }
-        let session = Session {
+        let record = crate::record::Record {
             id,
             user_id,
             version: 1,
@@ -319,50 +427,83 @@ impl SessionManager {
             last_accessed_at: now,
             expires_at: new.expires_at,
             attributes: Arc::new(attributes),
-            changes: Changes::default(),
-            max_attribute_size: inner.config.max_attribute_size,
-            base_version: 1,
         };
-        inner.cache.apply_own_write(id, token, Some(&session), now);
-        Ok(session)
+        inner.cache.apply_own_write(id, token, Some(&record), now);
+        Ok(Session::from_record(record, limit))
     }
 
     /// The session `id`, or `None` when it does not exist or has expired (absolutely, or by
     /// inactivity). Records the access; a cache hit does no database I/O.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] when the session had to be read and the database failed (a read
+    /// whose connection was lost is run again on another first), [`Error::ShutDown`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run(manager: pgsession::SessionManager, id_from_cookie: uuid::Uuid) -> pgsession::Result<()> {
+    /// match manager.get_session(id_from_cookie).await? {
+    ///     Some(session) => println!("user {}", session.user_id),
+    ///     None => println!("logged out or expired: send to the login page"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn get_session(&self, id: Uuid) -> Result<Option<Session>> {
         let inner = self.open()?;
+        let limit = inner.config.max_attribute_size;
         let now = now();
         let token = match inner.cache.lookup(id, now, inner.idle) {
-            Lookup::Hit(session) => {
+            Lookup::Hit(record) => {
                 inner.touches.record(id, now);
-                return Ok(Some(session));
+                return Ok(Some(Session::from_record(record, limit)));
             }
             Lookup::Miss(token) => token,
         };
-        let Some(mut session) = inner.store.fetch(id).await? else {
+        let Some(mut record) = inner.store.fetch(id).await? else {
             inner.cache.remove(id, None);
             return Ok(None);
         };
         if let Some(pending) = inner.touches.pending(id) {
-            session.last_accessed_at = session.last_accessed_at.max(pending);
+            record.last_accessed_at = record.last_accessed_at.max(pending);
         }
-        if session.is_expired(now, inner.idle) {
-            inner.cache.remove(id, Some(session.version));
+        if record.is_expired(now, inner.idle) {
+            inner.cache.remove(id, Some(record.version));
             return Ok(None);
         }
-        session.last_accessed_at = now;
+        record.last_accessed_at = now;
         inner.touches.record(id, now);
         if let Some(token) = token {
-            inner.cache.fill(token, &session, now);
+            inner.cache.fill(token, &record, now);
         }
-        Ok(Some(session))
+        Ok(Some(Session::from_record(record, limit)))
     }
 
     /// Persist the attributes set or removed on `session` (and a new expiry, if set) in one
     /// round trip, leaving every other attribute as it is in the database. On success
     /// `session` is replaced by the stored state (other writers' changes included) with its
-    /// new `version`. A session deleted or expired meanwhile gives [`Error::NotFound`] and is
-    /// not recreated. Without changes this does nothing.
+    /// new `version`. Without changes this does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] when the session was deleted or expired meanwhile (it is not
+    /// recreated), [`Error::AttributeTooLarge`] or [`Error::InvalidAttribute`] (nothing is
+    /// written), [`Error::Database`] (a transient one when the connection was lost: the update
+    /// may or may not have been applied, and if it was, every node learns of it),
+    /// [`Error::ShutDown`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run(manager: pgsession::SessionManager, mut session: pgsession::Session) -> pgsession::Result<()> {
+    /// session.set("theme", "dark")?;
+    /// session.remove("cart");
+    /// manager.update_session(&mut session).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn update_session(&self, session: &mut Session) -> Result<()> {
         let inner = self.open()?;
         if !session.is_modified() {
@@ -412,7 +553,7 @@ impl SessionManager {
                     Some(map) => Arc::new(map),
                     None => session.attributes.clone(),
                 };
-                let new = Session {
+                let record = crate::record::Record {
                     id,
                     user_id: updated.user_id,
                     version: updated.version,
@@ -421,12 +562,9 @@ impl SessionManager {
                     last_accessed_at: updated.last_accessed_at,
                     expires_at: updated.expires_at,
                     attributes,
-                    changes: Changes::default(),
-                    max_attribute_size: limit,
-                    base_version: updated.version,
                 };
-                inner.cache.apply_own_write(id, token, Some(&new), now);
-                *session = new;
+                inner.cache.apply_own_write(id, token, Some(&record), now);
+                *session = Session::from_record(record, limit);
                 Ok(())
             }
             None => {
@@ -437,7 +575,13 @@ impl SessionManager {
     }
 
     /// Delete one session (logout), in one round trip; true when it existed. Every node stops
-    /// serving it within the notification delay, this one at once.
+    /// serving it within the notification delay, this one at once. A delete whose connection
+    /// is lost is run again on another one; it then returns false if the lost attempt had
+    /// already deleted the session.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], [`Error::ShutDown`].
     pub async fn delete_session(&self, id: Uuid) -> Result<bool> {
         let inner = self.open()?;
         let outcome = InDoubt::arm(inner, id);
@@ -456,6 +600,10 @@ impl SessionManager {
 
     /// Delete every session of `user_id` ("log out everywhere"), in one round trip with one
     /// notification however many sessions there are. Returns how many were deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], [`Error::ShutDown`].
     pub async fn delete_all_user_sessions(&self, user_id: Uuid) -> Result<u64> {
         let inner = self.open()?;
         let n = inner.store.delete_user(user_id, &[]).await?;
@@ -465,6 +613,10 @@ impl SessionManager {
 
     /// Delete every session of `user_id` except `keep` ("log out my other devices"). Returns
     /// how many were deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], [`Error::ShutDown`].
     pub async fn delete_other_user_sessions(&self, user_id: Uuid, keep: Uuid) -> Result<u64> {
         let inner = self.open()?;
         let n = inner.store.delete_user(user_id, &[keep]).await?;
@@ -474,22 +626,34 @@ impl SessionManager {
 
     /// The live sessions of `user_id`, most recently used first (for a "where you are logged
     /// in" page). Always read from the database; does not count as an access.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], [`Error::ShutDown`].
     pub async fn list_user_sessions(&self, user_id: Uuid) -> Result<Vec<Session>> {
         let inner = self.open()?;
         let now = now();
-        let mut sessions = inner.store.fetch_user(user_id, now).await?;
-        for s in &mut sessions {
-            if let Some(pending) = inner.touches.pending(s.id) {
-                s.last_accessed_at = s.last_accessed_at.max(pending);
+        let mut records = inner.store.fetch_user(user_id, now).await?;
+        for r in &mut records {
+            if let Some(pending) = inner.touches.pending(r.id) {
+                r.last_accessed_at = r.last_accessed_at.max(pending);
             }
         }
-        sessions.retain(|s| !s.is_expired(now, inner.idle));
-        sessions.sort_by_key(|s| std::cmp::Reverse(s.last_accessed_at));
-        Ok(sessions)
+        records.retain(|r| !r.is_expired(now, inner.idle));
+        records.sort_by_key(|r| std::cmp::Reverse(r.last_accessed_at));
+        let limit = inner.config.max_attribute_size;
+        Ok(records
+            .into_iter()
+            .map(|r| Session::from_record(r, limit))
+            .collect())
     }
 
     /// Empty the cache of every node (one notification). This node's is emptied before the call
     /// returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], [`Error::ShutDown`].
     pub async fn clear_cache(&self) -> Result<()> {
         let inner = self.open()?;
         let epoch = inner.store.broadcast_clear().await?;
@@ -500,14 +664,28 @@ impl SessionManager {
 
     /// Write all recorded accesses now instead of waiting for the next interval. Returns the
     /// number of sessions whose `last_accessed_at` moved.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] (the accesses stay recorded for the next attempt),
+    /// [`Error::ShutDown`].
     pub async fn flush_last_access(&self) -> Result<u64> {
-        self.open()?.flush_touches().await
+        let inner = self.open()?;
+        inner
+            .touches
+            .flush(&inner.store, inner.config.last_access_batch_size)
+            .await
     }
 
     /// Delete expired sessions now (the background task does this every
     /// `cleanup_interval`). Returns how many were deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], [`Error::ShutDown`].
     pub async fn cleanup_expired(&self) -> Result<u64> {
-        self.open()?.cleanup_expired().await
+        let inner = self.open()?;
+        inner.cleanup.run_once(&inner.store, &inner.cancel).await
     }
 
     /// Whether cached sessions are served now: false while the listener is down or
@@ -523,10 +701,9 @@ impl SessionManager {
         if !self.inner.cache.enabled() {
             return;
         }
-        let mut shutdown = self.inner.shutdown.subscribe();
         tokio::select! {
             _ = self.inner.listener.wait_trusted() => {}
-            _ = shutdown.recv() => {}
+            _ = self.inner.cancel.cancelled() => {}
         }
     }
 
@@ -541,25 +718,26 @@ impl SessionManager {
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
         let c = inner.cache.counters();
+        let state = &inner.listener;
         Stats {
             hits: c.hits,
             misses: c.misses,
             entries: c.entries,
             capacity: inner.config.cache_capacity,
-            invalidations: inner.listener.invalidations.load(Ordering::Relaxed),
+            invalidations: state.invalidations.load(Ordering::Relaxed),
             fills_rejected: c.fills_rejected,
-            reconnects: inner.listener.reconnects.load(Ordering::Relaxed),
-            resync_evictions: inner.listener.resync_evictions.load(Ordering::Relaxed),
+            reconnects: state.reconnects.load(Ordering::Relaxed),
+            resync_evictions: state.resync_evictions.load(Ordering::Relaxed),
             cache_trusted: inner.cache.trusted(),
             degraded_time: if inner.cache.enabled() {
-                inner.listener.degraded_time()
+                state.degraded_time()
             } else {
                 Duration::ZERO
             },
             pending_touches: inner.touches.len(),
             touches_dropped: inner.touches.dropped(),
-            flushes: inner.flushes.load(Ordering::Relaxed),
-            flush_errors: inner.flush_errors.load(Ordering::Relaxed),
+            flushes: inner.touches.flushes.load(Ordering::Relaxed),
+            flush_errors: inner.touches.flush_errors.load(Ordering::Relaxed),
             cleanup_deleted: inner.cleanup_deleted.load(Ordering::Relaxed),
             invalidations_announced: inner.outbox.announced.load(Ordering::Relaxed),
             announce_messages: inner.outbox.messages.load(Ordering::Relaxed),
@@ -579,36 +757,52 @@ impl SessionManager {
     /// Stop: refuse new calls, write pending accesses, stop every background task and close
     /// the pool if [`connect`](Self::connect) created it, all within `shutdown_timeout`.
     ///
-    /// Idempotent: later calls wait for the first to finish and return `Ok(())`. Returns the
-    /// error of the final flush if it failed, or [`Error::Timeout`] if tasks had to be
-    /// aborted at the deadline. The work runs in its own task, so it completes even if this
-    /// future is dropped.
+    /// Idempotent: later calls wait for the first to finish and return `Ok(())`. The work runs
+    /// in its own task, so it completes even if this future is dropped.
+    ///
+    /// # Errors
+    ///
+    /// The error of the final flush if it failed, or [`Error::Timeout`] if tasks had to be
+    /// aborted at the deadline.
     pub async fn shutdown(&self) -> Result<()> {
         let inner = self.inner.clone();
-        if inner.shutdown.close() {
+        if !inner.shutdown.started.swap(true, Ordering::AcqRel) {
+            inner.cancel.cancel();
             let work = tokio::spawn(async move {
                 let result = inner.stop().await;
                 *inner
-                    .shutdown_result
+                    .shutdown
+                    .outcome
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = Some(result);
-                inner.shutdown.mark_done();
+                inner.shutdown.done.send_replace(true);
             });
             // Only fails if the task panicked; the outcome is then unknown.
             if work.await.is_err() {
                 return Err(Error::Timeout("shutdown did not complete".into()));
             }
         } else {
-            self.inner.shutdown.wait_done().await;
+            let mut done = self.inner.shutdown.done.subscribe();
+            // The sender lives in `inner`, which we hold.
+            let _ = done.wait_for(|d| *d).await;
         }
         // The first caller to get here takes the outcome; later ones see Ok.
         self.inner
-            .shutdown_result
+            .shutdown
+            .outcome
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .unwrap_or(Ok(()))
     }
+}
+
+/// Name a task's future, so that shutdown can tell which one failed or had to be aborted.
+async fn named(
+    name: &'static str,
+    task: impl Future<Output = Result<()>>,
+) -> (&'static str, Result<()>) {
+    (name, task.await)
 }
 
 /// Covers an update or delete while its statement is under way. If it ends without a known
@@ -651,16 +845,31 @@ impl Drop for InDoubt<'_> {
 }
 
 impl Inner {
-    /// The body of shutdown: join the tasks (the flush task makes the final flush when it sees
-    /// the signal), abort what misses the deadline, close an owned pool.
+    /// The body of shutdown: wait for the tasks (the flush task makes the final flush when it
+    /// is cancelled), abort what misses the deadline, close an owned pool.
     async fn stop(&self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut aborted = 0;
-        for mut task in tasks {
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                task.abort();
-                aborted += 1;
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut failure = None;
+        let mut aborted = Vec::new();
+        if let Some(mut tasks) = tasks {
+            loop {
+                match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                    Ok(None) => break,
+                    Ok(Some(Ok((name, Err(e))))) => {
+                        tracing::warn!(task = name, error = %e, "pgsession: task ended with an error");
+                        failure.get_or_insert(e);
+                    }
+                    Ok(Some(Ok((_, Ok(()))))) => {}
+                    Ok(Some(Err(e))) => {
+                        failure.get_or_insert(Error::Timeout(format!("a task failed: {e}")));
+                    }
+                    Err(_) => {
+                        aborted.push(tasks.len());
+                        tasks.abort_all();
+                        break;
+                    }
+                }
             }
         }
         // Operations still under way hand their connections straight back from now on.
@@ -668,49 +877,13 @@ impl Inner {
         if self.owns_pool {
             let _ = tokio::time::timeout_at(deadline, self.store.pool().close()).await;
         }
-        let final_flush = self
-            .final_flush
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match final_flush {
-            Some(Err(e)) => Err(e),
-            _ if aborted > 0 => Err(Error::Timeout(format!(
-                "{aborted} background task(s) did not stop within shutdown_timeout and were \
-                 aborted; pending last-access times may be lost"
+        match (failure, aborted.first()) {
+            (Some(e), _) => Err(e),
+            (None, Some(n)) => Err(Error::Timeout(format!(
+                "{n} background task(s) did not stop within shutdown_timeout and were aborted; \
+                 pending last-access times may be lost"
             ))),
-            _ => Ok(()),
-        }
-    }
-
-    pub(crate) async fn flush_touches(&self) -> Result<u64> {
-        match self
-            .touches
-            .flush(&self.store, self.config.last_access_batch_size)
-            .await
-        {
-            Ok(n) => {
-                self.flushes.fetch_add(1, Ordering::Relaxed);
-                Ok(n)
-            }
-            Err(e) => {
-                self.flush_errors.fetch_add(1, Ordering::Relaxed);
-                Err(e)
-            }
-        }
-    }
-
-    pub(crate) async fn cleanup_expired(&self) -> Result<u64> {
-        let now = now();
-        let idle_cutoff = self.idle.map(|idle| now - idle - self.cleanup_grace);
-        let batch = self.config.cleanup_batch_size;
-        let mut total = 0;
-        loop {
-            let n = self.store.cleanup_batch(now, idle_cutoff, batch).await?;
-            total += n;
-            if n < batch as u64 || self.shutdown.is_closed() {
-                return Ok(total);
-            }
+            (None, None) => Ok(()),
         }
     }
 }

@@ -7,8 +7,8 @@
 
 use sqlx::{AssertSqlSafe, PgPool};
 
-use crate::config::Names;
 use crate::error::{Error, Result};
+use crate::names::Names;
 
 /// One migration file, embedded at compile time.
 struct Migration {
@@ -168,23 +168,10 @@ fn bookkeeping_table(names: &Names) -> String {
     )
 }
 
-/// Substitute the placeholders. Every value is built from identifiers validated by
-/// [`Config::validate`](crate::Config), which admits only `[a-z0-9_]`, so nothing here can
-/// break out of a quoted identifier or string literal.
+/// The template with names (and the chunk size of deletion messages) filled in.
 fn render(template: &str, names: &Names) -> String {
-    template
-        .replace("{{sessions}}", &names.sessions)
-        .replace("{{cache_epoch}}", &names.cache_epoch)
-        .replace("{{outbox_seq}}", &names.outbox_seq)
-        .replace("{{outbox}}", &names.outbox)
-        .replace(
-            "{{ids_per_message}}",
-            &crate::store::IDS_PER_MESSAGE.to_string(),
-        )
-        .replace("{{create_fn}}", &names.create_fn)
-        .replace("{{prefix}}", &names.prefix)
-        .replace("{{channel}}", &names.channel)
-        .replace("{{lock_class}}", &names.lock_class.to_string())
+    let ids = crate::store::IDS_PER_MESSAGE.to_string();
+    names.render(template, &[("ids_per_message", &ids)])
 }
 
 /// FNV-1a 64 of the template, hex: detects edits to applied files (not a security measure).

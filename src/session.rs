@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::record::Record;
 
 /// Deepest nesting accepted in an attribute value. serde_json refuses to parse documents nested
 /// deeper than 128 levels, so a deeper value would be stored and then be unreadable.
@@ -133,7 +134,7 @@ impl Session {
         if !(1970..=9999).contains(&year) {
             return Err(Error::InvalidExpiry { expires_at });
         }
-        let expires_at = crate::manager::to_micros(expires_at);
+        let expires_at = crate::time::to_micros(expires_at);
         self.expires_at = expires_at;
         self.changes.expires_at = Some(expires_at);
         Ok(())
@@ -144,9 +145,21 @@ impl Session {
         !self.changes.is_empty()
     }
 
-    /// Whether the session is expired at `now`, given its last access.
-    pub(crate) fn is_expired(&self, now: DateTime<Utc>, idle: Option<chrono::Duration>) -> bool {
-        self.expires_at <= now || idle.is_some_and(|idle| self.last_accessed_at + idle <= now)
+    /// A stored session handed to a caller, with no changes yet.
+    pub(crate) fn from_record(record: Record, max_attribute_size: usize) -> Session {
+        Session {
+            id: record.id,
+            user_id: record.user_id,
+            version: record.version,
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+            last_accessed_at: record.last_accessed_at,
+            expires_at: record.expires_at,
+            attributes: record.attributes,
+            changes: Changes::default(),
+            max_attribute_size,
+            base_version: record.version,
+        }
     }
 }
 

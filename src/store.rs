@@ -18,10 +18,10 @@ use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
-use crate::config::Names;
 use crate::connections::Connections;
 use crate::error::{Error, Result, is_connection_lost};
-use crate::session::{Changes, Session};
+use crate::names::Names;
+use crate::record::Record;
 
 /// Run `$query.$method(conn)` on a kept or pooled connection (see [`crate::connections`]),
 /// keeping the connection for the next statement when the statement completed.
@@ -139,26 +139,28 @@ pub(crate) fn statements(names: &Names) -> Vec<(&'static str, String)> {
 
 impl Sql {
     fn new(names: &Names) -> Sql {
-        let render = |sql: &str| -> Arc<str> {
-            sql.replace("{t}", &names.sessions)
-                .replace("{epoch_t}", &names.cache_epoch)
-                .replace("{outbox}", &names.outbox)
-                .replace("{ids_per_message}", &IDS_PER_MESSAGE.to_string())
-                .replace("{lines_per_message}", &LINES_PER_MESSAGE.to_string())
-                .replace("{sweep_batch}", &SWEEP_BATCH.to_string())
-                .replace("{create_fn}", &names.create_fn)
-                .replace("{ch}", &names.channel)
-                .replace("{cols}", COLUMNS)
-                .into()
-        };
+        let (ids, lines, sweep) = (
+            IDS_PER_MESSAGE.to_string(),
+            LINES_PER_MESSAGE.to_string(),
+            SWEEP_BATCH.to_string(),
+        );
+        let extra = [
+            ("cols", COLUMNS),
+            ("ids_per_message", ids.as_str()),
+            ("lines_per_message", lines.as_str()),
+            ("sweep_batch", sweep.as_str()),
+        ];
+        let render = |sql: &str| -> Arc<str> { names.render(sql, &extra).into() };
         Sql {
-            select_one: render("SELECT {cols} FROM {t} WHERE id = $1"),
+            select_one: render("SELECT {{cols}} FROM {{sessions}} WHERE id = $1"),
             select_user: render(
-                "SELECT {cols} FROM {t} WHERE user_id = $1 AND expires_at > $2 \
+                "SELECT {{cols}} FROM {{sessions}} WHERE user_id = $1 AND expires_at > $2 \
                  ORDER BY last_accessed_at DESC",
             ),
-            insert: render("INSERT INTO {t} ({cols}) VALUES ($1, $2, 1, $3, $4, $4, $4, $5)"),
-            create_capped: render("SELECT {create_fn}($1, $2, $3, $4, $5, $6, $7, $8)"),
+            insert: render(
+                "INSERT INTO {{sessions}} ({{cols}}) VALUES ($1, $2, 1, $3, $4, $4, $4, $5)",
+            ),
+            create_capped: render("SELECT {{create_fn}}($1, $2, $3, $4, $5, $6, $7, $8)"),
             // Delta: remove the removed keys, merge the set ones, never touch the others. The
             // WHERE clause makes an update of a deleted or expired session a no-op (NotFound),
             // never a re-insert. $7 is an access this node recorded and has not flushed yet.
@@ -167,7 +169,7 @@ impl Sql {
             // changes applied is exactly the new state.
             update: render(
                 "WITH updated AS ( \
-                     UPDATE {t} SET \
+                     UPDATE {{sessions}} SET \
                          attributes = (attributes - $2::text[]) || $3::jsonb, \
                          expires_at = coalesce($4, expires_at), \
                          version = version + 1, \
@@ -179,15 +181,15 @@ impl Sql {
                          expires_at, CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END \
                          AS attributes \
                  ), queued AS ( \
-                     INSERT INTO {outbox} (payload) \
+                     INSERT INTO {{outbox}} (payload) \
                      SELECT 'u ' || replace(id::text, '-', '') || ' ' || version FROM updated \
                      RETURNING seq, payload \
                  ) \
                  SELECT updated.*, queued.seq, queued.payload FROM updated, queued",
             ),
             delete: render(
-                "WITH deleted AS (DELETE FROM {t} WHERE id = $1 RETURNING id) \
-                 INSERT INTO {outbox} (payload) \
+                "WITH deleted AS (DELETE FROM {{sessions}} WHERE id = $1 RETURNING id) \
+                 INSERT INTO {{outbox}} (payload) \
                  SELECT 'd ' || replace(id::text, '-', '') FROM deleted \
                  RETURNING seq, payload",
             ),
@@ -195,29 +197,29 @@ impl Sql {
             // (nothing durable is written), which keeps NOTIFY's cluster-wide commit lock short.
             announce: render(
                 "SELECT set_config('synchronous_commit', 'off', true), \
-                        pg_notify('{ch}', payload)::text \
+                        pg_notify('{{channel}}', payload)::text \
                  FROM unnest($1::text[]) AS payload",
             ),
             // Retire announced rows, in bulk. Asynchronous commit again: a retirement lost in a
             // crash only means the sweep announces those rows a second time, which is harmless.
             retire: render(
-                "WITH retired AS (DELETE FROM {outbox} WHERE seq = ANY($1)) \
+                "WITH retired AS (DELETE FROM {{outbox}} WHERE seq = ANY($1)) \
                  SELECT set_config('synchronous_commit', 'off', true)",
             ),
             // Rows older than $1 seconds were left by a node that stopped before announcing
             // them; any node announces them, SKIP LOCKED keeping sweepers apart.
             sweep: render(
                 "WITH orphans AS ( \
-                     DELETE FROM {outbox} WHERE seq IN ( \
-                         SELECT seq FROM {outbox} \
+                     DELETE FROM {{outbox}} WHERE seq IN ( \
+                         SELECT seq FROM {{outbox}} \
                          WHERE created_at < now() - make_interval(secs => $1) \
-                         ORDER BY seq LIMIT {sweep_batch} FOR UPDATE SKIP LOCKED) \
+                         ORDER BY seq LIMIT {{sweep_batch}} FOR UPDATE SKIP LOCKED) \
                      RETURNING seq, payload \
                  ), chunks AS ( \
-                     SELECT (row_number() OVER (ORDER BY seq) - 1) / {lines_per_message} AS chunk, \
+                     SELECT (row_number() OVER (ORDER BY seq) - 1) / {{lines_per_message}} AS chunk, \
                             payload FROM orphans \
                  ), notified AS ( \
-                     SELECT pg_notify('{ch}', string_agg(payload, E'\\n'))::text AS m \
+                     SELECT pg_notify('{{channel}}', string_agg(payload, E'\\n'))::text AS m \
                      FROM chunks GROUP BY chunk \
                  ) \
                  SELECT (SELECT count(*) FROM orphans), (SELECT count(m) FROM notified)",
@@ -227,19 +229,19 @@ impl Sql {
             // cannot deadlock.
             delete_user: render(
                 "WITH doomed AS ( \
-                     SELECT id FROM {t} WHERE user_id = $1 AND id <> ALL($2) \
+                     SELECT id FROM {{sessions}} WHERE user_id = $1 AND id <> ALL($2) \
                      ORDER BY id FOR UPDATE \
                  ), deleted AS ( \
-                     DELETE FROM {t} s USING doomed d WHERE s.id = d.id RETURNING s.id \
+                     DELETE FROM {{sessions}} s USING doomed d WHERE s.id = d.id RETURNING s.id \
                  ), counted AS (SELECT count(*) AS n FROM deleted) \
                  SELECT n, CASE WHEN n > 0 THEN \
-                     pg_notify('{ch}', 'U ' || replace($1::text, '-', ''))::text END \
+                     pg_notify('{{channel}}', 'U ' || replace($1::text, '-', ''))::text END \
                  FROM counted",
             ),
             // Never moves a timestamp backwards; no notification (last access is not cached
             // state that others could serve wrongly: idle checks re-read the database).
             touch: render(
-                "UPDATE {t} AS s SET last_accessed_at = v.at \
+                "UPDATE {{sessions}} AS s SET last_accessed_at = v.at \
                  FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, at) \
                  WHERE s.id = v.id AND s.last_accessed_at < v.at",
             ),
@@ -247,31 +249,31 @@ impl Sql {
             // waiting on each other. Deleted ids are announced IDS_PER_MESSAGE per message.
             cleanup: render(
                 "WITH victims AS ( \
-                     SELECT id FROM {t} \
+                     SELECT id FROM {{sessions}} \
                      WHERE expires_at <= $1 OR last_accessed_at <= $2 \
                      LIMIT $3 FOR UPDATE SKIP LOCKED \
                  ), deleted AS ( \
-                     DELETE FROM {t} s USING victims v WHERE s.id = v.id RETURNING s.id \
+                     DELETE FROM {{sessions}} s USING victims v WHERE s.id = v.id RETURNING s.id \
                  ), chunks AS ( \
-                     SELECT (row_number() OVER () - 1) / {ids_per_message} AS chunk, id FROM deleted \
+                     SELECT (row_number() OVER () - 1) / {{ids_per_message}} AS chunk, id FROM deleted \
                  ), notified AS ( \
-                     SELECT pg_notify('{ch}', 'd ' || string_agg(replace(id::text, '-', ''), ','))::text AS m \
+                     SELECT pg_notify('{{channel}}', 'd ' || string_agg(replace(id::text, '-', ''), ','))::text AS m \
                      FROM chunks GROUP BY chunk \
                  ) \
                  SELECT (SELECT count(*) FROM deleted), (SELECT count(m) FROM notified)",
             ),
-            versions: render("SELECT id, version FROM {t} WHERE id = ANY($1)"),
+            versions: render("SELECT id, version FROM {{sessions}} WHERE id = ANY($1)"),
             // The epoch lets a node that missed the message notice the clear when it reconnects.
             clear: render(
-                "WITH bumped AS (UPDATE {epoch_t} SET epoch = epoch + 1 RETURNING epoch) \
-                 SELECT epoch, pg_notify('{ch}', 'C ' || epoch)::text FROM bumped",
+                "WITH bumped AS (UPDATE {{cache_epoch}} SET epoch = epoch + 1 RETURNING epoch) \
+                 SELECT epoch, pg_notify('{{channel}}', 'C ' || epoch)::text FROM bumped",
             ),
             // With the server's start time: a node that reconnects to another server (a
             // restart, a failover) cannot trust versions it cached, since the new server may
             // lack the latest writes and hand out their version numbers again.
             epoch: render(
                 "SELECT epoch, (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8 \
-                 FROM {epoch_t}",
+                 FROM {{cache_epoch}}",
             ),
         }
     }
@@ -327,16 +329,14 @@ pub(crate) struct Store {
     /// Connections kept between statements (every statement but the resynchronisation's).
     conns: Connections,
     sql: Sql,
-    max_attribute_size: usize,
 }
 
 impl Store {
-    pub(crate) fn new(pool: PgPool, names: &Names, max_attribute_size: usize) -> Store {
+    pub(crate) fn new(pool: PgPool, names: &Names) -> Store {
         Store {
             conns: Connections::new(pool.clone()),
             pool,
             sql: Sql::new(names),
-            max_attribute_size,
         }
     }
 
@@ -350,7 +350,7 @@ impl Store {
     }
 
     /// Read one session.
-    pub(crate) async fn fetch(&self, id: Uuid) -> Result<Option<Session>> {
+    pub(crate) async fn fetch(&self, id: Uuid) -> Result<Option<Record>> {
         let row = again_if_lost(|_| async {
             on_conn!(
                 self,
@@ -359,7 +359,7 @@ impl Store {
             )
         })
         .await?;
-        row.map(|row| self.session_from_row(&row)).transpose()
+        row.map(|row| record_from_row(&row)).transpose()
     }
 
     /// Sessions of a user not past their absolute expiry, most recently used first.
@@ -367,7 +367,7 @@ impl Store {
         &self,
         user_id: Uuid,
         now: DateTime<Utc>,
-    ) -> Result<Vec<Session>> {
+    ) -> Result<Vec<Record>> {
         let rows = again_if_lost(|_| async {
             on_conn!(
                 self,
@@ -378,7 +378,7 @@ impl Store {
             )
         })
         .await?;
-        rows.iter().map(|row| self.session_from_row(row)).collect()
+        rows.iter().map(record_from_row).collect()
     }
 
     /// Insert a session, enforcing the per-user cap in the same transaction. Returns the ids of
@@ -630,22 +630,18 @@ impl Store {
             fetch_one
         )?)
     }
+}
 
-    fn session_from_row(&self, row: &PgRow) -> Result<Session> {
-        let Json(attributes): Json<Map<String, Value>> = row.try_get("attributes")?;
-        let version = row.try_get("version")?;
-        Ok(Session {
-            id: row.try_get("id")?,
-            user_id: row.try_get("user_id")?,
-            version,
-            created_at: row.try_get("created_at")?,
-            updated_at: row.try_get("updated_at")?,
-            last_accessed_at: row.try_get("last_accessed_at")?,
-            expires_at: row.try_get("expires_at")?,
-            attributes: Arc::new(attributes),
-            changes: Changes::default(),
-            max_attribute_size: self.max_attribute_size,
-            base_version: version,
-        })
-    }
+fn record_from_row(row: &PgRow) -> Result<Record> {
+    let Json(attributes): Json<Map<String, Value>> = row.try_get("attributes")?;
+    Ok(Record {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        last_accessed_at: row.try_get("last_accessed_at")?,
+        expires_at: row.try_get("expires_at")?,
+        attributes: Arc::new(attributes),
+    })
 }

@@ -14,8 +14,8 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::cache::{Padded, ShardPicker, shard_count};
 use crate::error::Result;
+use crate::shard::{Padded, ShardPicker, shard_count};
 use crate::store::Store;
 
 type Pending = HashMap<Uuid, DateTime<Utc>>;
@@ -34,6 +34,10 @@ pub(crate) struct Touches {
     /// Wakes the flush task early.
     pub(crate) wake: Notify,
     dropped: AtomicU64,
+    /// Successful flushes.
+    pub(crate) flushes: AtomicU64,
+    /// Failed flushes (retried).
+    pub(crate) flush_errors: AtomicU64,
     /// Serialises flushes, so that a flush returning means everything recorded before it began
     /// is written (an explicit flush waits for a background one under way).
     flushing: tokio::sync::Mutex<()>,
@@ -50,6 +54,8 @@ impl Touches {
             flush_at: batch_size.min(max_pending),
             wake: Notify::new(),
             dropped: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            flush_errors: AtomicU64::new(0),
             flushing: tokio::sync::Mutex::new(()),
         }
     }
@@ -127,6 +133,17 @@ impl Touches {
     /// only once written; on failure (or if this future is dropped) the rest stay for the next
     /// attempt, and the error is returned.
     pub(crate) async fn flush(&self, store: &Store, batch: usize) -> Result<u64> {
+        let result = self.flush_all(store, batch).await;
+        let counter = if result.is_ok() {
+            &self.flushes
+        } else {
+            &self.flush_errors
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn flush_all(&self, store: &Store, batch: usize) -> Result<u64> {
         let _one_at_a_time = self.flushing.lock().await;
         let items = self.snapshot();
         let mut written = 0;

@@ -1,4 +1,4 @@
-//! Cache coherence across nodes (invariants I1-I6 of the design brief), including faults:
+//! Cache coherence across nodes (guarantees G1-G8 of docs/design.md), including faults:
 //! a killed listener backend, a half-open listener connection, a refused reconnect, and a
 //! restarted server. Every node is a manager with its own pool, as in separate processes.
 
