@@ -27,6 +27,9 @@ use crate::store::{SWEEP_BATCH, Store};
 /// connections after it, so retrying at once costs nothing and delays nobody.
 const IMMEDIATE_RETRIES: u32 = 16;
 
+/// Shortest time between the starts of two announcements (see [`Announcer::run`]).
+const COALESCE: Duration = Duration::from_millis(1);
+
 /// What the announce task works on.
 pub(crate) struct Announcer {
     pub outbox: Arc<Outbox>,
@@ -42,6 +45,8 @@ struct State {
     connecting: Option<oneshot::Receiver<Option<PgConnection>>>,
     to_retire: Vec<i64>,
     last_retire: Instant,
+    /// Invalidations carried by the last announcement.
+    last_batch: usize,
 }
 
 impl Announcer {
@@ -52,11 +57,13 @@ impl Announcer {
             connecting: None,
             to_retire: Vec::new(),
             last_retire: Instant::now(),
+            last_batch: 0,
         };
         // Open the connection now rather than at the first write, whose announcement would
         // otherwise go through the pool.
         self.conn(&mut state);
         let mut backoff = Backoff::new(IMMEDIATE_RETRIES, Duration::from_millis(50), ORPHAN_GRACE);
+        let mut last_sent = None;
         'running: loop {
             let retire_due = state.last_retire + RETIRE_EVERY;
             tokio::select! {
@@ -64,6 +71,21 @@ impl Announcer {
                 _ = self.outbox.wake.notified() => {}
                 _ = tokio::time::sleep_until(retire_due.into()), if !state.to_retire.is_empty() => {}
             }
+            // While writes come faster than they are announced (the last announcement carried
+            // several), gather what arrives within COALESCE of it into one NOTIFY: each costs
+            // every node a wake-up, and PostgreSQL serialises notifying commits (measured: 8
+            // concurrent updaters went from 0.76x to 0.89x of the raw statement's throughput).
+            // Otherwise a write is announced at once.
+            if let Some(due) = last_sent.map(|t: tokio::time::Instant| t + COALESCE)
+                && state.last_batch > 1
+                && due > tokio::time::Instant::now()
+            {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep_until(due) => {}
+                }
+            }
+            last_sent = Some(tokio::time::Instant::now());
             // Other nodes serve the old state until this succeeds.
             backoff.reset();
             while let Err(e) = self.announce_queued(&mut state).await {
@@ -144,6 +166,7 @@ impl Announcer {
             outbox
                 .messages
                 .fetch_add(messages.len() as u64, Ordering::Relaxed);
+            state.last_batch = batch.len();
             state.to_retire.extend(batch.iter().map(|q| q.seq));
         }
     }
