@@ -2,7 +2,10 @@
 //!
 //! * cache-hit `get_session` latency with 1 and 2 threads (and throughput ratio);
 //! * cache-miss `get_session` latency next to a raw sqlx `SELECT` of the same row;
-//! * cross-node visibility: node A's `update_session` returns -> node B serves the new version.
+//! * cross-node visibility: node A's `update_session` returns -> node B serves the new version;
+//! * tokens: cache hits with signature verification, forged tokens (cost, database reads, and
+//!   what a flood of them does to real hits and to the cache), `log_in` and `rotate_session`
+//!   against `create_session`.
 //!
 //! ```text
 //! cargo bench --bench cache
@@ -14,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use pgsession::{Config, SessionManager};
+use pgsession::{Config, SessionManager, SessionToken, SigningKey};
 use pgsession_testkit::{ServerOptions, TempPostgres};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
@@ -105,28 +108,60 @@ async fn run(url: String) {
             a.create_session(Uuid::new_v4(), attributes())
                 .await
                 .unwrap()
-                .id,
+                .1,
         );
     }
     for id in &ids {
-        b.get_session(*id).await.unwrap().unwrap();
+        b.get_session(id).await.unwrap().unwrap();
+    }
+    // The same with signed tokens, on managers that verify them.
+    let key = SigningKey::generate();
+    let signed_config = || Config {
+        signing_keys: vec![key.clone()],
+        ..config()
+    };
+    let sa = SessionManager::connect(signed_config(), &url)
+        .await
+        .unwrap();
+    let sb = SessionManager::connect(signed_config(), &url)
+        .await
+        .unwrap();
+    for m in [&a, &b, &sa, &sb] {
+        m.wait_for_cache().await;
+    }
+    let mut signed = Vec::new();
+    for _ in 0..2000 {
+        signed.push(
+            sa.create_session(Uuid::new_v4(), attributes())
+                .await
+                .unwrap()
+                .1,
+        );
+    }
+    for t in &signed {
+        sb.get_session(t).await.unwrap().unwrap();
     }
     // Interleave 1- and 2-thread rounds so that machine noise hits both alike; report the
     // round with the median throughput of each.
     let per_thread = 200_000;
-    let mut rounds: [Vec<(f64, Samples)>; 2] = [Vec::new(), Vec::new()];
+    let mut rounds: [Vec<(f64, Samples)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..3 {
-        for threads in [1, 2] {
-            let (samples, elapsed) = hit_run(&b, &ids, threads, per_thread);
+        for (i, (manager, tokens, threads)) in [(&b, &ids, 1), (&b, &ids, 2), (&sb, &signed, 1)]
+            .into_iter()
+            .enumerate()
+        {
+            let (samples, elapsed) = hit_run(manager, tokens, threads, per_thread);
             let tput = (threads * per_thread) as f64 / elapsed.as_secs_f64();
-            rounds[threads - 1].push((tput, samples));
+            rounds[i].push((tput, samples));
         }
     }
-    let [mut one_rounds, mut two_rounds] = rounds;
-    one_rounds.sort_by(|x, y| x.0.total_cmp(&y.0));
-    two_rounds.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let [mut one_rounds, mut two_rounds, mut signed_rounds] = rounds;
+    for r in [&mut one_rounds, &mut two_rounds, &mut signed_rounds] {
+        r.sort_by(|x, y| x.0.total_cmp(&y.0));
+    }
     let (one_tput, mut one) = one_rounds.swap_remove(1);
     let (two_tput, mut two) = two_rounds.swap_remove(1);
+    let (signed_tput, mut signed_hits) = signed_rounds.swap_remove(1);
     println!("cache hit, get_session (small attributes; median of 3 interleaved rounds)");
     println!(
         "  1 thread : median {}  p99 {}  {:>10.0} ops/s",
@@ -140,6 +175,12 @@ async fn run(url: String) {
         us(two.percentile(0.99)),
         two_tput,
         two_tput / one_tput
+    );
+    println!(
+        "  1 thread, signed tokens (HMAC verified): median {}  p99 {}  {:>10.0} ops/s",
+        us(signed_hits.median()),
+        us(signed_hits.percentile(0.99)),
+        signed_tput
     );
 
     // ---- cache misses vs raw select ------------------------------------------------------
@@ -155,7 +196,7 @@ async fn run(url: String) {
             a.create_session(Uuid::new_v4(), attributes())
                 .await
                 .unwrap()
-                .id,
+                .1,
         );
     }
     let select = "SELECT id, user_id, version, attributes, created_at, updated_at, \
@@ -163,14 +204,14 @@ async fn run(url: String) {
     // Warm both paths (prepared statements on every connection).
     for id in miss_ids.iter().take(50) {
         sqlx::query(select)
-            .bind(id)
+            .bind(id.id())
             .fetch_optional(&raw_pool)
             .await
             .unwrap();
     }
     let c = SessionManager::connect(config(), &url).await.unwrap();
     for id in ids.iter().take(50) {
-        c.get_session(*id).await.unwrap();
+        c.get_session(id).await.unwrap();
     }
     let mut raw = Samples::new();
     let mut miss = Samples::new();
@@ -179,7 +220,7 @@ async fn run(url: String) {
         let do_raw = || async {
             let t = Instant::now();
             let row = sqlx::query(select)
-                .bind(id)
+                .bind(id.id())
                 .fetch_optional(&raw_pool)
                 .await
                 .unwrap();
@@ -188,7 +229,7 @@ async fn run(url: String) {
         };
         let do_miss = || async {
             let t = Instant::now();
-            let s = c.get_session(*id).await.unwrap();
+            let s = c.get_session(id).await.unwrap();
             assert!(s.is_some());
             t.elapsed()
         };
@@ -216,11 +257,11 @@ async fn run(url: String) {
     );
 
     // ---- cross-node visibility -----------------------------------------------------------
-    let mut s = a
+    let (mut s, token) = a
         .create_session(Uuid::new_v4(), attributes())
         .await
         .unwrap();
-    b.get_session(s.id).await.unwrap().unwrap();
+    b.get_session(&token).await.unwrap().unwrap();
     let mut visible = Samples::new();
     let mut update = Samples::new();
     for i in 0..1000 {
@@ -231,8 +272,8 @@ async fn run(url: String) {
         update.push(returned - t);
         let mut polls = 0;
         loop {
-            let seen = b.get_session(s.id).await.unwrap().unwrap();
-            if seen.version == s.version {
+            let seen = b.get_session(&token).await.unwrap().unwrap();
+            if seen.version() == s.version() {
                 break;
             }
             assert!(returned.elapsed() < Duration::from_secs(5), "never visible");
@@ -265,16 +306,180 @@ async fn run(url: String) {
         "\nnode B: {} hits, {} misses, {} invalidations, {} fills rejected",
         stats.hits, stats.misses, stats.invalidations, stats.fills_rejected
     );
-    for m in [a, b, c] {
+    tokens(&a, &sb, &signed, &b, &ids).await;
+    for m in [a, b, c, sa, sb] {
         m.shutdown().await.unwrap();
     }
+}
+
+/// Forged tokens, floods, and the cost of rotation.
+async fn tokens(
+    a: &SessionManager,
+    signed_node: &SessionManager,
+    signed: &[SessionToken],
+    unsigned_node: &SessionManager,
+    unsigned: &[SessionToken],
+) {
+    let mut forged = Samples::new();
+    let misses = signed_node.stats().misses;
+    for _ in 0..20_000 {
+        let token = forge();
+        let t = Instant::now();
+        let found = signed_node.get_session(&token).await.unwrap();
+        forged.push(t.elapsed());
+        assert!(found.is_none());
+    }
+    println!(
+        "
+forged tokens (signed with an unknown key), signing on"
+    );
+    println!(
+        "  get_session: median {}  p99 {}; database reads: {}",
+        us(forged.median()),
+        us(forged.percentile(0.99)),
+        signed_node.stats().misses - misses
+    );
+
+    // Real hits while 4 tasks flood the node with forged (or, without signing, unknown)
+    // tokens, against the same without a flood.
+    for (name, node, real, flood_token) in [
+        ("signing on, forged tokens", signed_node, signed, true),
+        (
+            "signing off, random unknown tokens",
+            unsigned_node,
+            unsigned,
+            false,
+        ),
+    ] {
+        let quiet = real_hits(node, real, Duration::from_secs(1)).await;
+        let before = node.stats().entries;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flooders: Vec<_> = (0..4)
+            .map(|_| {
+                let node = node.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let token = if flood_token {
+                            forge()
+                        } else {
+                            Uuid::new_v4().to_string().parse().unwrap()
+                        };
+                        node.get_session(&token).await.unwrap();
+                        n += 1;
+                        tokio::task::yield_now().await;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut loud = real_hits(node, real, Duration::from_secs(2)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut flood = 0;
+        for f in flooders {
+            flood += f.await.unwrap();
+        }
+        let mut quiet = quiet;
+        let after = node.stats().entries;
+        let still_cached = {
+            let hits = node.stats().hits;
+            for t in real {
+                node.get_session(t).await.unwrap().unwrap();
+            }
+            node.stats().hits - hits
+        };
+        println!(
+            "  flood ({name}, {flood} requests): real hits p99 {} during, {} without; \
+             cache entries {before} -> {after}, real sessions still cached {still_cached} of {}",
+            us(loud.percentile(0.99)),
+            us(quiet.percentile(0.99)),
+            real.len()
+        );
+    }
+
+    // Rotation and login against create, one task, interleaved.
+    let (mut create, mut rotate, mut login) = (Samples::new(), Samples::new(), Samples::new());
+    for _ in 0..1000 {
+        let t = Instant::now();
+        let (mut s, _) = a.create_anonymous_session([("cart", 1)]).await.unwrap();
+        create.push(t.elapsed());
+        let t = Instant::now();
+        a.rotate_session(&mut s).await.unwrap();
+        rotate.push(t.elapsed());
+        let t = Instant::now();
+        a.log_in(&mut s, Uuid::new_v4()).await.unwrap();
+        login.push(t.elapsed());
+    }
+    println!(
+        "
+rotation (one round trip each), 1 task"
+    );
+    println!(
+        "  create_anonymous_session: median {}  p99 {}",
+        us(create.median()),
+        us(create.percentile(0.99))
+    );
+    println!(
+        "  rotate_session          : median {}  p99 {}  ({:.2}x create)",
+        us(rotate.median()),
+        us(rotate.percentile(0.99)),
+        rotate.median() / create.median()
+    );
+    println!(
+        "  log_in (cap applied)    : median {}  p99 {}  ({:.2}x create)",
+        us(login.median()),
+        us(login.percentile(0.99)),
+        login.median() / create.median()
+    );
+}
+
+/// A forged token: 64 characters of the signed form (32 random bytes and a 16-byte tag), with
+/// a tag no key of the node produced.
+fn forge() -> SessionToken {
+    let mut bytes = Vec::with_capacity(48);
+    for _ in 0..3 {
+        bytes.extend_from_slice(Uuid::new_v4().as_bytes());
+    }
+    base64_url(&bytes).parse().expect("well-formed")
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n =
+            chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// Cache-hit latencies of `real` sessions for `duration`, on one task.
+async fn real_hits(node: &SessionManager, real: &[SessionToken], duration: Duration) -> Samples {
+    let mut samples = Samples::new();
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < duration {
+        let t = Instant::now();
+        node.get_session(&real[i % real.len()])
+            .await
+            .unwrap()
+            .unwrap();
+        samples.push(t.elapsed());
+        i += 1;
+        tokio::task::yield_now().await;
+    }
+    samples
 }
 
 /// `threads` OS threads, each with its own current-thread runtime, each doing `per_thread`
 /// cache hits on its own slice of `ids`. Returns per-call latencies and the wall time.
 fn hit_run(
     manager: &SessionManager,
-    ids: &[Uuid],
+    ids: &[SessionToken],
     threads: usize,
     per_thread: usize,
 ) -> (Samples, Duration) {
@@ -284,7 +489,7 @@ fn hit_run(
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let manager = manager.clone();
-            let mine: Vec<Uuid> = ids[t * chunk..(t + 1) * chunk].to_vec();
+            let mine: Vec<SessionToken> = ids[t * chunk..(t + 1) * chunk].to_vec();
             let go = go.clone();
             let ready = ready.clone();
             std::thread::spawn(move || {
@@ -295,7 +500,7 @@ fn hit_run(
                     let hits_before = manager.stats().hits;
                     // Warm up.
                     for id in mine.iter().cycle().take(20_000) {
-                        manager.get_session(*id).await.unwrap().unwrap();
+                        manager.get_session(id).await.unwrap().unwrap();
                     }
                     ready.wait();
                     while !go.load(Ordering::Acquire) {
@@ -304,7 +509,7 @@ fn hit_run(
                     let mut samples = Samples(Vec::with_capacity(per_thread));
                     for id in mine.iter().cycle().take(per_thread) {
                         let t = Instant::now();
-                        let s = manager.get_session(*id).await.unwrap();
+                        let s = manager.get_session(id).await.unwrap();
                         samples.push(t.elapsed());
                         assert!(s.is_some());
                     }

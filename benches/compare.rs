@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use pgsession::{Config, Session, SessionManager};
+use pgsession::{Config, Session, SessionManager, SessionToken};
 use pgsession_testkit::{ServerOptions, TempPostgres};
 use serde_json::{Map, Value, json};
 use sqlx::Connection;
@@ -137,7 +137,7 @@ impl Kind {
 /// A session as each system hands it out.
 #[derive(Clone)]
 enum Handle {
-    Pg(Session),
+    Pg(Session, SessionToken),
     /// Id and current version.
     Raw(Uuid, i64),
     Tower(Record),
@@ -146,16 +146,17 @@ enum Handle {
 impl Handle {
     fn key(&self) -> Key {
         match self {
-            Handle::Pg(s) => Key::Uuid(s.id),
+            Handle::Pg(_, t) => Key::Token(t.clone()),
             Handle::Raw(id, _) => Key::Uuid(*id),
             Handle::Tower(r) => Key::Tower(r.id),
         }
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Key {
     Uuid(Uuid),
+    Token(SessionToken),
     Tower(Id),
 }
 
@@ -231,7 +232,8 @@ impl Systems {
                 } else {
                     &self.pg_nocap
                 };
-                Handle::Pg(m.create_session(Uuid::new_v4(), attrs).await.unwrap())
+                let (s, t) = m.create_session(Uuid::new_v4(), attrs).await.unwrap();
+                Handle::Pg(s, t)
             }
             Kind::Raw | Kind::RawPool | Kind::RawInsert | Kind::RawNotify => {
                 let id = Uuid::new_v4();
@@ -277,10 +279,18 @@ impl Systems {
 
     async fn get(&self, kind: Kind, key: Key) -> Option<Handle> {
         match (kind, key) {
-            (Kind::Pg, Key::Uuid(id)) => self.pg.get_session(id).await.unwrap().map(Handle::Pg),
-            (Kind::PgNoCap, Key::Uuid(id)) => {
-                self.pg_nocap.get_session(id).await.unwrap().map(Handle::Pg)
-            }
+            (Kind::Pg, Key::Token(t)) => self
+                .pg
+                .get_session(&t)
+                .await
+                .unwrap()
+                .map(|s| Handle::Pg(s, t)),
+            (Kind::PgNoCap, Key::Token(t)) => self
+                .pg_nocap
+                .get_session(&t)
+                .await
+                .unwrap()
+                .map(|s| Handle::Pg(s, t)),
             (Kind::Raw | Kind::RawPool | Kind::RawInsert | Kind::RawNotify, Key::Uuid(id)) => {
                 let query = sqlx::query(raw_sql().select).bind(id);
                 on_raw!(self, kind, query, fetch_optional)
@@ -298,7 +308,7 @@ impl Systems {
     /// Change one attribute and persist it (the handle is what a preceding get returned).
     async fn update(&self, kind: Kind, handle: &mut Handle, n: u64) {
         match (kind, handle) {
-            (Kind::Pg, Handle::Pg(s)) | (Kind::PgNoCap, Handle::Pg(s)) => {
+            (Kind::Pg, Handle::Pg(s, _)) | (Kind::PgNoCap, Handle::Pg(s, _)) => {
                 let m = if kind == Kind::Pg {
                     &self.pg
                 } else {
@@ -347,11 +357,11 @@ impl Systems {
 
     async fn delete(&self, kind: Kind, key: Key) {
         match (kind, key) {
-            (Kind::Pg, Key::Uuid(id)) => {
-                assert!(self.pg.delete_session(id).await.unwrap());
+            (Kind::Pg, Key::Token(t)) => {
+                assert!(self.pg.delete_session(t.id()).await.unwrap());
             }
-            (Kind::PgNoCap, Key::Uuid(id)) => {
-                assert!(self.pg_nocap.delete_session(id).await.unwrap());
+            (Kind::PgNoCap, Key::Token(t)) => {
+                assert!(self.pg_nocap.delete_session(t.id()).await.unwrap());
             }
             (Kind::Raw | Kind::RawPool | Kind::RawInsert | Kind::RawNotify, Key::Uuid(id)) => {
                 let query = sqlx::query(raw_sql().delete).bind(id);
@@ -700,19 +710,28 @@ async fn memory_child(url: &str, which: &str) {
     match which {
         "pgsession" => {
             let m = SessionManager::connect(config, url).await.unwrap();
-            let ids: Vec<Uuid> = sqlx::query_scalar(
-                "INSERT INTO pgsession_bench.sessions SELECT gen_random_uuid(), gen_random_uuid(), 1, \
-                 '{\"role\":\"admin\",\"theme\":\"dark\"}', now(), now(), now(), now() + interval '1 day' \
-                 FROM generate_series(1, $1) RETURNING id",
+            // Legacy tokens (UUIDs) whose hashes are the stored ids, as migration 3 made them.
+            let uuids: Vec<Uuid> = sqlx::query_scalar(
+                "WITH t AS (SELECT gen_random_uuid() AS u FROM generate_series(1, $1)), \
+                 inserted AS (INSERT INTO pgsession_bench.sessions \
+                     SELECT encode(substring(sha256(uuid_send(u)) FROM 1 FOR 16), 'hex')::uuid, \
+                     gen_random_uuid()::text, 1, '{\"role\":\"admin\",\"theme\":\"dark\"}', \
+                     now(), now(), now(), now() + interval '1 day' FROM t) \
+                 SELECT u FROM t",
             )
             .bind(n as i64)
             .fetch_all(m.pool())
             .await
             .unwrap();
             // Flush the accesses the fills record so that only the cache remains.
+            let tokens: Vec<SessionToken> = uuids
+                .iter()
+                .map(|u| u.to_string().parse().unwrap())
+                .collect();
+            let ids: Vec<pgsession::SessionId> = tokens.iter().map(|t| t.id()).collect();
             let before = rss_bytes();
-            for id in &ids {
-                m.get_session(*id).await.unwrap().unwrap();
+            for t in &tokens {
+                m.get_session(t).await.unwrap().unwrap();
             }
             m.flush_last_access().await.unwrap();
             let after = rss_bytes();

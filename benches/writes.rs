@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use pgsession::{Config, Session, SessionManager};
+use pgsession::{Config, Session, SessionId, SessionManager, SessionToken};
 use pgsession_testkit::{ServerOptions, TempPostgres};
 use serde_json::{Map, json};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
@@ -102,19 +102,33 @@ fn small() -> Map<String, serde_json::Value> {
     map
 }
 
-/// `n` sessions inserted in one statement into `schema` (not timed), as (id, user).
-async fn bulk_sessions(conn: &mut PgConnection, schema: &str, n: usize) -> Vec<Uuid> {
-    sqlx::query_scalar(AssertSqlSafe(format!(
-        "INSERT INTO \"{schema}\".sessions \
-             (id, user_id, version, attributes, created_at, updated_at, last_accessed_at, expires_at) \
-         SELECT gen_random_uuid(), gen_random_uuid()::text::uuid, 1, \
-                '{{\"role\": \"user\"}}', now(), now(), now(), now() + interval '30 days' \
-         FROM generate_series(1, $1) RETURNING id"
+/// `n` sessions inserted in one statement into `schema` (not timed): for each, the token (a
+/// legacy one, a UUID whose hash is the stored id) and the stored id.
+async fn bulk_sessions(
+    conn: &mut PgConnection,
+    schema: &str,
+    n: usize,
+) -> Vec<(SessionToken, SessionId)> {
+    let rows: Vec<(Uuid, SessionId)> = sqlx::query_as(AssertSqlSafe(format!(
+        "WITH t AS (SELECT gen_random_uuid() AS u FROM generate_series(1, $1)), \
+         inserted AS ( \
+             INSERT INTO \"{schema}\".sessions \
+                 (id, user_id, version, attributes, created_at, updated_at, last_accessed_at, \
+                  expires_at) \
+             SELECT encode(substring(sha256(uuid_send(u)) FROM 1 FOR 16), 'hex')::uuid, \
+                    gen_random_uuid()::text, 1, '{{\"role\": \"user\"}}', now(), now(), now(), \
+                    now() + interval '30 days' \
+             FROM t RETURNING id) \
+         SELECT t.u, encode(substring(sha256(uuid_send(t.u)) FROM 1 FOR 16), 'hex')::uuid \
+         FROM t"
     )))
     .bind(n as i64)
     .fetch_all(conn)
     .await
-    .unwrap()
+    .unwrap();
+    rows.into_iter()
+        .map(|(u, id)| (u.to_string().parse().unwrap(), id))
+        .collect()
 }
 
 /// Sessions per task prepared for a workload (deletes need one per operation).
@@ -127,12 +141,17 @@ fn prepared_per_task(w: Workload) -> usize {
     }
 }
 
-async fn run_pgsession(m: &SessionManager, w: Workload, tasks: usize, ids: Vec<Uuid>) -> Run {
+async fn run_pgsession(
+    m: &SessionManager,
+    w: Workload,
+    tasks: usize,
+    ids: Vec<(SessionToken, SessionId)>,
+) -> Run {
     // Updates and reads start from cached sessions, as in a web service.
-    let mut sessions: Vec<Session> = Vec::with_capacity(ids.len());
+    let mut sessions: Vec<(Session, SessionToken)> = Vec::with_capacity(ids.len());
     if w != Workload::Delete {
-        for id in &ids {
-            sessions.push(m.get_session(*id).await.unwrap().unwrap());
+        for (token, _) in &ids {
+            sessions.push((m.get_session(token).await.unwrap().unwrap(), token.clone()));
         }
     }
     let per_task = ids.len() / tasks.max(1);
@@ -141,13 +160,13 @@ async fn run_pgsession(m: &SessionManager, w: Workload, tasks: usize, ids: Vec<U
     for t in 0..tasks {
         let m = m.clone();
         let start = start.clone();
-        let my_ids: Vec<Uuid> = ids
+        let my_ids: Vec<SessionId> = ids
             .iter()
             .skip(t * per_task)
             .take(per_task)
-            .copied()
+            .map(|(_, id)| *id)
             .collect();
-        let mut mine: Vec<Session> = sessions
+        let mut mine: Vec<(Session, SessionToken)> = sessions
             .iter()
             .skip(t * per_task)
             .take(per_task)
@@ -167,7 +186,7 @@ async fn run_pgsession(m: &SessionManager, w: Workload, tasks: usize, ids: Vec<U
                     }
                     Workload::Update => {
                         let k = i % mine.len();
-                        let s = &mut mine[k];
+                        let s = &mut mine[k].0;
                         s.set("n", i).unwrap();
                         m.update_session(s).await.unwrap();
                     }
@@ -180,19 +199,20 @@ async fn run_pgsession(m: &SessionManager, w: Workload, tasks: usize, ids: Vec<U
                         rng ^= rng >> 7;
                         rng ^= rng << 17;
                         let k = (rng % mine.len() as u64) as usize;
-                        let s = &mut mine[k];
+                        let (s, token) = &mut mine[k];
                         match rng % 100 {
                             0..95 => {
-                                m.get_session(s.id).await.unwrap().unwrap();
+                                m.get_session(token).await.unwrap().unwrap();
                             }
                             95..99 => {
-                                *s = m.get_session(s.id).await.unwrap().unwrap();
+                                *s = m.get_session(token).await.unwrap().unwrap();
                                 s.set("n", i).unwrap();
                                 m.update_session(s).await.unwrap();
                             }
                             _ => {
-                                let new = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-                                m.delete_session(new.id).await.unwrap();
+                                let (new, _) =
+                                    m.create_session(Uuid::new_v4(), small()).await.unwrap();
+                                m.delete_session(new.id()).await.unwrap();
                             }
                         }
                     }
@@ -235,7 +255,7 @@ async fn floor_create(conn: &mut PgConnection, sql: &FloorSql) {
 async fn floor_update(
     conn: &mut PgConnection,
     sql: &FloorSql,
-    id: Uuid,
+    id: SessionId,
     version: i64,
     n: usize,
 ) -> i64 {
@@ -257,7 +277,7 @@ async fn floor_update(
     sqlx::Row::get(&row, "version")
 }
 
-async fn floor_select(conn: &mut PgConnection, sql: &FloorSql, id: Uuid) {
+async fn floor_select(conn: &mut PgConnection, sql: &FloorSql, id: SessionId) {
     sqlx::query(AssertSqlSafe(sql.select.clone()))
         .bind(id)
         .fetch_optional(conn)
@@ -271,8 +291,9 @@ async fn run_floor(
     sql: &Arc<FloorSql>,
     w: Workload,
     tasks: usize,
-    ids: Vec<Uuid>,
+    ids: Vec<(SessionToken, SessionId)>,
 ) -> Run {
+    let ids: Vec<SessionId> = ids.into_iter().map(|(_, id)| id).collect();
     let per_task = ids.len() / tasks.max(1);
     let start = Arc::new(tokio::sync::Barrier::new(tasks + 1));
     let mut joins = Vec::new();
@@ -280,7 +301,7 @@ async fn run_floor(
         let sql = sql.clone();
         let start = start.clone();
         let mut conn = PgConnection::connect(url).await.unwrap();
-        let mine: Vec<(Uuid, i64)> = ids
+        let mine: Vec<(SessionId, i64)> = ids
             .iter()
             .skip(t * per_task)
             .take(per_task)

@@ -65,68 +65,70 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("two nodes up (schema migrated, cache listeners active)");
 
-    // Login on node A.
-    let user = Uuid::new_v4();
-    let mut session = node_a
-        .create_session(
-            user,
-            [
-                ("role".to_string(), json!("admin")),
-                ("theme".to_string(), json!("dark")),
-            ],
-        )
+    // A visitor puts something in the cart on node A: a session before login.
+    let (mut session, visitor_token) = node_a
+        .create_anonymous_session([("cart", json!(["book"]))])
         .await?;
     println!(
-        "created session {} for user {} (version {}, expires {})",
-        session.id, user, session.version, session.expires_at
+        "visitor session {} (the cookie holds a {}-character token; the database only its hash)",
+        session.id(),
+        visitor_token.to_string().len()
     );
+
+    // Login on node A: a new token (against session fixation), the user bound, the cart kept.
+    let user = Uuid::new_v4();
+    let token = node_a.log_in(&mut session, user).await?;
+    println!(
+        "logged in as {user}: new session id {} (version {}, expires {}), cart {}",
+        session.id(),
+        session.version(),
+        session.expires_at(),
+        session.get("cart").unwrap()
+    );
+    let old_gone = once_visible("node B refuses the visitor token", || async {
+        Ok(node_b.get_session(&visitor_token).await?.is_none())
+    })
+    .await?;
+    println!("the visitor token stopped working on node B {old_gone:?} after the login");
 
     // Requests on node B: the first read fills B's cache, the next ones are served from memory.
     let started = Instant::now();
-    let on_b = node_b
-        .get_session(session.id)
-        .await?
-        .expect("session exists");
+    let on_b = node_b.get_session(&token).await?.expect("session exists");
     let miss = started.elapsed();
     let started = Instant::now();
-    node_b
-        .get_session(session.id)
-        .await?
-        .expect("session exists");
+    node_b.get_session(&token).await?.expect("session exists");
     let hit = started.elapsed();
     println!(
-        "node B read it: role={} (database read {miss:?}, then cache hit {hit:?})",
-        on_b.get("role").unwrap()
+        "node B read it: user {} (database read {miss:?}, then cache hit {hit:?})",
+        on_b.user_id().unwrap()
     );
 
-    // Node A changes an attribute; node B stops serving the old version within the
-    // notification delay (B hears of the write a moment after A's call returns).
+    // Node A changes attributes; node B stops serving the old version within the notification
+    // delay (B hears of the write a moment after A's call returns).
     session.set("theme", "light")?;
-    session.remove("role");
+    session.remove("cart");
     node_a.update_session(&mut session).await?;
-    let version = session.version;
+    let version = session.version();
     let delay = once_visible("node B serves the update", || async {
-        let seen = node_b.get_session(session.id).await?;
-        Ok(seen.is_some_and(|s| s.version == version))
+        let seen = node_b.get_session(&token).await?;
+        Ok(seen.is_some_and(|s| s.version() == version))
     })
     .await?;
-    let seen = node_b
-        .get_session(session.id)
-        .await?
-        .expect("session exists");
+    let seen = node_b.get_session(&token).await?.expect("session exists");
     println!(
         "updated on A to version {} (theme={}); node B served it {delay:?} after A's write returned",
-        seen.version,
+        seen.version(),
         seen.get("theme").unwrap(),
     );
 
-    // The per-user cap: a fourth login evicts the least recently used session, on every node.
+    // The per-user cap: three more logins evict the least recently used session, everywhere.
+    let mut others = Vec::new();
     for _ in 0..3 {
-        node_a.create_session(user, []).await?;
+        others.push(node_a.create_session(user, [("device", "phone")]).await?.1);
     }
     let live = node_a.list_user_sessions(user).await?;
     let delay = once_visible("node B drops the evicted session", || async {
-        Ok(node_b.get_session(session.id).await?.is_none())
+        Ok(node_b.get_session(&token).await?.is_none())
     })
     .await?;
     println!(
@@ -138,8 +140,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Logout everywhere, from node B: node A stops serving every one of them too.
     let deleted = node_b.delete_all_user_sessions(user).await?;
     let delay = once_visible("node A drops the user's sessions", || async {
-        for s in &live {
-            if node_a.get_session(s.id).await?.is_some() {
+        for t in &others {
+            if node_a.get_session(t).await?.is_some() {
                 return Ok(false);
             }
         }

@@ -36,6 +36,7 @@ use chrono::{DateTime, Utc};
 use lru::LruCache;
 use uuid::Uuid;
 
+use crate::ids::UserId;
 use crate::record::Record;
 use crate::shard::{Padded, ShardPicker, shard_count};
 
@@ -350,13 +351,15 @@ impl Cache {
 
     /// Every session of `user_id` may have been deleted. Visits every shard (the cache is not
     /// indexed by user: logouts everywhere are rare, lookups are not).
-    pub(crate) fn invalidate_user(&self, user_id: Uuid) -> usize {
+    pub(crate) fn invalidate_user(&self, user_id: &UserId) -> usize {
         let mut evicted = 0;
         for i in 0..self.shards.len() {
             let mut shard = self.lock(i);
             shard.bump();
             let before = shard.lru.len();
-            shard.lru.retain(|_, e| e.session.user_id != user_id);
+            shard
+                .lru
+                .retain(|_, e| e.session.user_id.as_ref() != Some(user_id));
             evicted += before - shard.lru.len();
         }
         evicted
@@ -570,13 +573,13 @@ mod tests {
         let cache = trusted_cache();
         let a = session(1);
         let mut b = session(1);
-        b.user_id = a.user_id;
+        b.user_id = a.user_id.clone();
         let other = session(1);
         for s in [&a, &b, &other] {
             let t = token(&cache, s.id);
             assert!(cache.fill(t, s, Utc::now()));
         }
-        assert_eq!(cache.invalidate_user(a.user_id), 2);
+        assert_eq!(cache.invalidate_user(a.user_id.as_ref().unwrap()), 2);
         assert_eq!(cache.counters().entries, 1);
     }
 

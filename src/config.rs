@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::names::Names;
+use crate::token::SigningKey;
 
 /// What [`SessionManager::create_session`](crate::SessionManager::create_session) does when the
 /// user already has [`Config::max_sessions_per_user`] live sessions.
@@ -101,6 +102,16 @@ pub struct Config {
     /// How long [`SessionManager::shutdown`](crate::SessionManager::shutdown) waits for the
     /// final flush and the background tasks before aborting them. Default 10 seconds.
     pub shutdown_timeout: Duration,
+    /// Keys that sign session tokens; empty by default. The first signs new tokens, every one
+    /// verifies, so keys can be rotated (new key first, old key removed once the sessions it
+    /// signed have expired). With keys, a token whose signature does not verify is refused
+    /// before any cache lookup or database read, so forged tokens cost nothing. All nodes need
+    /// the same keys.
+    pub signing_keys: Vec<SigningKey>,
+    /// Whether tokens made before pgsession hashed them (hyphenated UUIDs) still open their
+    /// sessions. Default true, so that an upgrade keeps users logged in; such tokens carry no
+    /// signature, so turn this off once `session_ttl` has passed since the upgrade.
+    pub accept_legacy_tokens: bool,
 }
 
 impl Default for Config {
@@ -127,6 +138,8 @@ impl Default for Config {
             listener_timeout: Duration::from_secs(2),
             listener_max_backoff: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            signing_keys: Vec::new(),
+            accept_legacy_tokens: true,
         }
     }
 }

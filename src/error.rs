@@ -3,7 +3,8 @@
 /// Everything that can go wrong in pgsession.
 ///
 /// Variants are stable and meant to be matched on: input errors (`AttributeTooLarge`,
-/// `InvalidAttribute`, `AttributeType`, `InvalidConfig`) are the caller's to fix and nothing was
+/// `InvalidAttribute`, `AttributeType`, `InvalidConfig`, `InvalidToken`, `InvalidSessionId`,
+/// `InvalidUserId`) are the caller's to fix and nothing was
 /// written when they are returned; `NotFound` and `MaxSessionsReached` are outcomes a web handler
 /// maps to a response; `Database` is infrastructure (see [`Error::is_transient`]).
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,20 @@ pub enum Error {
         /// The rejected instant.
         expires_at: chrono::DateTime<chrono::Utc>,
     },
+
+    /// Text that is not a session token (for [`SessionToken`](crate::SessionToken)'s
+    /// `FromStr`). [`SessionManager::get_session`](crate::SessionManager::get_session) never
+    /// returns it: a bad token there is simply no session.
+    #[error("invalid session token: {0}")]
+    InvalidToken(String),
+
+    /// Text that is not a session id (for [`SessionId`](crate::SessionId)'s `FromStr`).
+    #[error("invalid session id: {0}")]
+    InvalidSessionId(String),
+
+    /// A user id that cannot be stored: empty, longer than 256 bytes, or containing NUL.
+    #[error("{0}")]
+    InvalidUserId(String),
 
     /// The session does not exist (any more): deleted, expired, or never created. Updates of a
     /// deleted session return this; they never recreate it.

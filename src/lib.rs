@@ -18,39 +18,53 @@
 //! # Example
 //!
 //! ```no_run
-//! use pgsession::{Config, Error, SessionManager};
-//! use serde_json::json;
-//! use uuid::Uuid;
+//! use pgsession::{Config, Error, SessionManager, SessionToken, SigningKey};
 //!
-//! # async fn run() -> Result<(), Error> {
-//! let manager = SessionManager::connect(Config::default(), "postgres://localhost/app").await?;
+//! # async fn run(key_bytes: &[u8], cookie: &str) -> Result<(), Error> {
+//! let config = Config {
+//!     // The same key on every node: forged tokens are refused before any lookup.
+//!     signing_keys: vec![SigningKey::from_bytes(key_bytes)?],
+//!     ..Config::default()
+//! };
+//! let manager = SessionManager::connect(config, "postgres://localhost/app").await?;
 //!
-//! // At login.
-//! let user_id = Uuid::new_v4();
-//! let mut session = manager
-//!     .create_session(user_id, [("role".to_string(), json!("admin"))])
-//!     .await?;
+//! // A visitor's first write: a session before login.
+//! let (mut session, token) = manager.create_anonymous_session([("cart", vec![42])]).await?;
+//! // The cookie holds `token.to_string()`; the database holds only its hash, `session.id()`.
 //!
-//! // On every request (the id comes from the session cookie).
-//! let Some(mut session) = manager.get_session(session.id).await? else {
+//! // At login: a new token, the user bound, the per-user cap applied, the cart kept.
+//! let token: SessionToken = manager.log_in(&mut session, "alice").await?;
+//!
+//! // On every request: the cookie's text; anything malformed or forged is no session.
+//! let Ok(token) = cookie.parse::<SessionToken>() else { return Ok(()) };
+//! let Some(mut session) = manager.get_session(&token).await? else {
 //!     return Ok(()); // expired or logged out: send to the login page
 //! };
-//! assert_eq!(session.get_as::<String>("role")?.as_deref(), Some("admin"));
 //!
 //! // When attributes change: only the keys touched here are written.
 //! session.set("theme", "dark")?;
 //! session.remove("cart");
 //! manager.update_session(&mut session).await?;
 //!
-//! // Logout, and "log out everywhere".
-//! manager.delete_session(session.id).await?;
-//! manager.delete_all_user_sessions(user_id).await?;
+//! // "Your devices", logout, and "log out everywhere".
+//! for device in manager.list_user_sessions("alice").await? {
+//!     println!("{} last seen {}", device.id(), device.last_accessed_at());
+//! }
+//! manager.delete_session(session.id()).await?;
+//! manager.delete_all_user_sessions("alice").await?;
 //!
 //! // At process exit: writes pending last-access times, stops the tasks.
 //! manager.shutdown().await?;
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Tokens
+//!
+//! A [`SessionToken`] is the secret (256 random bits, signed when [`Config::signing_keys`] is
+//! set); only its hash, the [`SessionId`], is stored, logged, listed or announced, so reading
+//! the sessions table, a replica or a backup gives no way into anyone's session. A
+//! [`UserId`] is any text (UUIDs, integers and strings convert into one).
 //!
 //! # Guarantees
 //!
@@ -90,6 +104,7 @@ mod cache;
 mod config;
 mod connections;
 mod error;
+mod ids;
 mod listener;
 mod manager;
 mod migrate;
@@ -101,14 +116,17 @@ mod session;
 mod shard;
 mod store;
 mod time;
+mod token;
 mod touch;
 
 pub use config::{Config, MaxSessionsPolicy};
 pub use error::{Error, Result};
+pub use ids::{MAX_USER_ID_LEN, SessionId, UserId};
 pub use manager::{SessionManager, Stats};
 pub use session::Session;
 /// The sqlx version pgsession is built on: [`SessionManager::new`] takes its [`PgPool`](sqlx::PgPool).
 pub use sqlx;
+pub use token::{MIN_KEY_LEN, SessionToken, SigningKey};
 
 /// The complete schema for `config` (its schema name and table prefix) as one SQL script, for
 /// deployments that manage schemas with their own migration tool and run the manager with

@@ -368,7 +368,7 @@ impl<C: Connect> Listener<C> {
                 cache.invalidate_deleted(&ids);
             }
             Some(Message::UserDeleted(user_id)) => {
-                cache.invalidate_user(user_id);
+                cache.invalidate_user(&user_id);
             }
             Some(Message::Clear(epoch)) => {
                 self.state.see_epoch(epoch);

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde::Serialize;
+use serde_json::Map;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -17,13 +18,16 @@ use crate::background::{self, Cleanup};
 use crate::cache::{Cache, Lookup};
 use crate::config::{Config, MaxSessionsPolicy};
 use crate::error::{Error, Result};
+use crate::ids::{SessionId, UserId};
 use crate::listener::{Listener, ListenerState, PgConnect, Timing};
 use crate::migrate;
 use crate::names::Names;
 use crate::outbox::Outbox;
+use crate::record::Record;
 use crate::session::{Session, build_attributes, validate_attribute};
-use crate::store::{Delta, NewSession, Store};
+use crate::store::{Delta, NewSession, Rotation, Store};
 use crate::time::{chrono_duration, now};
+use crate::token::SessionToken;
 use crate::touch::Touches;
 
 /// Connections of the pool built by [`SessionManager::connect`].
@@ -55,6 +59,8 @@ struct Inner {
     listener: Arc<ListenerState>,
     cleanup: Cleanup,
     cleanup_deleted: Arc<AtomicU64>,
+    /// Tokens refused because their signature did not verify.
+    forged: AtomicU64,
     /// Cancelled at shutdown, or when this is dropped (the guard below).
     cancel: CancellationToken,
     _cancel_on_drop: DropGuard,
@@ -149,6 +155,9 @@ pub struct Stats {
     /// NOTIFY messages used for them (several invalidations travel in one message when writes
     /// come faster than they can be announced one by one).
     pub announce_messages: u64,
+    /// Tokens refused by `get_session` because their signature did not verify (with
+    /// [`Config::signing_keys`]), before any lookup.
+    pub forged_tokens: u64,
 }
 
 impl SessionManager {
@@ -320,6 +329,7 @@ impl SessionManager {
             listener,
             cleanup,
             cleanup_deleted,
+            forged: AtomicU64::new(0),
             _cancel_on_drop: cancel.clone().drop_guard(),
             cancel,
             tasks: Mutex::new(Some(tasks)),
@@ -357,7 +367,9 @@ impl SessionManager {
         }
     }
 
-    /// Create a session for `user_id` with initial `attributes`, in one round trip.
+    /// Create a session for `user_id` (a login) with initial `attributes`, in one round trip,
+    /// and the token that opens it: put the token (its `Display` text) in the session cookie;
+    /// pgsession keeps only its hash.
     ///
     /// With a per-user cap, the user's least recently used sessions beyond it are deleted in
     /// the same transaction (or, with [`MaxSessionsPolicy::Reject`], the call fails); concurrent
@@ -368,72 +380,95 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::AttributeTooLarge`] or [`Error::InvalidAttribute`] for an attribute that cannot
-    /// be stored (checked before any SQL runs: nothing is written),
-    /// [`Error::MaxSessionsReached`] with the reject policy, [`Error::Database`],
+    /// be stored, [`Error::InvalidUserId`] (both checked before any SQL runs: nothing is
+    /// written), [`Error::MaxSessionsReached`] with the reject policy, [`Error::Database`],
     /// [`Error::ShutDown`].
     ///
     /// # Example
     ///
     /// ```no_run
-    /// # async fn run(manager: pgsession::SessionManager, user_id: uuid::Uuid) -> pgsession::Result<()> {
-    /// use serde_json::json;
-    ///
-    /// let session = manager
-    ///     .create_session(user_id, [("role".to_string(), json!("admin"))])
+    /// # async fn run(manager: pgsession::SessionManager) -> pgsession::Result<()> {
+    /// let (session, token) = manager
+    ///     .create_session("alice", [("role", "admin")])
     ///     .await?;
-    /// // Put `session.id` into the session cookie.
+    /// let cookie = format!("id={token}; HttpOnly; Secure; SameSite=Lax; Path=/");
+    /// println!("session {} for {:?}", session.id(), session.user_id());
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn create_session(
+    pub async fn create_session<K: Into<String>, V: Serialize>(
         &self,
-        user_id: Uuid,
-        attributes: impl IntoIterator<Item = (String, Value)>,
-    ) -> Result<Session> {
+        user_id: impl Into<UserId>,
+        attributes: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<(Session, SessionToken)> {
+        let user = user_id.into();
+        user.validate()?;
+        self.create(Some(user), attributes).await
+    }
+
+    /// Create a session that belongs to no user yet (a visitor's cart, a CSRF token, a flash
+    /// message), and its token. It expires like any other, counts against no cap, and is not
+    /// listed or deleted by the per-user calls; [`log_in`](Self::log_in) later binds it to a
+    /// user under a new token.
+    ///
+    /// # Errors
+    ///
+    /// As [`create_session`](Self::create_session), except the cap.
+    pub async fn create_anonymous_session<K: Into<String>, V: Serialize>(
+        &self,
+        attributes: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<(Session, SessionToken)> {
+        self.create(None, attributes).await
+    }
+
+    async fn create<K: Into<String>, V: Serialize>(
+        &self,
+        user: Option<UserId>,
+        attributes: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<(Session, SessionToken)> {
         let inner = self.open()?;
         let limit = inner.config.max_attribute_size;
         let attributes = build_attributes(attributes, limit)?;
         let now = now();
-        let id = Uuid::new_v4();
+        let token = SessionToken::generate(inner.config.signing_keys.first());
+        let id = token.id().as_uuid();
         let new = NewSession {
             id,
-            user_id,
+            user_id: user.as_ref(),
             attributes: &attributes,
             now,
             expires_at: now + inner.ttl,
             // Sessions idle by the stored time but possibly used on a node that has not flushed
             // yet still count (and rank as least recently used).
             idle_cutoff: inner.idle.map(|idle| now - idle - inner.cleanup.grace),
-            cap: inner.config.max_sessions_per_user.map(|cap| {
-                (
-                    cap,
-                    inner.config.max_sessions_policy == MaxSessionsPolicy::Reject,
-                )
-            }),
+            cap: inner.cap(),
         };
-        let token = inner.cache.token_for(id);
+        let fill = inner.cache.token_for(id);
         let evicted = inner.store.create(&new).await?;
+        let expires_at = new.expires_at;
         // Other nodes learn of the evictions by notification; this node must not serve them
         // even for the moment until its own notification arrives.
         for gone in evicted {
             inner.cache.apply_own_write(gone, None, None, now);
         }
-        let record = crate::record::Record {
+        let record = Record {
             id,
-            user_id,
+            user_id: user,
             version: 1,
             created_at: now,
             updated_at: now,
             last_accessed_at: now,
-            expires_at: new.expires_at,
+            expires_at,
             attributes: Arc::new(attributes),
         };
-        inner.cache.apply_own_write(id, token, Some(&record), now);
-        Ok(Session::from_record(record, limit))
+        inner.cache.apply_own_write(id, fill, Some(&record), now);
+        Ok((Session::from_record(record, limit), token))
     }
 
-    /// The session `id`, or `None` when it does not exist or has expired (absolutely, or by
-    /// inactivity). Records the access; a cache hit does no database I/O.
+    /// The session `token` opens, or `None` when it does not exist, has expired (absolutely,
+    /// or by inactivity), or the token's signature does not verify (with
+    /// [`Config::signing_keys`]; counted in [`Stats::forged_tokens`], and nothing is looked
+    /// up). Records the access; a cache hit does no database I/O.
     ///
     /// # Errors
     ///
@@ -443,16 +478,29 @@ impl SessionManager {
     /// # Example
     ///
     /// ```no_run
-    /// # async fn run(manager: pgsession::SessionManager, id_from_cookie: uuid::Uuid) -> pgsession::Result<()> {
-    /// match manager.get_session(id_from_cookie).await? {
-    ///     Some(session) => println!("user {}", session.user_id),
+    /// # async fn run(manager: pgsession::SessionManager, cookie: &str) -> pgsession::Result<()> {
+    /// // A malformed cookie is no session, like an unknown one.
+    /// let found = match cookie.parse::<pgsession::SessionToken>() {
+    ///     Ok(token) => manager.get_session(&token).await?,
+    ///     Err(_) => None,
+    /// };
+    /// match found {
+    ///     Some(session) => println!("user {:?}", session.user_id()),
     ///     None => println!("logged out or expired: send to the login page"),
     /// }
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn get_session(&self, id: Uuid) -> Result<Option<Session>> {
+    pub async fn get_session(&self, token: &SessionToken) -> Result<Option<Session>> {
         let inner = self.open()?;
+        if !token.verify(
+            &inner.config.signing_keys,
+            inner.config.accept_legacy_tokens,
+        ) {
+            inner.forged.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        let id = token.id().as_uuid();
         let limit = inner.config.max_attribute_size;
         let now = now();
         let token = match inner.cache.lookup(id, now, inner.idle) {
@@ -510,37 +558,9 @@ impl SessionManager {
             return Ok(());
         }
         let limit = inner.config.max_attribute_size;
-        let mut set = Map::new();
-        let mut removed = Vec::new();
-        for key in &session.changes.keys {
-            match session.attributes.get(key) {
-                Some(value) => {
-                    // The value may have been checked against another manager's limit.
-                    validate_attribute(key, value, limit)?;
-                    set.insert(key.clone(), value.clone());
-                }
-                None if key.contains('\0') => {
-                    return Err(Error::InvalidAttribute {
-                        key: key.clone(),
-                        reason: "keys cannot contain the NUL character (\\u0000)".into(),
-                    });
-                }
-                None => removed.push(key.as_str()),
-            }
-        }
         let now = now();
-        let id = session.id;
-        let delta = Delta {
-            id,
-            base_version: session.base_version,
-            removed,
-            set,
-            expires_at: session.changes.expires_at,
-            now,
-            idle_cutoff: inner.idle.map(|idle| now - idle),
-            // Not `session.last_accessed_at`: a caller could set it to anything.
-            pending_access: inner.touches.pending(id),
-        };
+        let delta = inner.delta(session, now)?;
+        let id = delta.id;
         let token = inner.cache.token_for(id);
         let outcome = InDoubt::arm(inner, id);
         let updated = inner.store.update(&delta).await;
@@ -551,9 +571,9 @@ impl SessionManager {
                 // new state.
                 let attributes = match updated.attributes {
                     Some(map) => Arc::new(map),
-                    None => session.attributes.clone(),
+                    None => session.record.attributes.clone(),
                 };
-                let record = crate::record::Record {
+                let record = Record {
                     id,
                     user_id: updated.user_id,
                     version: updated.version,
@@ -574,6 +594,99 @@ impl SessionManager {
         }
     }
 
+    /// Log `session` in as `user_id`: bind it to the user under a new token, in one round trip
+    /// and one transaction that also applies the per-user cap under the same lock as
+    /// [`create_session`](Self::create_session) (concurrent logins never exceed it) and writes
+    /// the session's pending changes. The visitor's data carries over; the old token stops
+    /// working on every node within the bound of a delete (a new id on every privilege change
+    /// is what defeats session fixation). Logging in as another user from a logged-in session
+    /// rotates again. Returns the new token for the cookie; `session` is the new state.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] when the session is gone or expired (nothing is written),
+    /// [`Error::MaxSessionsReached`] with the reject policy, [`Error::InvalidUserId`], the
+    /// attribute errors of [`update_session`](Self::update_session), [`Error::Database`],
+    /// [`Error::ShutDown`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run(manager: pgsession::SessionManager) -> pgsession::Result<()> {
+    /// let (mut session, _visitor) = manager.create_anonymous_session([("cart", vec![7])]).await?;
+    /// let token = manager.log_in(&mut session, 42i64).await?;
+    /// assert_eq!(session.get_as::<Vec<i32>>("cart")?, Some(vec![7]));
+    /// // Send `token` in a new cookie.
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn log_in(
+        &self,
+        session: &mut Session,
+        user_id: impl Into<UserId>,
+    ) -> Result<SessionToken> {
+        let user = user_id.into();
+        user.validate()?;
+        self.rotate(session, Some(user)).await
+    }
+
+    /// Give `session` a new token, keeping its data, user, expiry and version history (and
+    /// writing its pending changes), in one round trip. The old token stops working on every
+    /// node within the bound of a delete; an `update_session` through another copy holding
+    /// the old id gets [`Error::NotFound`].
+    ///
+    /// # Errors
+    ///
+    /// As [`log_in`](Self::log_in), without the cap.
+    pub async fn rotate_session(&self, session: &mut Session) -> Result<SessionToken> {
+        self.rotate(session, None).await
+    }
+
+    async fn rotate(&self, session: &mut Session, user: Option<UserId>) -> Result<SessionToken> {
+        let inner = self.open()?;
+        let limit = inner.config.max_attribute_size;
+        let now = now();
+        let delta = inner.delta(session, now)?;
+        let old = delta.id;
+        let token = SessionToken::generate(inner.config.signing_keys.first());
+        let new_id = token.id().as_uuid();
+        let rotation = Rotation {
+            delta: &delta,
+            new_id,
+            cap: user.as_ref().and_then(|_| inner.cap()),
+            user: user.as_ref(),
+            cap_cutoff: inner.idle.map(|idle| now - idle - inner.cleanup.grace),
+        };
+        let fill = inner.cache.token_for(new_id);
+        let outcome = InDoubt::arm(inner, old);
+        let rotated = inner.store.rotate(&rotation).await;
+        let rotated = outcome.settle(rotated)?;
+        inner.cache.apply_own_write(old, None, None, now);
+        let Some(rotated) = rotated else {
+            return Err(Error::NotFound);
+        };
+        inner.outbox.push(rotated.queued);
+        for gone in rotated.evicted {
+            inner.cache.apply_own_write(gone, None, None, now);
+        }
+        let u = rotated.updated;
+        let record = Record {
+            id: new_id,
+            user_id: u.user_id,
+            version: u.version,
+            created_at: u.created_at,
+            updated_at: u.updated_at,
+            last_accessed_at: u.last_accessed_at,
+            expires_at: u.expires_at,
+            attributes: Arc::new(u.attributes.unwrap_or_default()),
+        };
+        inner
+            .cache
+            .apply_own_write(new_id, fill, Some(&record), now);
+        *session = Session::from_record(record, limit);
+        Ok(token)
+    }
+
     /// Delete one session (logout), in one round trip; true when it existed. Every node stops
     /// serving it within the notification delay, this one at once. A delete whose connection
     /// is lost is run again on another one; it then returns false if the lost attempt had
@@ -582,8 +695,9 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::Database`], [`Error::ShutDown`].
-    pub async fn delete_session(&self, id: Uuid) -> Result<bool> {
+    pub async fn delete_session(&self, id: SessionId) -> Result<bool> {
         let inner = self.open()?;
+        let id = id.as_uuid();
         let outcome = InDoubt::arm(inner, id);
         let deleted = inner.store.delete(id).await;
         let (queued, retried) = outcome.settle(deleted)?;
@@ -603,11 +717,13 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::ShutDown`].
-    pub async fn delete_all_user_sessions(&self, user_id: Uuid) -> Result<u64> {
+    /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    pub async fn delete_all_user_sessions(&self, user_id: impl Into<UserId>) -> Result<u64> {
         let inner = self.open()?;
-        let n = inner.store.delete_user(user_id, &[]).await?;
-        inner.cache.invalidate_user(user_id);
+        let user = user_id.into();
+        user.validate()?;
+        let n = inner.store.delete_user(&user, &[]).await?;
+        inner.cache.invalidate_user(&user);
         Ok(n)
     }
 
@@ -616,11 +732,17 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::ShutDown`].
-    pub async fn delete_other_user_sessions(&self, user_id: Uuid, keep: Uuid) -> Result<u64> {
+    /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    pub async fn delete_other_user_sessions(
+        &self,
+        user_id: impl Into<UserId>,
+        keep: SessionId,
+    ) -> Result<u64> {
         let inner = self.open()?;
-        let n = inner.store.delete_user(user_id, &[keep]).await?;
-        inner.cache.invalidate_user(user_id);
+        let user = user_id.into();
+        user.validate()?;
+        let n = inner.store.delete_user(&user, &[keep.as_uuid()]).await?;
+        inner.cache.invalidate_user(&user);
         Ok(n)
     }
 
@@ -629,11 +751,13 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::ShutDown`].
-    pub async fn list_user_sessions(&self, user_id: Uuid) -> Result<Vec<Session>> {
+    /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    pub async fn list_user_sessions(&self, user_id: impl Into<UserId>) -> Result<Vec<Session>> {
         let inner = self.open()?;
+        let user = user_id.into();
+        user.validate()?;
         let now = now();
-        let mut records = inner.store.fetch_user(user_id, now).await?;
+        let mut records = inner.store.fetch_user(&user, now).await?;
         for r in &mut records {
             if let Some(pending) = inner.touches.pending(r.id) {
                 r.last_accessed_at = r.last_accessed_at.max(pending);
@@ -741,6 +865,7 @@ impl SessionManager {
             cleanup_deleted: inner.cleanup_deleted.load(Ordering::Relaxed),
             invalidations_announced: inner.outbox.announced.load(Ordering::Relaxed),
             announce_messages: inner.outbox.messages.load(Ordering::Relaxed),
+            forged_tokens: inner.forged.load(Ordering::Relaxed),
         }
     }
 
@@ -845,6 +970,55 @@ impl Drop for InDoubt<'_> {
 }
 
 impl Inner {
+    /// The per-user cap and whether it rejects, if there is one.
+    fn cap(&self) -> Option<(usize, bool)> {
+        self.config.max_sessions_per_user.map(|cap| {
+            (
+                cap,
+                self.config.max_sessions_policy == MaxSessionsPolicy::Reject,
+            )
+        })
+    }
+
+    /// The changes of `session` as one delta, validated (a value may have been checked
+    /// against another manager's limit).
+    fn delta<'s>(
+        &self,
+        session: &'s Session,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Delta<'s>> {
+        let limit = self.config.max_attribute_size;
+        let mut set = Map::new();
+        let mut removed = Vec::new();
+        for key in &session.changes.keys {
+            match session.record.attributes.get(key) {
+                Some(value) => {
+                    validate_attribute(key, value, limit)?;
+                    set.insert(key.clone(), value.clone());
+                }
+                None if key.contains('\0') => {
+                    return Err(Error::InvalidAttribute {
+                        key: key.clone(),
+                        reason: "keys cannot contain the NUL character (\\u0000)".into(),
+                    });
+                }
+                None => removed.push(key.as_str()),
+            }
+        }
+        let id = session.record.id;
+        Ok(Delta {
+            id,
+            base_version: session.base_version,
+            removed,
+            set,
+            expires_at: session.changes.expires_at,
+            now,
+            idle_cutoff: self.idle.map(|idle| now - idle),
+            // Not the session's own last access: a caller could have set it to anything.
+            pending_access: self.touches.pending(id),
+        })
+    }
+
     /// The body of shutdown: wait for the tasks (the flush task makes the final flush when it
     /// is cancelled), abort what misses the deadline, close an owned pool.
     async fn stop(&self) -> Result<()> {

@@ -29,6 +29,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "outbox_sequence",
         template: include_str!("../migrations/0002_outbox_sequence.sql"),
     },
+    Migration {
+        version: 3,
+        name: "session_tokens",
+        template: include_str!("../migrations/0003_session_tokens.sql"),
+    },
 ];
 
 /// Apply pending migrations, or with `apply == false` only check that none is pending.
@@ -248,7 +253,7 @@ mod tests {
         .unwrap();
         assert!(matches!(
             run(&pool, &names, false).await,
-            Err(Error::Migration(msg)) if msg.contains("[2]")
+            Err(Error::Migration(msg)) if msg.contains("[2, 3]")
         ));
 
         run(&pool, &names, true).await.unwrap();

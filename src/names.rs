@@ -24,6 +24,8 @@ pub(crate) struct Names {
     pub outbox_seq: String,
     /// Quoted, schema-qualified create function.
     pub create_fn: String,
+    /// Quoted, schema-qualified rotate/login function.
+    pub rotate_fn: String,
     /// NOTIFY channel, unique per schema and prefix.
     pub channel: String,
     /// Advisory-lock class for this table (first key of the two-key lock functions).
@@ -44,6 +46,7 @@ impl Names {
             outbox: format!("\"{schema}\".\"{prefix}sessions_outbox\""),
             outbox_seq: format!("\"{schema}\".\"{prefix}sessions_outbox_seq\""),
             create_fn: format!("\"{schema}\".\"{prefix}create_session\""),
+            rotate_fn: format!("\"{schema}\".\"{prefix}rotate_session\""),
             lock_class: lock_class(&channel),
             channel,
         }
@@ -59,6 +62,8 @@ impl Names {
             ("outbox_seq", self.outbox_seq.as_str()),
             ("outbox", self.outbox.as_str()),
             ("create_fn", self.create_fn.as_str()),
+            ("rotate_fn", self.rotate_fn.as_str()),
+            ("schema_raw", self.schema_raw.as_str()),
             ("prefix", self.prefix.as_str()),
             ("channel", self.channel.as_str()),
             ("lock_class", lock_class.as_str()),

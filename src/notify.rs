@@ -11,13 +11,15 @@
 //! |---|---|---|
 //! | `u <id> <version>` | update | the session now has `version`; older cached copies are stale |
 //! | `d <id>,<id>,...` | delete, cap eviction, cleanup | these sessions are gone |
-//! | `U <user_id>` | logout everywhere | every session of this user may be gone |
+//! | `U <user>` | logout everywhere | every session of this user may be gone (the user id's UTF-8 bytes in hex, so that any text fits a line) |
 //! | `C <epoch>` | `clear_cache` | empty every cache; `epoch` counts clears so far |
 //! | `p <token>` | a listener's probe | nothing (the sender waits for its own probe to return) |
 //!
-//! Ids are 32 lower-case hex digits (a UUID without dashes).
+//! Session ids are 32 lower-case hex digits (a [`SessionId`](crate::SessionId)), never tokens.
 
 use uuid::Uuid;
+
+use crate::ids::UserId;
 
 /// A decoded invalidation.
 #[derive(Debug, PartialEq, Eq)]
@@ -27,7 +29,7 @@ pub(crate) enum Message {
     /// These sessions were deleted.
     Deleted(Vec<Uuid>),
     /// Sessions of this user were deleted.
-    UserDeleted(Uuid),
+    UserDeleted(UserId),
     /// Drop everything; the number of clears so far.
     Clear(i64),
     /// Another listener's liveness probe (or this one's).
@@ -52,12 +54,30 @@ impl Message {
                 .map(|id| Uuid::try_parse(id).ok())
                 .collect::<Option<Vec<_>>>()
                 .map(Message::Deleted),
-            "U" => Some(Message::UserDeleted(Uuid::try_parse(rest).ok()?)),
+            "U" => Some(Message::UserDeleted(decode_user(rest)?)),
             "C" => Some(Message::Clear(rest.parse().ok()?)),
             "p" => Some(Message::Probe),
             _ => None,
         }
     }
+}
+
+/// A user id as it travels in a payload (see the module docs; the SQL in `crate::store` encodes
+/// it the same way).
+#[cfg(test)]
+pub(crate) fn encode_user(user: &UserId) -> String {
+    user.as_str().bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_user(hex: &str) -> Option<UserId> {
+    if hex.is_empty() || !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok().map(UserId::from)
 }
 
 #[cfg(test)]
@@ -77,9 +97,10 @@ mod tests {
             Message::parse(&format!("d {},{}", hex(a), hex(b))),
             Some(Message::Deleted(vec![a, b]))
         );
+        let user = UserId::from("ünïcode\nuser 7");
         assert_eq!(
-            Message::parse(&format!("U {}", hex(a))),
-            Some(Message::UserDeleted(a))
+            Message::parse(&format!("U {}", encode_user(&user))),
+            Some(Message::UserDeleted(user))
         );
         assert_eq!(Message::parse("C 7"), Some(Message::Clear(7)));
         assert_eq!(Message::parse("p 12 3"), Some(Message::Probe));
@@ -95,6 +116,8 @@ mod tests {
             format!("u {a} notanumber"),
             format!("d {a},zz"),
             "U nope".into(),
+            "U abc".into(),
+            "U ff".into(),
             "C".into(),
             "C extra".into(),
         ] {

@@ -7,11 +7,14 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::ids::UserId;
+
 /// One row of the sessions table.
 #[derive(Clone, Debug)]
 pub(crate) struct Record {
     pub id: Uuid,
-    pub user_id: Uuid,
+    /// `None` before login.
+    pub user_id: Option<UserId>,
     /// Incremented by every committed change of attributes or expiry.
     pub version: i64,
     pub created_at: DateTime<Utc>,
@@ -34,7 +37,7 @@ impl Record {
         let now = Utc::now();
         Record {
             id: Uuid::new_v4(),
-            user_id: Uuid::new_v4(),
+            user_id: Some(UserId::from(Uuid::new_v4())),
             version,
             created_at: now,
             updated_at: now,

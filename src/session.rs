@@ -4,14 +4,13 @@ use std::collections::BTreeSet;
 use std::io;
 use std::sync::Arc;
 
+use crate::error::{Error, Result};
+use crate::ids::{SessionId, UserId};
+use crate::record::Record;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
-use uuid::Uuid;
-
-use crate::error::{Error, Result};
-use crate::record::Record;
 
 /// Deepest nesting accepted in an attribute value. serde_json refuses to parse documents nested
 /// deeper than 128 levels, so a deeper value would be stored and then be unreadable.
@@ -23,31 +22,17 @@ pub(crate) const MAX_DEPTH: usize = 100;
 /// [`remove`](Self::remove), then persist the changes with
 /// [`SessionManager::update_session`](crate::SessionManager::update_session), which writes only
 /// the keys changed on this value (so concurrent requests changing different keys both keep
-/// their changes).
+/// their changes). Identity and timestamps are read-only: only what the manager stores can
+/// change them.
 ///
+/// A session holds no token: [`id`](Self::id) is its public handle, safe to show and to log.
 /// Cloning is cheap: the attribute map is shared until one of the clones changes it.
 #[derive(Clone, Debug)]
 pub struct Session {
-    /// Random (v4) identifier; put it in the session cookie.
-    pub id: Uuid,
-    /// The user the session belongs to.
-    pub user_id: Uuid,
-    /// Incremented by every committed change (attributes or expiry); last-access updates do not
-    /// change it.
-    pub version: i64,
-    /// When the session was created.
-    pub created_at: DateTime<Utc>,
-    /// When attributes or expiry last changed.
-    pub updated_at: DateTime<Utc>,
-    /// Last recorded access (this read included, when the value comes from `get_session`).
-    pub last_accessed_at: DateTime<Utc>,
-    /// Absolute expiry; the session is never returned after this instant.
-    pub expires_at: DateTime<Utc>,
-    pub(crate) attributes: Arc<Map<String, Value>>,
+    pub(crate) record: Record,
     pub(crate) changes: Changes,
     pub(crate) max_attribute_size: usize,
-    /// The version `attributes` was read at (before local changes). Kept apart from the public
-    /// `version`, which callers can assign.
+    /// The version the attributes were read at (before local changes).
     pub(crate) base_version: i64,
 }
 
@@ -65,15 +50,53 @@ impl Changes {
 }
 
 impl Session {
+    /// The session's public handle (a hash of its token).
+    pub fn id(&self) -> SessionId {
+        SessionId(self.record.id)
+    }
+
+    /// The user it belongs to; `None` before login
+    /// ([`create_anonymous_session`](crate::SessionManager::create_anonymous_session)).
+    pub fn user_id(&self) -> Option<&UserId> {
+        self.record.user_id.as_ref()
+    }
+
+    /// Incremented by every committed change (attributes, expiry, rotation, login); last-access
+    /// updates do not change it.
+    pub fn version(&self) -> i64 {
+        self.record.version
+    }
+
+    /// When the session was created.
+    pub fn created_at(&self) -> DateTime<Utc> {
+        self.record.created_at
+    }
+
+    /// When attributes, expiry, token or user last changed.
+    pub fn updated_at(&self) -> DateTime<Utc> {
+        self.record.updated_at
+    }
+
+    /// Last recorded access (this read included, when the value comes from `get_session`).
+    pub fn last_accessed_at(&self) -> DateTime<Utc> {
+        self.record.last_accessed_at
+    }
+
+    /// Absolute expiry: the session is never returned after this instant. Move it with
+    /// [`set_expires_at`](Self::set_expires_at).
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        self.record.expires_at
+    }
+
     /// The attribute `key`, if present.
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.attributes.get(key)
+        self.record.attributes.get(key)
     }
 
     /// The attribute `key` deserialized into `T`; `Ok(None)` when absent,
     /// [`Error::AttributeType`] when present but of another shape.
     pub fn get_as<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        match self.attributes.get(key) {
+        match self.record.attributes.get(key) {
             None => Ok(None),
             Some(value) => T::deserialize(value)
                 .map(Some)
@@ -90,17 +113,9 @@ impl Session {
     /// [`Error::InvalidAttribute`]; on error the session is unchanged.
     pub fn set(&mut self, key: impl Into<String>, value: impl Serialize) -> Result<()> {
         let key = key.into();
-        let value = match serde_json::to_value(value) {
-            Ok(v) => v,
-            Err(e) => {
-                return Err(Error::InvalidAttribute {
-                    key,
-                    reason: format!("cannot serialize to JSON: {e}"),
-                });
-            }
-        };
+        let value = to_json(&key, value)?;
         validate_attribute(&key, &value, self.max_attribute_size)?;
-        Arc::make_mut(&mut self.attributes).insert(key.clone(), value);
+        Arc::make_mut(&mut self.record.attributes).insert(key.clone(), value);
         self.changes.keys.insert(key);
         Ok(())
     }
@@ -111,8 +126,8 @@ impl Session {
     /// `update_session` fail with [`Error::InvalidAttribute`].
     pub fn remove(&mut self, key: &str) -> Option<Value> {
         self.changes.keys.insert(key.to_owned());
-        if self.attributes.contains_key(key) {
-            Arc::make_mut(&mut self.attributes).remove(key)
+        if self.record.attributes.contains_key(key) {
+            Arc::make_mut(&mut self.record.attributes).remove(key)
         } else {
             None
         }
@@ -120,7 +135,7 @@ impl Session {
 
     /// All attributes.
     pub fn attributes(&self) -> &Map<String, Value> {
-        &self.attributes
+        &self.record.attributes
     }
 
     /// Move the absolute expiry (earlier or later); persisted by the next `update_session`.
@@ -128,14 +143,13 @@ impl Session {
     /// me". Instants outside the years 1970 to 9999 give [`Error::InvalidExpiry`] and leave the
     /// session unchanged.
     ///
-    /// (Assigning the public `expires_at` field directly is not persisted: use this.)
     pub fn set_expires_at(&mut self, expires_at: DateTime<Utc>) -> Result<()> {
         let year = chrono::Datelike::year(&expires_at);
         if !(1970..=9999).contains(&year) {
             return Err(Error::InvalidExpiry { expires_at });
         }
         let expires_at = crate::time::to_micros(expires_at);
-        self.expires_at = expires_at;
+        self.record.expires_at = expires_at;
         self.changes.expires_at = Some(expires_at);
         Ok(())
     }
@@ -148,32 +162,35 @@ impl Session {
     /// A stored session handed to a caller, with no changes yet.
     pub(crate) fn from_record(record: Record, max_attribute_size: usize) -> Session {
         Session {
-            id: record.id,
-            user_id: record.user_id,
-            version: record.version,
-            created_at: record.created_at,
-            updated_at: record.updated_at,
-            last_accessed_at: record.last_accessed_at,
-            expires_at: record.expires_at,
-            attributes: record.attributes,
+            base_version: record.version,
+            record,
             changes: Changes::default(),
             max_attribute_size,
-            base_version: record.version,
         }
     }
 }
 
 /// Validate every attribute of a new session and build the map; rejects before any SQL runs.
-pub(crate) fn build_attributes(
-    attributes: impl IntoIterator<Item = (String, Value)>,
+pub(crate) fn build_attributes<K: Into<String>, V: Serialize>(
+    attributes: impl IntoIterator<Item = (K, V)>,
     max_size: usize,
 ) -> Result<Map<String, Value>> {
     let mut map = Map::new();
     for (key, value) in attributes {
+        let key = key.into();
+        let value = to_json(&key, value)?;
         validate_attribute(&key, &value, max_size)?;
         map.insert(key, value);
     }
     Ok(map)
+}
+
+/// `value` as JSON, or [`Error::InvalidAttribute`].
+fn to_json(key: &str, value: impl Serialize) -> Result<Value> {
+    serde_json::to_value(value).map_err(|e| Error::InvalidAttribute {
+        key: key.to_owned(),
+        reason: format!("cannot serialize to JSON: {e}"),
+    })
 }
 
 /// Reject values `jsonb` cannot store, values too deep to read back, and attributes over the
@@ -248,20 +265,7 @@ fn json_size(value: &Value) -> usize {
 /// A fresh session for unit tests, valid for an hour.
 #[cfg(test)]
 pub(crate) fn test_session(version: i64, max_attribute_size: usize) -> Session {
-    let now = Utc::now();
-    Session {
-        id: Uuid::new_v4(),
-        user_id: Uuid::new_v4(),
-        version,
-        created_at: now,
-        updated_at: now,
-        last_accessed_at: now,
-        expires_at: now + chrono::Duration::hours(1),
-        attributes: Arc::new(Map::new()),
-        changes: Changes::default(),
-        max_attribute_size,
-        base_version: version,
-    }
+    Session::from_record(Record::for_test(version), max_attribute_size)
 }
 
 #[cfg(test)]
@@ -345,7 +349,7 @@ mod tests {
         let mut a = session();
         a.set("k", 1).unwrap();
         let mut b = a.clone();
-        assert!(Arc::ptr_eq(&a.attributes, &b.attributes));
+        assert!(Arc::ptr_eq(&a.record.attributes, &b.record.attributes));
         b.set("k", 2).unwrap();
         assert_eq!(a.get("k"), Some(&json!(1)));
         assert_eq!(b.get("k"), Some(&json!(2)));

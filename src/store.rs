@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::connections::Connections;
 use crate::error::{Error, Result, is_connection_lost};
+use crate::ids::UserId;
 use crate::names::Names;
 use crate::record::Record;
 
@@ -99,6 +100,7 @@ struct Sql {
     select_user: Arc<str>,
     insert: Arc<str>,
     create_capped: Arc<str>,
+    rotate: Arc<str>,
     update: Arc<str>,
     delete: Arc<str>,
     announce: Arc<str>,
@@ -120,6 +122,7 @@ pub(crate) fn statements(names: &Names) -> Vec<(&'static str, String)> {
         ("select_user", &sql.select_user),
         ("insert", &sql.insert),
         ("create_capped", &sql.create_capped),
+        ("rotate", &sql.rotate),
         ("update", &sql.update),
         ("delete", &sql.delete),
         ("announce", &sql.announce),
@@ -161,6 +164,9 @@ impl Sql {
                 "INSERT INTO {{sessions}} ({{cols}}) VALUES ($1, $2, 1, $3, $4, $4, $4, $5)",
             ),
             create_capped: render("SELECT {{create_fn}}($1, $2, $3, $4, $5, $6, $7, $8)"),
+            rotate: render(
+                "SELECT * FROM {{rotate_fn}}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            ),
             // Delta: remove the removed keys, merge the set ones, never touch the others. The
             // WHERE clause makes an update of a deleted or expired session a no-op (NotFound),
             // never a re-insert. $7 is an access this node recorded and has not flushed yet.
@@ -235,7 +241,7 @@ impl Sql {
                      DELETE FROM {{sessions}} s USING doomed d WHERE s.id = d.id RETURNING s.id \
                  ), counted AS (SELECT count(*) AS n FROM deleted) \
                  SELECT n, CASE WHEN n > 0 THEN \
-                     pg_notify('{{channel}}', 'U ' || replace($1::text, '-', ''))::text END \
+                     pg_notify('{{channel}}', 'U ' || encode(convert_to($1, 'UTF8'), 'hex'))::text END \
                  FROM counted",
             ),
             // Never moves a timestamp backwards; no notification (last access is not cached
@@ -281,7 +287,7 @@ impl Sql {
 
 /// The state an update left, without the attributes when the caller already has them.
 pub(crate) struct Updated {
-    pub user_id: Uuid,
+    pub user_id: Option<UserId>,
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -300,7 +306,8 @@ pub(crate) struct Queued {
 /// Arguments of a new session.
 pub(crate) struct NewSession<'a> {
     pub id: Uuid,
-    pub user_id: Uuid,
+    /// `None` before login (never capped).
+    pub user_id: Option<&'a UserId>,
     pub attributes: &'a Map<String, Value>,
     pub now: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
@@ -321,6 +328,26 @@ pub(crate) struct Delta<'a> {
     pub idle_cutoff: Option<DateTime<Utc>>,
     /// An access this node recorded and has not flushed yet.
     pub pending_access: Option<DateTime<Utc>>,
+}
+
+/// Arguments of a rotation or login.
+pub(crate) struct Rotation<'a> {
+    /// The pending changes, on the session's current id.
+    pub delta: &'a Delta<'a>,
+    pub new_id: Uuid,
+    /// `Some` for a login: the user to bind.
+    pub user: Option<&'a UserId>,
+    /// Idle cutoff for counting the user's other sessions.
+    pub cap_cutoff: Option<DateTime<Utc>>,
+    /// `Some((cap, reject))` when the per-user cap applies (logins only).
+    pub cap: Option<(usize, bool)>,
+}
+
+/// What a rotation left.
+pub(crate) struct Rotated {
+    pub updated: Updated,
+    pub evicted: Vec<Uuid>,
+    pub queued: Queued,
 }
 
 /// The PostgreSQL side: a pool and the rendered statements.
@@ -365,14 +392,14 @@ impl Store {
     /// Sessions of a user not past their absolute expiry, most recently used first.
     pub(crate) async fn fetch_user(
         &self,
-        user_id: Uuid,
+        user_id: &UserId,
         now: DateTime<Utc>,
     ) -> Result<Vec<Record>> {
         let rows = again_if_lost(|_| async {
             on_conn!(
                 self,
                 sqlx::query(AssertSqlSafe(self.sql.select_user.clone()))
-                    .bind(user_id)
+                    .bind(user_id.as_str())
                     .bind(now),
                 fetch_all
             )
@@ -399,13 +426,14 @@ impl Store {
                     return Ok(Vec::new());
                 }
             }
-            match new.cap {
+            let user = new.user_id.map(UserId::as_str);
+            match new.cap.filter(|_| user.is_some()) {
                 None => {
                     on_conn!(
                         self,
                         sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
                             .bind(new.id)
-                            .bind(new.user_id)
+                            .bind(user)
                             .bind(Json(new.attributes))
                             .bind(new.now)
                             .bind(new.expires_at),
@@ -419,7 +447,7 @@ impl Store {
                     self,
                     sqlx::query_scalar(AssertSqlSafe(self.sql.create_capped.clone()))
                         .bind(new.id)
-                        .bind(new.user_id)
+                        .bind(user)
                         .bind(Json(new.attributes))
                         .bind(new.now)
                         .bind(new.expires_at)
@@ -463,7 +491,7 @@ impl Store {
         let Some(row) = row else { return Ok(None) };
         let attributes: Option<Json<Map<String, Value>>> = row.try_get("attributes")?;
         let updated = Updated {
-            user_id: row.try_get("user_id")?,
+            user_id: user_of(&row)?,
             version: row.try_get("version")?,
             created_at: row.try_get("created_at")?,
             updated_at: row.try_get("updated_at")?,
@@ -476,6 +504,64 @@ impl Store {
             payload: row.try_get("payload")?,
         };
         Ok(Some((updated, queued)))
+    }
+
+    /// Move a session to a new id, writing `delta` (and binding `user`, under the cap, for a
+    /// login). `None` when the session is gone or expired; otherwise its new state, the ids
+    /// evicted for the cap, and the outbox entry announcing the old id's end.
+    pub(crate) async fn rotate(&self, r: &Rotation<'_>) -> Result<Option<Rotated>> {
+        let d = r.delta;
+        let (set_user, user) = match r.user {
+            Some(user) => (true, Some(user.as_str())),
+            None => (false, None),
+        };
+        let (cap, reject) = match r.cap {
+            Some((cap, reject)) => (Some(cap as i32), reject),
+            None => (None, false),
+        };
+        let row = on_conn!(
+            self,
+            sqlx::query(AssertSqlSafe(self.sql.rotate.clone()))
+                .bind(d.id)
+                .bind(r.new_id)
+                .bind(set_user)
+                .bind(user)
+                .bind(&d.removed)
+                .bind(Json(&d.set))
+                .bind(d.expires_at)
+                .bind(d.now)
+                .bind(d.idle_cutoff)
+                .bind(d.pending_access)
+                .bind(r.cap_cutoff)
+                .bind(cap)
+                .bind(reject),
+            fetch_optional
+        );
+        let row = match row {
+            Ok(row) => row,
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(MAX_SESSIONS_SQLSTATE) => {
+                return Err(Error::MaxSessionsReached);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Some(row) = row else { return Ok(None) };
+        let Json(attributes): Json<Map<String, Value>> = row.try_get("attributes")?;
+        Ok(Some(Rotated {
+            updated: Updated {
+                user_id: user_of(&row)?,
+                version: row.try_get("version")?,
+                created_at: row.try_get("created_at")?,
+                updated_at: row.try_get("updated_at")?,
+                last_accessed_at: row.try_get("last_accessed_at")?,
+                expires_at: row.try_get("expires_at")?,
+                attributes: Some(attributes),
+            },
+            evicted: row.try_get("evicted")?,
+            queued: Queued {
+                seq: row.try_get("seq")?,
+                payload: row.try_get("payload")?,
+            },
+        }))
     }
 
     /// Delete one session; its outbox entry when it existed, and whether an earlier attempt
@@ -542,12 +628,12 @@ impl Store {
 
     /// Delete every session of a user except those in `keep`; returns how many (after a lost
     /// connection, how many the attempt that completed deleted).
-    pub(crate) async fn delete_user(&self, user_id: Uuid, keep: &[Uuid]) -> Result<u64> {
+    pub(crate) async fn delete_user(&self, user_id: &UserId, keep: &[Uuid]) -> Result<u64> {
         let n: i64 = again_if_lost(|_| async {
             on_conn!(
                 self,
                 sqlx::query_scalar(AssertSqlSafe(self.sql.delete_user.clone()))
-                    .bind(user_id)
+                    .bind(user_id.as_str())
                     .bind(keep),
                 fetch_one
             )
@@ -636,7 +722,7 @@ fn record_from_row(row: &PgRow) -> Result<Record> {
     let Json(attributes): Json<Map<String, Value>> = row.try_get("attributes")?;
     Ok(Record {
         id: row.try_get("id")?,
-        user_id: row.try_get("user_id")?,
+        user_id: user_of(row)?,
         version: row.try_get("version")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -644,4 +730,9 @@ fn record_from_row(row: &PgRow) -> Result<Record> {
         expires_at: row.try_get("expires_at")?,
         attributes: Arc::new(attributes),
     })
+}
+
+fn user_of(row: &PgRow) -> Result<Option<UserId>> {
+    let user: Option<String> = row.try_get("user_id")?;
+    Ok(user.map(UserId::from))
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use pgsession::{Config, Error, SessionManager};
+use pgsession::{Config, Error, SessionId, SessionManager, SessionToken};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
@@ -26,20 +26,20 @@ fn unlimited() -> Config {
     }
 }
 
-async fn version_on(node: &SessionManager, id: Uuid) -> Option<i64> {
-    node.get_session(id).await.unwrap().map(|s| s.version)
+async fn version_on(node: &SessionManager, token: &SessionToken) -> Option<i64> {
+    node.get_session(token).await.unwrap().map(|s| s.version())
 }
 
 /// Wait until `node` serves `expected` for `id`: a version, or `None` once it is gone.
 async fn wait_serves(
     node: &SessionManager,
-    id: Uuid,
+    token: &SessionToken,
     expected: Option<i64>,
     within: Duration,
     what: &str,
 ) {
     eventually(within, what, || async move {
-        version_on(node, id).await == expected
+        version_on(node, token).await == expected
     })
     .await;
 }
@@ -63,9 +63,9 @@ async fn update_and_delete_on_one_node_are_seen_on_another_within_a_second() {
     let db = TestDatabase::create().await;
     let a = node(&db, config()).await;
     let b = node(&db, config()).await;
-    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    assert_eq!(version_on(&b, s.id).await, Some(1));
-    assert_eq!(version_on(&b, s.id).await, Some(1));
+    let (mut s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert_eq!(version_on(&b, &s_t).await, Some(1));
+    assert_eq!(version_on(&b, &s_t).await, Some(1));
     assert_eq!(
         b.stats().hits,
         1,
@@ -73,16 +73,16 @@ async fn update_and_delete_on_one_node_are_seen_on_another_within_a_second() {
     );
 
     set_and_save(&a, &mut s, "theme", json!("light")).await;
-    wait_serves(&b, s.id, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
+    wait_serves(&b, &s_t, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
     for _ in 0..20 {
-        assert_eq!(version_on(&b, s.id).await, Some(2), "never flips back");
+        assert_eq!(version_on(&b, &s_t).await, Some(2), "never flips back");
     }
     assert!(b.stats().invalidations >= 1);
 
-    assert!(a.delete_session(s.id).await.unwrap());
+    assert!(a.delete_session(s.id()).await.unwrap());
     wait_serves(
         &b,
-        s.id,
+        &s_t,
         None,
         VISIBLE_WITHIN,
         "B stops serving the deleted session",
@@ -94,17 +94,17 @@ async fn update_and_delete_on_one_node_are_seen_on_another_within_a_second() {
 async fn a_node_never_serves_the_state_before_its_own_write() {
     let db = TestDatabase::create().await;
     let a = node(&db, config()).await;
-    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
     for i in 0..50 {
-        assert!(a.get_session(s.id).await.unwrap().is_some(), "cached");
+        assert!(a.get_session(&s_t).await.unwrap().is_some(), "cached");
         set_and_save(&a, &mut s, "n", json!(i)).await;
-        let read = a.get_session(s.id).await.unwrap().unwrap();
-        assert_eq!(read.version, s.version);
+        let read = a.get_session(&s_t).await.unwrap().unwrap();
+        assert_eq!(read.version(), s.version());
         assert_eq!(read.get("n"), Some(&json!(i)));
     }
     assert!(a.stats().hits >= 50);
-    assert!(a.delete_session(s.id).await.unwrap());
-    assert!(a.get_session(s.id).await.unwrap().is_none());
+    assert!(a.delete_session(s.id()).await.unwrap());
+    assert!(a.get_session(&s_t).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -115,10 +115,10 @@ async fn logout_everywhere_evicts_hundreds_of_sessions_on_other_nodes() {
     let user = Uuid::new_v4();
     let mut ids = Vec::new();
     for _ in 0..350 {
-        ids.push(a.create_session(user, small()).await.unwrap().id);
+        ids.push(a.create_session(user, small()).await.unwrap().1);
     }
     for id in &ids {
-        assert!(b.get_session(*id).await.unwrap().is_some());
+        assert!(b.get_session(id).await.unwrap().is_some());
     }
     assert_eq!(b.stats().entries, 350);
 
@@ -130,7 +130,7 @@ async fn logout_everywhere_evicts_hundreds_of_sessions_on_other_nodes() {
     })
     .await;
     for id in &ids {
-        assert!(b.get_session(*id).await.unwrap().is_none());
+        assert!(b.get_session(id).await.unwrap().is_none());
     }
 }
 
@@ -150,31 +150,31 @@ async fn cap_eviction_of_hundreds_of_sessions_reaches_other_nodes() {
     let user = Uuid::new_v4();
     let mut ids = Vec::new();
     for _ in 0..300 {
-        ids.push(a.create_session(user, small()).await.unwrap().id);
+        ids.push(a.create_session(user, small()).await.unwrap().1);
     }
     for id in &ids {
-        b.get_session(*id).await.unwrap().unwrap();
+        b.get_session(id).await.unwrap().unwrap();
     }
     // The cap was lowered: one login deletes 296 sessions in its transaction and announces
     // them in chunks that each fit the payload limit.
-    let newest = capped.create_session(user, small()).await.unwrap();
+    let (newest, _) = capped.create_session(user, small()).await.unwrap();
     assert_eq!(capped.list_user_sessions(user).await.unwrap().len(), 5);
     eventually(VISIBLE_WITHIN, "B evicted the 296", || async {
         b.stats().entries == 4
     })
     .await;
-    let live: Vec<Uuid> = capped
+    let live: Vec<SessionId> = capped
         .list_user_sessions(user)
         .await
         .unwrap()
         .iter()
-        .map(|s| s.id)
+        .map(|s| s.id())
         .collect();
-    assert!(live.contains(&newest.id));
-    for id in &ids {
+    assert!(live.contains(&newest.id()));
+    for token in &ids {
         assert_eq!(
-            b.get_session(*id).await.unwrap().is_some(),
-            live.contains(id)
+            b.get_session(token).await.unwrap().is_some(),
+            live.contains(&token.id())
         );
     }
 }
@@ -185,31 +185,23 @@ async fn cleanup_of_thousands_of_expired_sessions_evicts_them_on_other_nodes() {
     let a = node(&db, unlimited()).await;
     let b = node(&db, unlimited()).await;
     let check = pool(&db).await;
-    let ids: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO sessions \
-         SELECT gen_random_uuid(), gen_random_uuid(), 1, '{}', now(), now(), now(), \
-                now() + interval '1 day' \
-         FROM generate_series(1, 2500) RETURNING id",
-    )
-    .fetch_all(&check)
-    .await
-    .unwrap();
+    let ids = insert_sessions_directly(&check, 2500).await;
     for id in &ids {
-        b.get_session(*id).await.unwrap().unwrap();
+        b.get_session(id).await.unwrap().unwrap();
     }
     // Expire them behind pgsession's back: B's copies still look valid to B...
     sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 second'")
         .execute(&check)
         .await
         .unwrap();
-    assert!(b.get_session(ids[0]).await.unwrap().is_some());
+    assert!(b.get_session(&ids[0]).await.unwrap().is_some());
     // ...until cleanup deletes them and says so, 200 ids per notification.
     assert_eq!(a.cleanup_expired().await.unwrap(), 2500);
     eventually(VISIBLE_WITHIN, "B evicted all 2500", || async {
         b.stats().entries == 0
     })
     .await;
-    assert!(b.get_session(ids[0]).await.unwrap().is_none());
+    assert!(b.get_session(&ids[0]).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -234,15 +226,16 @@ async fn a_fill_that_read_before_an_invalidation_is_not_installed_after_it() {
     .await
     .unwrap();
     let b = listening(b).await;
-    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
     // Warm B's connection so that its next read is a single round trip (statement prepared);
     // pgsession keeps it for the next operation rather than returning it to the pool.
-    assert!(b.get_session(Uuid::new_v4()).await.unwrap().is_none());
+    assert!(b.get_session(&unknown_token()).await.unwrap().is_none());
 
     proxy.hold_responses();
     let reader = {
         let b = b.clone();
-        tokio::spawn(async move { b.get_session(s.id).await })
+        let token = s_t.clone();
+        tokio::spawn(async move { b.get_session(&token).await })
     };
     // B's SELECT has run on the server; its answer, version 1, is held in the proxy.
     proxy.wait_until_response_held().await;
@@ -256,11 +249,12 @@ async fn a_fill_that_read_before_an_invalidation_is_not_installed_after_it() {
 
     let old = reader.await.unwrap().unwrap().unwrap();
     assert_eq!(
-        old.version, 1,
+        old.version(),
+        1,
         "the read began before the write: fine to return"
     );
     assert_eq!(b.stats().fills_rejected, 1);
-    assert_eq!(version_on(&b, s.id).await, Some(2), "but it was not cached");
+    assert_eq!(version_on(&b, &s_t).await, Some(2), "but it was not cached");
 }
 
 #[tokio::test]
@@ -269,10 +263,10 @@ async fn a_lost_announcer_connection_is_replaced_and_the_write_still_reaches_oth
     let a = node(&db, config()).await;
     let b = node(&db, config()).await;
     let check = pool(&db).await;
-    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    b.get_session(s.id).await.unwrap().unwrap();
+    let (mut s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    b.get_session(&s_t).await.unwrap().unwrap();
     set_and_save(&a, &mut s, "n", json!(1)).await;
-    wait_serves(&b, s.id, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
+    wait_serves(&b, &s_t, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
 
     // Each node connected its announcer at start, not at its first write.
     let announcer = "SELECT pid FROM pg_stat_activity \
@@ -303,13 +297,15 @@ async fn a_lost_announcer_connection_is_replaced_and_the_write_still_reaches_oth
 
     set_and_save(&a, &mut s, "n", json!(2)).await;
     // Well before the sweep (ORPHAN_GRACE, 2 s) would announce the row instead.
-    wait_serves(&b, s.id, Some(3), VISIBLE_WITHIN, "B serves version 3").await;
+    wait_serves(&b, &s_t, Some(3), VISIBLE_WITHIN, "B serves version 3").await;
+    // The announcement went through the pool while A opened a new announcer connection.
+    eventually(
+        VISIBLE_WITHIN,
+        "A's announcer reconnected (B has written nothing)",
+        || async { announcers().await.len() == 1 },
+    )
+    .await;
     let replaced = announcers().await;
-    assert_eq!(
-        replaced.len(),
-        1,
-        "A's announcer reconnected (B has written nothing)"
-    );
     assert!(!pids.contains(&replaced[0]), "a new announcer connection");
 }
 
@@ -322,10 +318,10 @@ async fn killed_listener_backend_degrades_to_database_reads_then_resynchronises(
     let check = sqlx::PgPool::connect(&pgsession_testkit::server_url())
         .await
         .unwrap();
-    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    let same = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    for id in [s.id, same.id] {
-        b.get_session(id).await.unwrap().unwrap();
+    let (mut s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (_same, same_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    for t in [&s_t, &same_t] {
+        b.get_session(t).await.unwrap().unwrap();
     }
 
     // Keep the listeners out while the outage lasts; pooled connections stay usable.
@@ -351,11 +347,11 @@ async fn killed_listener_backend_degrades_to_database_reads_then_resynchronises(
     set_and_save(&a, &mut s, "theme", json!("light")).await;
     let hits = b.stats().hits;
     assert_eq!(
-        version_on(&b, s.id).await,
+        version_on(&b, &s_t).await,
         Some(2),
         "read through to the database"
     );
-    assert_eq!(version_on(&b, same.id).await, Some(1));
+    assert_eq!(version_on(&b, &same_t).await, Some(1));
     assert_eq!(b.stats().hits, hits, "nothing served from the cache");
 
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -366,9 +362,9 @@ async fn killed_listener_backend_degrades_to_database_reads_then_resynchronises(
     .unwrap();
     wait_trusted(&b).await;
     assert!(b.stats().reconnects >= 1);
-    assert_eq!(version_on(&b, s.id).await, Some(2));
+    assert_eq!(version_on(&b, &s_t).await, Some(2));
     let hits = b.stats().hits;
-    assert_eq!(version_on(&b, same.id).await, Some(1));
+    assert_eq!(version_on(&b, &same_t).await, Some(1));
     assert_eq!(
         b.stats().hits,
         hits + 1,
@@ -382,34 +378,34 @@ async fn resynchronisation_evicts_what_changed_while_nobody_listened() {
     let a = node(&db, config()).await;
     let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
     let b = node_listening_through(&db, &proxy, config()).await;
-    let mut changed = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    let deleted = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    let same = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    for id in [changed.id, deleted.id, same.id] {
-        b.get_session(id).await.unwrap().unwrap();
+    let (mut changed, changed_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (deleted, deleted_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (_same, same_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    for t in [&changed_t, &deleted_t, &same_t] {
+        b.get_session(t).await.unwrap().unwrap();
     }
 
     proxy.refuse_new(true);
     proxy.disconnect_all();
     wait_distrusted(&b).await;
     set_and_save(&a, &mut changed, "theme", json!("light")).await;
-    a.delete_session(deleted.id).await.unwrap();
+    a.delete_session(deleted.id()).await.unwrap();
     // During the outage B answers from the database; its stale copy of `changed` is still in
     // memory but not served.
-    assert_eq!(version_on(&b, changed.id).await, Some(2));
-    assert_eq!(version_on(&b, deleted.id).await, None);
+    assert_eq!(version_on(&b, &changed_t).await, Some(2));
+    assert_eq!(version_on(&b, &deleted_t).await, None);
 
     proxy.refuse_new(false);
     wait_trusted(&b).await;
     assert!(b.stats().resync_evictions >= 1);
     assert_eq!(
-        version_on(&b, changed.id).await,
+        version_on(&b, &changed_t).await,
         Some(2),
         "stale copy evicted"
     );
-    assert_eq!(version_on(&b, deleted.id).await, None);
+    assert_eq!(version_on(&b, &deleted_t).await, None);
     let hits = b.stats().hits;
-    assert_eq!(version_on(&b, same.id).await, Some(1));
+    assert_eq!(version_on(&b, &same_t).await, Some(1));
     assert_eq!(b.stats().hits, hits + 1, "unchanged copy kept");
 }
 
@@ -430,8 +426,8 @@ async fn half_open_listener_connection_is_detected_by_the_probe() {
         },
     )
     .await;
-    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    b.get_session(s.id).await.unwrap().unwrap();
+    let (mut s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    b.get_session(&s_t).await.unwrap().unwrap();
 
     // Packets vanish; no FIN, no RST: only the probe can tell.
     let degraded_before = b.stats().degraded_time;
@@ -439,11 +435,11 @@ async fn half_open_listener_connection_is_detected_by_the_probe() {
     proxy.pause();
     wait_distrusted(&b).await;
     set_and_save(&a, &mut s, "theme", json!("light")).await;
-    assert_eq!(version_on(&b, s.id).await, Some(2));
+    assert_eq!(version_on(&b, &s_t).await, Some(2));
 
     proxy.resume();
     wait_trusted(&b).await;
-    assert_eq!(version_on(&b, s.id).await, Some(2));
+    assert_eq!(version_on(&b, &s_t).await, Some(2));
     assert!(b.stats().degraded_time > degraded_before);
     assert_eq!(b.stats().reconnects, reconnects_before + 1);
 }
@@ -460,13 +456,13 @@ async fn database_restart_fails_calls_with_typed_errors_and_recovers_without_sta
         ..config()
     };
     let b = SessionManager::connect(b_config, &url).await.unwrap();
-    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    b.get_session(s.id).await.unwrap().unwrap();
+    let (mut s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    b.get_session(&s_t).await.unwrap().unwrap();
 
     proxy.refuse_new(true);
     server.stop().unwrap();
     wait_distrusted(&b).await;
-    match b.get_session(s.id).await {
+    match b.get_session(&s_t).await {
         Err(e @ Error::Database(_)) => assert!(e.is_transient(), "{e:?}"),
         other => panic!("served without a database: {other:?}"),
     }
@@ -486,11 +482,11 @@ async fn database_restart_fails_calls_with_typed_errors_and_recovers_without_sta
             Err(e) => panic!("{e:?}"),
         }
     }
-    assert_eq!(s.version, 2);
+    assert_eq!(s.version(), 2);
     // The pre-restart copy is still in B's memory, and never served.
     for _ in 0..5 {
-        match b.get_session(s.id).await {
-            Ok(found) => assert_eq!(found.map(|s| s.version), Some(2)),
+        match b.get_session(&s_t).await {
+            Ok(found) => assert_eq!(found.map(|s| s.version()), Some(2)),
             Err(e) => assert!(e.is_transient(), "{e:?}"),
         }
     }
@@ -498,15 +494,15 @@ async fn database_restart_fails_calls_with_typed_errors_and_recovers_without_sta
 
     proxy.refuse_new(false);
     wait_trusted(&b).await;
-    assert_eq!(version_on(&b, s.id).await, Some(2), "resync evicted it");
+    assert_eq!(version_on(&b, &s_t).await, Some(2), "resync evicted it");
     let hits = b.stats().hits;
-    assert_eq!(version_on(&b, s.id).await, Some(2));
+    assert_eq!(version_on(&b, &s_t).await, Some(2));
     assert_eq!(b.stats().hits, hits + 1, "cache in use again");
     assert!(b.stats().reconnects >= 1);
 
     // And with everything healthy again, A's writes reach B as usual.
     set_and_save(&a, &mut s, "theme", json!("dark")).await;
-    wait_serves(&b, s.id, Some(3), VISIBLE_WITHIN, "B serves A's next write").await;
+    wait_serves(&b, &s_t, Some(3), VISIBLE_WITHIN, "B serves A's next write").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,7 +515,8 @@ async fn interleaved_misses_and_writes_converge_to_the_database_version() {
     for _ in 0..3 {
         sessions.push(a.create_session(Uuid::new_v4(), small()).await.unwrap());
     }
-    let ids: Vec<Uuid> = sessions.iter().map(|s| s.id).collect();
+    let ids: Vec<SessionToken> = sessions.iter().map(|(_, t)| t.clone()).collect();
+    let mut sessions: Vec<_> = sessions.into_iter().map(|(s, _)| s).collect();
     let writes = 300;
 
     let readers: Vec<_> = (0..4)
@@ -530,9 +527,9 @@ async fn interleaved_misses_and_writes_converge_to_the_database_version() {
                 let mut reads = 0u64;
                 let mut last = HashMap::new();
                 for i in r.. {
-                    let id = ids[i % ids.len()];
-                    let v = b.get_session(id).await.unwrap().unwrap().version;
-                    let prev = last.insert(id, v).unwrap_or(0);
+                    let token = &ids[i % ids.len()];
+                    let v = b.get_session(token).await.unwrap().unwrap().version();
+                    let prev = last.insert(token.id(), v).unwrap_or(0);
                     assert!(
                         v >= prev,
                         "versions went backwards on one node: {prev} -> {v}"
@@ -561,10 +558,10 @@ async fn interleaved_misses_and_writes_converge_to_the_database_version() {
         b.stats().invalidations >= writes as u64
     })
     .await;
-    for id in ids {
-        let expected = db_version(&check, id).await;
-        assert_eq!(version_on(&b, id).await, expected);
-        assert_eq!(version_on(&b, id).await, expected, "cached copy too");
+    for token in &ids {
+        let expected = db_version(&check, token.id()).await;
+        assert_eq!(version_on(&b, token).await, expected);
+        assert_eq!(version_on(&b, token).await, expected, "cached copy too");
     }
     assert!(b.stats().misses > 10, "the readers did miss");
 }
@@ -579,7 +576,8 @@ async fn many_tasks_hitting_the_cache_while_invalidations_arrive_see_monotonic_v
     for _ in 0..40 {
         sessions.push(a.create_session(Uuid::new_v4(), small()).await.unwrap());
     }
-    let ids: Vec<Uuid> = sessions.iter().map(|s| s.id).collect();
+    let ids: Vec<SessionToken> = sessions.iter().map(|(_, t)| t.clone()).collect();
+    let mut sessions: Vec<_> = sessions.into_iter().map(|(s, _)| s).collect();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let readers: Vec<_> = (0..8)
         .map(|r| {
@@ -590,10 +588,10 @@ async fn many_tasks_hitting_the_cache_while_invalidations_arrive_see_monotonic_v
                 let mut last = HashMap::new();
                 let mut i = r;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let id = ids[i % ids.len()];
+                    let token = &ids[i % ids.len()];
                     i += 7;
-                    let v = b.get_session(id).await.unwrap().unwrap().version;
-                    let prev = last.insert(id, v).unwrap_or(0);
+                    let v = b.get_session(token).await.unwrap().unwrap().version();
+                    let prev = last.insert(token.id(), v).unwrap_or(0);
                     assert!(v >= prev, "{prev} -> {v}");
                     tokio::task::yield_now().await;
                 }
@@ -621,8 +619,11 @@ async fn many_tasks_hitting_the_cache_while_invalidations_arrive_see_monotonic_v
     for r in readers {
         r.await.unwrap();
     }
-    for id in &ids {
-        assert_eq!(version_on(&b, *id).await, db_version(&check, *id).await);
+    for token in &ids {
+        assert_eq!(
+            version_on(&b, token).await,
+            db_version(&check, token.id()).await
+        );
     }
 }
 
@@ -632,9 +633,9 @@ async fn clear_cache_empties_every_node() {
     let a = node(&db, config()).await;
     let b = node(&db, config()).await;
     let c = node(&db, config()).await;
-    let s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (_s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
     for n in [&a, &b, &c] {
-        n.get_session(s.id).await.unwrap().unwrap();
+        n.get_session(&s_t).await.unwrap().unwrap();
         assert_eq!(n.stats().entries, 1);
     }
     a.clear_cache().await.unwrap();
@@ -663,20 +664,20 @@ async fn cache_max_age_bounds_how_long_writes_outside_pgsession_go_unseen() {
     let check = pool(&db).await;
     // The cache dates its entries by the wall clock; no entry for `s` can be older.
     let cached_at = chrono::Utc::now();
-    let s = b.create_session(Uuid::new_v4(), small()).await.unwrap();
-    assert_eq!(version_on(&b, s.id).await, Some(1));
+    let (s, s_t) = b.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert_eq!(version_on(&b, &s_t).await, Some(1));
     // An administrator's SQL: no notification.
     sqlx::query(
         "UPDATE sessions SET attributes = attributes || '{\"role\": \"user\"}', \
          version = version + 1 WHERE id = $1",
     )
-    .bind(s.id)
+    .bind(s.id())
     .execute(&check)
     .await
     .unwrap();
     wait_serves(
         &b,
-        s.id,
+        &s_t,
         Some(2),
         max_age * 5,
         "re-read after cache_max_age",
@@ -699,21 +700,21 @@ async fn an_entry_that_looks_idle_is_rechecked_against_accesses_on_other_nodes()
     };
     let a = node(&db, config.clone()).await;
     let b = node(&db, config).await;
-    let busy = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    let quiet = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    for id in [busy.id, quiet.id] {
-        b.get_session(id).await.unwrap().unwrap();
+    let (_busy, busy_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (_quiet, quiet_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    for t in [&busy_t, &quiet_t] {
+        b.get_session(t).await.unwrap().unwrap();
     }
     // The user keeps using the session, on node A only, for longer than the idle timeout.
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        a.get_session(busy.id).await.unwrap().unwrap();
+        a.get_session(&busy_t).await.unwrap().unwrap();
         a.flush_last_access().await.unwrap();
     }
     // B's copy says idle for 2.5 s or more; the database knows better.
-    assert!(b.get_session(busy.id).await.unwrap().is_some());
-    assert!(b.get_session(quiet.id).await.unwrap().is_none());
-    assert!(a.get_session(quiet.id).await.unwrap().is_none());
+    assert!(b.get_session(&busy_t).await.unwrap().is_some());
+    assert!(b.get_session(&quiet_t).await.unwrap().is_none());
+    assert!(a.get_session(&quiet_t).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -723,8 +724,8 @@ async fn a_cache_clear_announced_while_a_node_was_not_listening_is_applied_on_re
     let proxy = FaultProxy::start(socket_addr(db.url()).await).await;
     let b = node_listening_through(&db, &proxy, config()).await;
     let check = pool(&db).await;
-    let s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    b.get_session(s.id).await.unwrap().unwrap();
+    let (_s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    b.get_session(&s_t).await.unwrap().unwrap();
 
     proxy.refuse_new(true);
     proxy.disconnect_all();
@@ -738,7 +739,7 @@ async fn a_cache_clear_announced_while_a_node_was_not_listening_is_applied_on_re
 
     proxy.refuse_new(false);
     wait_trusted(&b).await;
-    let seen = b.get_session(s.id).await.unwrap().unwrap();
+    let seen = b.get_session(&s_t).await.unwrap().unwrap();
     assert_eq!(seen.get("role"), Some(&json!("user")));
 }
 
@@ -748,8 +749,8 @@ async fn invalidations_left_in_the_outbox_by_a_stopped_node_are_announced_by_the
     let a = node(&db, config()).await;
     let b = node(&db, config()).await;
     let check = pool(&db).await;
-    let s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
-    assert_eq!(version_on(&b, s.id).await, Some(1));
+    let (s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert_eq!(version_on(&b, &s_t).await, Some(1));
     // What a node that stopped between its write and the announcement leaves behind: the
     // committed write and its outbox row, and no notification. The row is 1 s old, so no
     // sweep may take it (grace 2 s) while B is checked below, and one will within 3 s.
@@ -758,20 +759,20 @@ async fn invalidations_left_in_the_outbox_by_a_stopped_node_are_announced_by_the
          WHERE id = '{id}'; \
          INSERT INTO sessions_outbox (payload, created_at) \
          VALUES ('u {hex} 2', now() - interval '1 second');",
-        id = s.id,
-        hex = s.id.simple()
+        id = s.id(),
+        hex = s.id()
     )))
     .execute(&check)
     .await
     .unwrap();
     assert_eq!(
-        version_on(&b, s.id).await,
+        version_on(&b, &s_t).await,
         Some(1),
         "nobody announced it yet"
     );
     wait_serves(
         &b,
-        s.id,
+        &s_t,
         Some(2),
         Duration::from_secs(5),
         "the sweep announced it",
@@ -805,16 +806,16 @@ async fn concurrent_writes_are_announced_to_other_nodes_and_retired_in_bulk() {
     for _ in 0..40 {
         sessions.push(a.create_session(Uuid::new_v4(), small()).await.unwrap());
     }
-    for s in &sessions {
-        b.get_session(s.id).await.unwrap().unwrap();
+    for (_, t) in &sessions {
+        b.get_session(t).await.unwrap().unwrap();
     }
     let writers: Vec<_> = sessions
         .into_iter()
-        .map(|mut s| {
+        .map(|(mut s, t)| {
             let a = a.clone();
             tokio::spawn(async move {
                 set_and_save(&a, &mut s, "theme", json!("light")).await;
-                s.id
+                t
             })
         })
         .collect();
@@ -822,8 +823,8 @@ async fn concurrent_writes_are_announced_to_other_nodes_and_retired_in_bulk() {
     for w in writers {
         ids.push(w.await.unwrap());
     }
-    for id in ids {
-        wait_serves(&b, id, Some(2), VISIBLE_WITHIN, "B sees every update").await;
+    for token in &ids {
+        wait_serves(&b, token, Some(2), VISIBLE_WITHIN, "B sees every update").await;
     }
     // Retired well before the sweep would announce them a second time.
     eventually(Duration::from_secs(1), "outbox emptied", || async {
@@ -851,8 +852,8 @@ async fn concurrent_writes_are_announced_to_other_nodes_and_retired_in_bulk() {
 async fn resynchronisation_needs_no_pool_connection() {
     let db = TestDatabase::create().await;
     let (shared, b) = shared_pool_node(&db, 2, Duration::from_secs(10)).await;
-    let s = b.create_session(Uuid::new_v4(), small()).await.unwrap();
-    assert_eq!(version_on(&b, s.id).await, Some(1));
+    let (_s, s_t) = b.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert_eq!(version_on(&b, &s_t).await, Some(1));
     // The application takes the whole pool (pgsession hands back what it kept once idle).
     let held = vec![
         shared.acquire().await.unwrap(),
@@ -878,7 +879,7 @@ async fn resynchronisation_needs_no_pool_connection() {
     )
     .await;
     drop(held);
-    assert_eq!(version_on(&b, s.id).await, Some(1));
+    assert_eq!(version_on(&b, &s_t).await, Some(1));
     b.shutdown().await.unwrap();
 }
 
@@ -915,10 +916,10 @@ async fn a_killed_announcer_that_cannot_reconnect_at_once_does_not_delay_invalid
     let a = node_writing_through(&db, &proxy).await;
     let b = node(&db, config()).await;
     let check = pool(&db).await;
-    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
     // A's pool has a connection kept, B has the session cached.
     set_and_save(&a, &mut s, "n", json!(1)).await;
-    wait_serves(&b, s.id, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
+    wait_serves(&b, &s_t, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
     eventually(VISIBLE_WITHIN, "both announcers connected", || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
@@ -937,11 +938,11 @@ async fn a_killed_announcer_that_cannot_reconnect_at_once_does_not_delay_invalid
     assert!(terminate_announcers(&check).await >= 1);
     for version in 3..6 {
         set_and_save(&a, &mut s, "n", json!(version)).await;
-        assert_eq!(s.version, version);
+        assert_eq!(s.version(), version);
         // Well before listener_timeout (2 s), the limit for opening a connection.
         wait_serves(
             &b,
-            s.id,
+            &s_t,
             Some(version),
             VISIBLE_WITHIN,
             "B serves the new version",
@@ -949,10 +950,10 @@ async fn a_killed_announcer_that_cannot_reconnect_at_once_does_not_delay_invalid
         .await;
     }
     proxy.stall_new(false);
-    a.delete_session(s.id).await.unwrap();
+    a.delete_session(s.id()).await.unwrap();
     wait_serves(
         &b,
-        s.id,
+        &s_t,
         None,
         VISIBLE_WITHIN,
         "B stops serving the deleted session",
@@ -967,11 +968,11 @@ async fn a_write_whose_connection_died_after_commit_still_reaches_other_nodes_at
     let a = node_writing_through(&db, &proxy).await;
     let b = node(&db, config()).await;
     let check = pool(&db).await;
-    let mut s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
     // A's connection has the update statement prepared, so that the held answer below is
     // the execution's, not the preparation's.
     set_and_save(&a, &mut s, "n", json!(1)).await;
-    wait_serves(&b, s.id, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
+    wait_serves(&b, &s_t, Some(2), VISIBLE_WITHIN, "B serves version 2").await;
 
     // The update commits on the server, but its answer never reaches A.
     proxy.hold_responses();
@@ -987,7 +988,7 @@ async fn a_write_whose_connection_died_after_commit_still_reaches_other_nodes_at
     // (The held answer may be another statement's, the announcer's say: the update reaches the
     // server all the same.)
     eventually(RECOVERY, "the update committed", || async {
-        db_version(&check, s.id).await == Some(3)
+        db_version(&check, s.id()).await == Some(3)
     })
     .await;
     proxy.disconnect_all();
@@ -1000,7 +1001,7 @@ async fn a_write_whose_connection_died_after_commit_still_reaches_other_nodes_at
     // Neither node serves version 2 any more, well before the outbox sweep's grace (2 s).
     wait_serves(
         &a,
-        s.id,
+        &s_t,
         Some(3),
         VISIBLE_WITHIN,
         "A re-reads its in-doubt write",
@@ -1008,7 +1009,7 @@ async fn a_write_whose_connection_died_after_commit_still_reaches_other_nodes_at
     .await;
     wait_serves(
         &b,
-        s.id,
+        &s_t,
         Some(3),
         VISIBLE_WITHIN,
         "B learns of the committed write",

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use pgsession::{Config, SessionManager};
+use pgsession::{Config, SessionId, SessionManager, SessionToken};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -49,8 +49,8 @@ async fn caught_up(primary: &PgPool, standby: &PgPool) {
     .await;
 }
 
-async fn versions(pool: &PgPool) -> HashMap<Uuid, i64> {
-    sqlx::query_as::<_, (Uuid, i64)>("SELECT id, version FROM sessions")
+async fn versions(pool: &PgPool) -> HashMap<SessionId, i64> {
+    sqlx::query_as::<_, (SessionId, i64)>("SELECT id, version FROM sessions")
         .fetch_all(pool)
         .await
         .unwrap()
@@ -58,8 +58,8 @@ async fn versions(pool: &PgPool) -> HashMap<Uuid, i64> {
         .collect()
 }
 
-async fn served(node: &SessionManager, id: Uuid) -> Option<i64> {
-    node.get_session(id).await.unwrap().map(|s| s.version)
+async fn served(node: &SessionManager, token: &SessionToken) -> Option<i64> {
+    node.get_session(token).await.unwrap().map(|s| s.version())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,13 +90,17 @@ async fn after_failover_to_a_replica_that_lacks_the_last_writes_nodes_serve_what
 
     // Replicated writes: three sessions, one updated twice; B caches them all.
     let user = Uuid::new_v4();
-    let mut kept = a.create_session(user, small()).await.unwrap();
-    let mut updated = a.create_session(user, small()).await.unwrap();
-    let deleted = a.create_session(user, small()).await.unwrap();
+    let (mut kept, kept_t) = a.create_session(user, small()).await.unwrap();
+    let (mut updated, updated_t) = a.create_session(user, small()).await.unwrap();
+    let (deleted, deleted_t) = a.create_session(user, small()).await.unwrap();
     set_and_save(&a, &mut updated, "n", json!(1)).await;
     set_and_save(&a, &mut updated, "n", json!(2)).await;
-    for s in [&kept, &updated, &deleted] {
-        assert_eq!(served(&b, s.id).await, Some(s.version));
+    for (s, t) in [
+        (&kept, &kept_t),
+        (&updated, &updated_t),
+        (&deleted, &deleted_t),
+    ] {
+        assert_eq!(served(&b, t).await, Some(s.version()));
     }
     caught_up(&on_primary, &on_standby).await;
 
@@ -104,15 +108,15 @@ async fn after_failover_to_a_replica_that_lacks_the_last_writes_nodes_serve_what
     // will be lost with it.
     replication.pause();
     set_and_save(&a, &mut updated, "n", json!(3)).await;
-    assert!(a.delete_session(deleted.id).await.unwrap());
-    let lost = a.create_session(user, small()).await.unwrap();
+    assert!(a.delete_session(deleted.id()).await.unwrap());
+    let (lost, lost_t) = a.create_session(user, small()).await.unwrap();
     eventually(VISIBLE_WITHIN, "B sees the last writes", || async {
-        served(&b, updated.id).await == Some(4)
-            && served(&b, deleted.id).await.is_none()
-            && served(&b, lost.id).await == Some(1)
+        served(&b, &updated_t).await == Some(4)
+            && served(&b, &deleted_t).await.is_none()
+            && served(&b, &lost_t).await == Some(1)
     })
     .await;
-    assert_eq!(served(&a, updated.id).await, Some(4));
+    assert_eq!(served(&a, &updated_t).await, Some(4));
 
     // Failover: the primary stops, the standby is promoted, the address moves to it.
     let mut trust_a = a.subscribe_cache_trust();
@@ -138,18 +142,18 @@ async fn after_failover_to_a_replica_that_lacks_the_last_writes_nodes_serve_what
 
     // Before A is back, B writes on the new primary, reusing the number of the lost version
     // (4) with other contents. A's cache still holds its own lost version 4.
-    let mut again = b.get_session(updated.id).await.unwrap().unwrap();
-    assert_eq!(again.version, 3);
+    let mut again = b.get_session(&updated_t).await.unwrap().unwrap();
+    assert_eq!(again.version(), 3);
     set_and_save(&b, &mut again, "n", json!("after")).await;
-    assert_eq!(again.version, 4);
+    assert_eq!(again.version(), 4);
     a_listener.refuse_new(false);
     tokio::time::timeout(RECOVERY, a.wait_for_cache())
         .await
         .expect("A trusts its cache again, on the new primary");
     for node in [&a, &b] {
-        let s = node.get_session(updated.id).await.unwrap().unwrap();
+        let s = node.get_session(&updated_t).await.unwrap().unwrap();
         assert_eq!(
-            (s.version, s.get("n")),
+            (s.version(), s.get("n")),
             (4, Some(&json!("after"))),
             "the new primary's version 4, not the lost one"
         );
@@ -158,18 +162,23 @@ async fn after_failover_to_a_replica_that_lacks_the_last_writes_nodes_serve_what
     // The new primary has the replicated state only, and so does every node.
     let truth = versions(&on_standby).await;
     assert_eq!(
-        truth.get(&updated.id),
+        truth.get(&updated.id()),
         Some(&4),
         "the last update was lost, B's replaced it"
     );
-    assert_eq!(truth.get(&deleted.id), Some(&1), "the delete was lost");
-    assert_eq!(truth.get(&lost.id), None, "the last create was lost");
+    assert_eq!(truth.get(&deleted.id()), Some(&1), "the delete was lost");
+    assert_eq!(truth.get(&lost.id()), None, "the last create was lost");
     for node in [&a, &b] {
-        for id in [kept.id, updated.id, deleted.id, lost.id] {
+        for (s, t) in [
+            (&kept, &kept_t),
+            (&updated, &updated_t),
+            (&deleted, &deleted_t),
+            (&lost, &lost_t),
+        ] {
             assert_eq!(
-                served(node, id).await,
-                truth.get(&id).copied(),
-                "a node serves {id} as the new primary has it"
+                served(node, t).await,
+                truth.get(&s.id()).copied(),
+                "a node serves {s:?} as the new primary has it"
             );
         }
     }
@@ -179,14 +188,14 @@ async fn after_failover_to_a_replica_that_lacks_the_last_writes_nodes_serve_what
     eventually(
         VISIBLE_WITHIN,
         "B serves A's write on the new primary",
-        || async { served(&b, kept.id).await == Some(2) },
+        || async { served(&b, &kept_t).await == Some(2) },
     )
     .await;
-    assert!(b.delete_session(deleted.id).await.unwrap());
+    assert!(b.delete_session(deleted.id()).await.unwrap());
     eventually(
         VISIBLE_WITHIN,
         "A stops serving a session deleted on the new primary",
-        || async { served(&a, deleted.id).await.is_none() },
+        || async { served(&a, &deleted_t).await.is_none() },
     )
     .await;
 

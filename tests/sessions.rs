@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::*;
-use pgsession::{Config, Error, MaxSessionsPolicy, SessionManager};
+use pgsession::{Config, Error, MaxSessionsPolicy, SessionId, SessionManager, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -20,33 +20,34 @@ async fn create_get_update_delete_round_trip() {
     let m = node(&db, config()).await;
     let user = Uuid::new_v4();
 
-    let mut s = m.create_session(user, small()).await.unwrap();
-    assert_eq!(s.id.get_version_num(), 4);
-    assert_eq!((s.user_id, s.version), (user, 1));
+    let (mut s, s_t) = m.create_session(user, small()).await.unwrap();
+    assert_eq!(s_t.id(), s.id(), "the id is the token's hash");
+    assert_ne!(s_t.to_string(), s.id().to_string());
+    assert_eq!((s.user_id(), s.version()), (Some(&UserId::from(user)), 1));
     assert_eq!(s.get("role"), Some(&json!("admin")));
-    assert!(s.expires_at > Utc::now() + chrono::Duration::days(29));
+    assert!(s.expires_at() > Utc::now() + chrono::Duration::days(29));
 
-    let got = m.get_session(s.id).await.unwrap().expect("session exists");
+    let got = m.get_session(&s_t).await.unwrap().expect("session exists");
     assert_eq!(got.attributes(), s.attributes());
-    assert_eq!(got.created_at, s.created_at);
+    assert_eq!(got.created_at(), s.created_at());
 
     s.set("theme", "light").unwrap();
     s.remove("role");
     m.update_session(&mut s).await.unwrap();
-    assert_eq!(s.version, 2);
+    assert_eq!(s.version(), 2);
     assert!(!s.is_modified());
 
     // A second manager reads the database, not the first one's cache.
     let other = node(&db, config()).await;
-    let fresh = other.get_session(s.id).await.unwrap().unwrap();
-    assert_eq!(fresh.version, 2);
+    let fresh = other.get_session(&s_t).await.unwrap().unwrap();
+    assert_eq!(fresh.version(), 2);
     assert_eq!(fresh.get("theme"), Some(&json!("light")));
     assert_eq!(fresh.get("role"), None);
 
-    assert!(m.delete_session(s.id).await.unwrap());
-    assert!(!m.delete_session(s.id).await.unwrap());
-    assert!(m.get_session(s.id).await.unwrap().is_none());
-    assert!(m.get_session(Uuid::new_v4()).await.unwrap().is_none());
+    assert!(m.delete_session(s.id()).await.unwrap());
+    assert!(!m.delete_session(s.id()).await.unwrap());
+    assert!(m.get_session(&s_t).await.unwrap().is_none());
+    assert!(m.get_session(&unknown_token()).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -54,11 +55,11 @@ async fn concurrent_updates_of_different_keys_both_survive() {
     let db = TestDatabase::create().await;
     let a = node(&db, config()).await;
     let b = node(&db, config()).await;
-    let s = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (_s, s_t) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
 
     // Two requests load the same session, each changes its own key.
-    let mut on_a = a.get_session(s.id).await.unwrap().unwrap();
-    let mut on_b = b.get_session(s.id).await.unwrap().unwrap();
+    let mut on_a = a.get_session(&s_t).await.unwrap().unwrap();
+    let mut on_b = b.get_session(&s_t).await.unwrap().unwrap();
     on_a.set("cart", json!([1, 2])).unwrap();
     on_b.set("theme", "light").unwrap();
     on_b.remove("role");
@@ -68,16 +69,16 @@ async fn concurrent_updates_of_different_keys_both_survive() {
 
     let stored = node(&db, config())
         .await
-        .get_session(s.id)
+        .get_session(&s_t)
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(stored.version, 3);
+    assert_eq!(stored.version(), 3);
     assert_eq!(stored.get("cart"), Some(&json!([1, 2])));
     assert_eq!(stored.get("theme"), Some(&json!("light")));
     assert_eq!(stored.get("role"), None);
     // The value returned by the later update already includes the other writer's change.
-    let later = if on_a.version == 3 { &on_a } else { &on_b };
+    let later = if on_a.version() == 3 { &on_a } else { &on_b };
     assert_eq!(later.attributes(), stored.attributes());
 }
 
@@ -86,10 +87,10 @@ async fn update_of_deleted_session_is_not_found_and_does_not_recreate_it() {
     let db = TestDatabase::create().await;
     let m = node(&db, config()).await;
     let check = pool(&db).await;
-    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     node(&db, config())
         .await
-        .delete_session(s.id)
+        .delete_session(s.id())
         .await
         .unwrap();
 
@@ -98,18 +99,18 @@ async fn update_of_deleted_session_is_not_found_and_does_not_recreate_it() {
         m.update_session(&mut s).await,
         Err(Error::NotFound)
     ));
-    assert_eq!(db_version(&check, s.id).await, None);
-    assert!(m.get_session(s.id).await.unwrap().is_none());
+    assert_eq!(db_version(&check, s.id()).await, None);
+    assert!(m.get_session(&s_t).await.unwrap().is_none());
 }
 
 #[tokio::test]
 async fn update_without_changes_writes_nothing() {
     let db = TestDatabase::create().await;
     let m = node(&db, config()).await;
-    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, _s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     m.update_session(&mut s).await.unwrap();
-    assert_eq!(s.version, 1);
-    assert_eq!(db_version(&pool(&db).await, s.id).await, Some(1));
+    assert_eq!(s.version(), 1);
+    assert_eq!(db_version(&pool(&db).await, s.id()).await, Some(1));
 }
 
 #[tokio::test]
@@ -124,26 +125,26 @@ async fn per_user_cap_evicts_the_least_recently_used_sessions() {
     )
     .await;
     let user = Uuid::new_v4();
-    let first = m.create_session(user, small()).await.unwrap();
-    let second = m.create_session(user, small()).await.unwrap();
-    let third = m.create_session(user, small()).await.unwrap();
+    let (first, first_t) = m.create_session(user, small()).await.unwrap();
+    let (_second, second_t) = m.create_session(user, small()).await.unwrap();
+    let (third, _third_t) = m.create_session(user, small()).await.unwrap();
     // Use the first session again: the second becomes the least recently used.
-    m.get_session(first.id).await.unwrap().unwrap();
+    m.get_session(&first_t).await.unwrap().unwrap();
     m.flush_last_access().await.unwrap();
 
-    let fourth = m.create_session(user, small()).await.unwrap();
-    let live: HashSet<Uuid> = m
+    let (fourth, _fourth_t) = m.create_session(user, small()).await.unwrap();
+    let live: HashSet<SessionId> = m
         .list_user_sessions(user)
         .await
         .unwrap()
         .iter()
-        .map(|s| s.id)
+        .map(|s| s.id())
         .collect();
-    assert_eq!(live, HashSet::from([first.id, third.id, fourth.id]));
-    assert!(m.get_session(second.id).await.unwrap().is_none());
+    assert_eq!(live, HashSet::from([first.id(), third.id(), fourth.id()]));
+    assert!(m.get_session(&second_t).await.unwrap().is_none());
     // Other users are untouched.
-    let other = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    assert!(m.get_session(other.id).await.unwrap().is_some());
+    let (_other, other_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert!(m.get_session(&other_t).await.unwrap().is_some());
 }
 
 #[tokio::test]
@@ -161,14 +162,14 @@ async fn reject_policy_refuses_a_session_beyond_the_cap_and_writes_nothing() {
     let check = pool(&db).await;
     let user = Uuid::new_v4();
     m.create_session(user, small()).await.unwrap();
-    let second = m.create_session(user, small()).await.unwrap();
+    let (second, _second_t) = m.create_session(user, small()).await.unwrap();
     assert!(matches!(
         m.create_session(user, small()).await,
         Err(Error::MaxSessionsReached)
     ));
     assert_eq!(count_rows(&check).await, 2);
     // Logging out frees a place.
-    m.delete_session(second.id).await.unwrap();
+    m.delete_session(second.id()).await.unwrap();
     m.create_session(user, small()).await.unwrap();
 }
 
@@ -215,7 +216,7 @@ async fn concurrent_logins_from_several_managers_never_exceed_the_cap() {
             }
         }
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = $1")
-            .bind(user)
+            .bind(user.to_string())
             .fetch_one(&check)
             .await
             .unwrap();
@@ -263,20 +264,20 @@ async fn absolutely_expired_session_is_never_returned_even_before_cleanup() {
     )
     .await;
     let check = pool(&db).await;
-    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    assert!(m.get_session(s.id).await.unwrap().is_some(), "cached");
+    let (s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert!(m.get_session(&s_t).await.unwrap().is_some(), "cached");
     // Expiry is the behaviour under test: let the lifetime pass.
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     assert!(
-        m.get_session(s.id).await.unwrap().is_none(),
+        m.get_session(&s_t).await.unwrap().is_none(),
         "served from cache"
     );
     let other = node(&db, config()).await;
     assert!(
-        other.get_session(s.id).await.unwrap().is_none(),
+        other.get_session(&s_t).await.unwrap().is_none(),
         "served from database"
     );
-    assert_eq!(db_version(&check, s.id).await, Some(1), "row still there");
+    assert_eq!(db_version(&check, s.id()).await, Some(1), "row still there");
     let mut s = s;
     s.set("k", 1).unwrap();
     assert!(matches!(
@@ -298,18 +299,18 @@ async fn idle_session_expires_and_accesses_keep_it_alive() {
     let m = node(&db, config.clone()).await;
     // Started now: starting a node takes time the last access must not age by.
     let other = node(&db, config).await;
-    let used = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    let unused = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (_used, used_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (_unused, unused_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     // Access one session every 200 ms for 1.6 s (longer than the idle timeout).
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(m.get_session(used.id).await.unwrap().is_some());
+        assert!(m.get_session(&used_t).await.unwrap().is_some());
     }
-    assert!(m.get_session(unused.id).await.unwrap().is_none());
+    assert!(m.get_session(&unused_t).await.unwrap().is_none());
     // Another node sees the accesses once they are flushed.
     m.flush_last_access().await.unwrap();
-    assert!(other.get_session(used.id).await.unwrap().is_some());
-    assert!(other.get_session(unused.id).await.unwrap().is_none());
+    assert!(other.get_session(&used_t).await.unwrap().is_some());
+    assert!(other.get_session(&unused_t).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -325,16 +326,16 @@ async fn set_expires_at_extends_a_session() {
         },
     )
     .await;
-    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    let short = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (_short, short_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     let later = Utc::now() + chrono::Duration::hours(1);
     s.set_expires_at(later).unwrap();
     m.update_session(&mut s).await.unwrap();
-    assert_eq!(s.version, 2);
-    assert_eq!(s.expires_at.timestamp_micros(), later.timestamp_micros());
+    assert_eq!(s.version(), 2);
+    assert_eq!(s.expires_at().timestamp_micros(), later.timestamp_micros());
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-    assert!(m.get_session(s.id).await.unwrap().is_some());
-    assert!(m.get_session(short.id).await.unwrap().is_none());
+    assert!(m.get_session(&s_t).await.unwrap().is_some());
+    assert!(m.get_session(&short_t).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -365,7 +366,7 @@ async fn oversized_attributes_are_rejected_and_nothing_is_written() {
     );
     assert_eq!(count_rows(&check).await, 0);
 
-    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     assert!(matches!(
         s.set("big", &big),
         Err(Error::AttributeTooLarge { .. })
@@ -379,13 +380,13 @@ async fn oversized_attributes_are_rejected_and_nothing_is_written() {
         },
     )
     .await;
-    let mut from_lenient = lenient.get_session(s.id).await.unwrap().unwrap();
+    let mut from_lenient = lenient.get_session(&s_t).await.unwrap().unwrap();
     from_lenient.set("big", &big).unwrap();
     assert!(matches!(
         m.update_session(&mut from_lenient).await,
         Err(Error::AttributeTooLarge { .. })
     ));
-    assert_eq!(db_version(&check, s.id).await, Some(1));
+    assert_eq!(db_version(&check, s.id()).await, Some(1));
     s.set("fine", "yes").unwrap();
     m.update_session(&mut s).await.unwrap();
 }
@@ -415,7 +416,7 @@ async fn values_postgres_cannot_store_get_a_typed_error_before_any_sql() {
     assert_eq!(count_rows(&check).await, 0);
 
     // Values that do not serialize to JSON are rejected by `set`.
-    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, _s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     let not_json = std::collections::HashMap::from([((1, 2), 3)]);
     assert!(matches!(
         s.set("map", not_json),
@@ -433,7 +434,7 @@ async fn typed_attributes_round_trip_and_mismatches_are_reported() {
     }
     let db = TestDatabase::create().await;
     let m = node(&db, config()).await;
-    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     let cart = Cart {
         items: vec![3, 4],
         coupon: None,
@@ -442,7 +443,7 @@ async fn typed_attributes_round_trip_and_mismatches_are_reported() {
     m.update_session(&mut s).await.unwrap();
     let fresh = node(&db, config())
         .await
-        .get_session(s.id)
+        .get_session(&s_t)
         .await
         .unwrap()
         .unwrap();
@@ -460,7 +461,7 @@ async fn reads_only_record_accesses_and_the_flush_never_moves_them_backwards() {
     let check = pool(&db).await;
     let mut ids = Vec::new();
     for _ in 0..25 {
-        ids.push(m.create_session(Uuid::new_v4(), small()).await.unwrap().id);
+        ids.push(m.create_session(Uuid::new_v4(), small()).await.unwrap().1);
     }
     let before: chrono::DateTime<Utc> =
         sqlx::query_scalar("SELECT max(last_accessed_at) FROM sessions")
@@ -471,15 +472,15 @@ async fn reads_only_record_accesses_and_the_flush_never_moves_them_backwards() {
     // moved back by an older access.
     let future = Utc::now() + chrono::Duration::hours(1);
     sqlx::query("UPDATE sessions SET last_accessed_at = $2 WHERE id = $1")
-        .bind(ids[0])
+        .bind(ids[0].id())
         .bind(future)
         .execute(&check)
         .await
         .unwrap();
 
     for id in &ids {
-        m.get_session(*id).await.unwrap().unwrap();
-        m.get_session(*id).await.unwrap().unwrap();
+        m.get_session(id).await.unwrap().unwrap();
+        m.get_session(id).await.unwrap().unwrap();
     }
     assert_eq!(m.stats().pending_touches, 25);
     // Reads did not write: nothing moved yet.
@@ -505,7 +506,7 @@ async fn reads_only_record_accesses_and_the_flush_never_moves_them_backwards() {
     assert_eq!(moved, 24);
     let kept: chrono::DateTime<Utc> =
         sqlx::query_scalar("SELECT last_accessed_at FROM sessions WHERE id = $1")
-            .bind(ids[0])
+            .bind(ids[0].id())
             .fetch_one(&check)
             .await
             .unwrap();
@@ -525,9 +526,10 @@ async fn background_task_flushes_last_access_every_interval() {
     )
     .await;
     let check = pool(&db).await;
-    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    let read = m.get_session(s.id).await.unwrap().unwrap();
-    assert!(read.last_accessed_at > s.last_accessed_at);
+    let (s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let read = m.get_session(&s_t).await.unwrap().unwrap();
+    assert!(read.last_accessed_at() > s.last_accessed_at());
+    let (id, read_at) = (s.id(), read.last_accessed_at());
     // The row is visible to others as soon as the flush commits, a moment before the task
     // counts it: wait for both.
     eventually(Duration::from_secs(5), "access flushed by the task", || {
@@ -536,11 +538,11 @@ async fn background_task_flushes_last_access_every_interval() {
         async move {
             let stored: chrono::DateTime<Utc> =
                 sqlx::query_scalar("SELECT last_accessed_at FROM sessions WHERE id = $1")
-                    .bind(s.id)
+                    .bind(id)
                     .fetch_one(&check)
                     .await
                     .unwrap();
-            stored == read.last_accessed_at && flushes >= 1
+            stored == read_at && flushes >= 1
         }
     })
     .await;
@@ -562,11 +564,11 @@ async fn a_batch_worth_of_pending_accesses_is_flushed_early() {
     for _ in 0..25 {
         sessions.push(m.create_session(Uuid::new_v4(), small()).await.unwrap());
     }
-    for s in &sessions {
-        m.get_session(s.id).await.unwrap().unwrap();
+    for (_, t) in &sessions {
+        m.get_session(t).await.unwrap().unwrap();
     }
     // The flush interval is an hour: only the early flush can write these.
-    let created = sessions[24].created_at;
+    let created = sessions[24].0.created_at();
     eventually(Duration::from_secs(5), "early flush of 20 accesses", || {
         let check = check.clone();
         async move {
@@ -587,22 +589,22 @@ async fn shutdown_flushes_pending_accesses_and_later_calls_fail() {
     let db = TestDatabase::create().await;
     let m = node(&db, config()).await;
     let check = pool(&db).await;
-    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    let read = m.get_session(s.id).await.unwrap().unwrap();
+    let (s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let read = m.get_session(&s_t).await.unwrap().unwrap();
     assert_eq!(m.stats().pending_touches, 1);
 
     let clone = m.clone();
     m.shutdown().await.unwrap();
     let stored: chrono::DateTime<Utc> =
         sqlx::query_scalar("SELECT last_accessed_at FROM sessions WHERE id = $1")
-            .bind(s.id)
+            .bind(s.id())
             .fetch_one(&check)
             .await
             .unwrap();
-    assert_eq!(stored, read.last_accessed_at);
+    assert_eq!(stored, read.last_accessed_at());
 
     assert!(matches!(
-        clone.get_session(s.id).await,
+        clone.get_session(&s_t).await,
         Err(Error::ShutDown)
     ));
     assert!(matches!(
@@ -610,7 +612,7 @@ async fn shutdown_flushes_pending_accesses_and_later_calls_fail() {
         Err(Error::ShutDown)
     ));
     assert!(matches!(
-        clone.delete_session(s.id).await,
+        clone.delete_session(s.id()).await,
         Err(Error::ShutDown)
     ));
     // Idempotent.
@@ -632,8 +634,8 @@ async fn shutdown_with_the_database_gone_returns_the_flush_error_within_the_dead
     )
     .await
     .unwrap();
-    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    m.get_session(s.id).await.unwrap();
+    let (_s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    m.get_session(&s_t).await.unwrap();
     server.stop().unwrap();
     let started = std::time::Instant::now();
     let result = m.shutdown().await;
@@ -659,10 +661,12 @@ async fn cleanup_deletes_expired_sessions_in_batches_from_several_nodes_at_once(
     let check = pool(&db).await;
     let user = Uuid::new_v4();
     let mut keep = Vec::new();
+    let mut keep_tokens = Vec::new();
     for i in 0..1200 {
-        let s = a.create_session(user, small()).await.unwrap();
+        let (s, s_t) = a.create_session(user, small()).await.unwrap();
         if i % 100 == 0 {
-            keep.push(s.id);
+            keep.push(s.id());
+            keep_tokens.push(s_t);
         }
     }
     // Expire all but `keep`: most absolutely, some by inactivity.
@@ -686,8 +690,8 @@ async fn cleanup_deletes_expired_sessions_in_batches_from_several_nodes_at_once(
     let (da, db_) = tokio::join!(a.cleanup_expired(), b.cleanup_expired());
     assert_eq!(da.unwrap() + db_.unwrap(), 1200 - keep.len() as u64);
     assert_eq!(count_rows(&check).await, keep.len() as i64);
-    for id in keep {
-        assert!(a.get_session(id).await.unwrap().is_some());
+    for token in &keep_tokens {
+        assert!(a.get_session(token).await.unwrap().is_some());
     }
 }
 
@@ -717,14 +721,14 @@ async fn cleanup_deletes_in_bounded_statements_and_skips_rows_others_hold() {
     .unwrap();
     let mut ids = Vec::new();
     for _ in 0..350 {
-        ids.push(m.create_session(Uuid::new_v4(), small()).await.unwrap().id);
+        ids.push(m.create_session(Uuid::new_v4(), small()).await.unwrap().1);
     }
     sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 second'")
         .execute(&check)
         .await
         .unwrap();
     // Another transaction holds one expired row (an update in flight, say).
-    let holder = lock_row(&check, ids[0]).await;
+    let holder = lock_row(&check, ids[0].id()).await;
 
     let deleted = tokio::time::timeout(Duration::from_secs(10), m.cleanup_expired())
         .await
@@ -753,7 +757,7 @@ async fn cleanup_leaves_sessions_whose_accesses_may_be_unflushed() {
     )
     .await;
     let check = pool(&db).await;
-    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (s, _s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     // Idle by the stored time, but within two flush intervals of the timeout: another node
     // may hold a newer access, so cleanup must not delete it yet.
     sqlx::query("UPDATE sessions SET last_accessed_at = now() - interval '3601 seconds'")
@@ -766,7 +770,7 @@ async fn cleanup_leaves_sessions_whose_accesses_may_be_unflushed() {
         .await
         .unwrap();
     assert_eq!(m.cleanup_expired().await.unwrap(), 1);
-    assert_eq!(db_version(&check, s.id).await, None);
+    assert_eq!(db_version(&check, s.id()).await, None);
 }
 
 #[tokio::test]
@@ -804,23 +808,25 @@ async fn list_and_log_out_other_devices() {
     let db = TestDatabase::create().await;
     let m = node(&db, config()).await;
     let user = Uuid::new_v4();
-    let phone = m.create_session(user, small()).await.unwrap();
-    let laptop = m.create_session(user, small()).await.unwrap();
-    let tablet = m.create_session(user, small()).await.unwrap();
+    let (phone, phone_t) = m.create_session(user, small()).await.unwrap();
+    let (laptop, laptop_t) = m.create_session(user, small()).await.unwrap();
+    let (_tablet, tablet_t) = m.create_session(user, small()).await.unwrap();
     m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    m.get_session(phone.id).await.unwrap();
+    m.get_session(&phone_t).await.unwrap();
 
     let listed = m.list_user_sessions(user).await.unwrap();
     assert_eq!(listed.len(), 3);
-    assert_eq!(listed[0].id, phone.id, "most recently used first");
+    assert_eq!(listed[0].id(), phone.id(), "most recently used first");
 
     assert_eq!(
-        m.delete_other_user_sessions(user, laptop.id).await.unwrap(),
+        m.delete_other_user_sessions(user, laptop.id())
+            .await
+            .unwrap(),
         2
     );
-    assert!(m.get_session(laptop.id).await.unwrap().is_some());
-    assert!(m.get_session(phone.id).await.unwrap().is_none());
-    assert!(m.get_session(tablet.id).await.unwrap().is_none());
+    assert!(m.get_session(&laptop_t).await.unwrap().is_some());
+    assert!(m.get_session(&phone_t).await.unwrap().is_none());
+    assert!(m.get_session(&tablet_t).await.unwrap().is_none());
     assert_eq!(m.delete_all_user_sessions(user).await.unwrap(), 1);
     assert!(m.list_user_sessions(user).await.unwrap().is_empty());
 }
@@ -849,13 +855,13 @@ async fn nodes_starting_together_migrate_once_into_a_custom_schema() {
         .fetch_one(&check)
         .await
         .unwrap();
-    assert_eq!(applied, 2, "each of the two migrations recorded once");
-    let s = nodes[0]
+    assert_eq!(applied, 3, "each of the three migrations recorded once");
+    let (s, s_t) = nodes[0]
         .create_session(Uuid::new_v4(), small())
         .await
         .unwrap();
     let in_table: i64 = sqlx::query_scalar("SELECT count(*) FROM auth.app_sessions WHERE id = $1")
-        .bind(s.id)
+        .bind(s.id())
         .fetch_one(&check)
         .await
         .unwrap();
@@ -870,7 +876,7 @@ async fn nodes_starting_together_migrate_once_into_a_custom_schema() {
         },
     )
     .await;
-    assert!(other.get_session(s.id).await.unwrap().is_none());
+    assert!(other.get_session(&s_t).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -956,10 +962,10 @@ async fn works_with_the_cache_disabled() {
         },
     )
     .await;
-    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     s.set("k", 1).unwrap();
     m.update_session(&mut s).await.unwrap();
-    assert_eq!(m.get_session(s.id).await.unwrap().unwrap().version, 2);
+    assert_eq!(m.get_session(&s_t).await.unwrap().unwrap().version(), 2);
     let stats = m.stats();
     assert_eq!((stats.hits, stats.entries), (0, 0));
     assert!(!m.cache_trusted());
@@ -973,31 +979,31 @@ async fn a_caller_supplied_pool_is_used_and_left_open() {
     let db = TestDatabase::create().await;
     let pool = pool(&db).await;
     let m = SessionManager::new(config(), pool.clone()).await.unwrap();
-    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (s, _s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     m.shutdown().await.unwrap();
     assert!(!pool.is_closed());
-    assert_eq!(db_version(&pool, s.id).await, Some(1));
+    assert_eq!(db_version(&pool, s.id()).await, Some(1));
 }
 
 #[tokio::test]
 async fn input_postgres_would_reject_in_removals_and_expiry_is_a_typed_error() {
     let db = TestDatabase::create().await;
     let m = node(&db, config()).await;
-    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     s.remove("bad\u{0}key");
     assert!(matches!(
         m.update_session(&mut s).await,
         Err(Error::InvalidAttribute { .. })
     ));
-    let mut s = m.get_session(s.id).await.unwrap().unwrap();
-    let before = s.expires_at;
+    let mut s = m.get_session(&s_t).await.unwrap().unwrap();
+    let before = s.expires_at();
     assert!(matches!(
         s.set_expires_at(chrono::DateTime::<Utc>::MIN_UTC),
         Err(Error::InvalidExpiry { .. })
     ));
-    assert_eq!(s.expires_at, before);
+    assert_eq!(s.expires_at(), before);
     assert!(!s.is_modified());
-    assert_eq!(db_version(&pool(&db).await, s.id).await, Some(1));
+    assert_eq!(db_version(&pool(&db).await, s.id()).await, Some(1));
 }
 
 #[tokio::test]
@@ -1005,8 +1011,8 @@ async fn a_cancelled_shutdown_still_completes_and_later_calls_return() {
     let db = TestDatabase::create().await;
     let m = node(&db, config()).await;
     let check = pool(&db).await;
-    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    let read = m.get_session(s.id).await.unwrap().unwrap();
+    let (s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let read = m.get_session(&s_t).await.unwrap().unwrap();
     // Dropped at its first suspension point.
     let _ = tokio::time::timeout(Duration::ZERO, m.shutdown()).await;
     tokio::time::timeout(Duration::from_secs(10), m.shutdown())
@@ -1018,11 +1024,11 @@ async fn a_cancelled_shutdown_still_completes_and_later_calls_return() {
         .expect("wait_for_cache returns after shutdown");
     let stored: chrono::DateTime<Utc> =
         sqlx::query_scalar("SELECT last_accessed_at FROM sessions WHERE id = $1")
-            .bind(s.id)
+            .bind(s.id())
             .fetch_one(&check)
             .await
             .unwrap();
-    assert_eq!(stored, read.last_accessed_at, "the final flush ran");
+    assert_eq!(stored, read.last_accessed_at(), "the final flush ran");
 }
 
 #[tokio::test]
@@ -1092,15 +1098,15 @@ async fn an_access_being_flushed_still_counts_for_reads() {
     )
     .await;
     let check = pool(&db).await;
-    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    m.get_session(s.id).await.unwrap().unwrap();
+    let (s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    m.get_session(&s_t).await.unwrap().unwrap();
     // The database says idle for an hour; only this node's pending access says otherwise.
     sqlx::query("UPDATE sessions SET last_accessed_at = now() - interval '1 hour'")
         .execute(&check)
         .await
         .unwrap();
     // Stall the flush on the row lock.
-    let holder = lock_row(&check, s.id).await;
+    let holder = lock_row(&check, s.id()).await;
     let flush = {
         let m = m.clone();
         tokio::spawn(async move { m.flush_last_access().await })
@@ -1125,7 +1131,7 @@ async fn an_access_being_flushed_still_counts_for_reads() {
     )
     .await;
     assert!(
-        m.get_session(s.id).await.unwrap().is_some(),
+        m.get_session(&s_t).await.unwrap().is_some(),
         "the access under way must still keep the session alive"
     );
     holder.rollback().await.unwrap();
@@ -1147,8 +1153,8 @@ async fn the_schema_script_prepares_a_database_the_manager_accepts_without_migra
         .await
         .unwrap();
     let m = node(&db, config).await;
-    let s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
-    assert!(m.get_session(s.id).await.unwrap().is_some());
+    let (_s, s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert!(m.get_session(&s_t).await.unwrap().is_some());
 }
 
 #[tokio::test]
@@ -1157,8 +1163,8 @@ async fn a_read_whose_kept_connection_died_is_served_from_a_fresh_one() {
     let (shared, m) = shared_pool_node(&db, 4, Duration::from_secs(10)).await;
     let other = node(&db, config()).await;
     // Not in m's cache: m reads it from the database.
-    let s = other.create_session(Uuid::new_v4(), small()).await.unwrap();
-    assert!(m.get_session(Uuid::new_v4()).await.unwrap().is_none());
+    let (s, s_t) = other.create_session(Uuid::new_v4(), small()).await.unwrap();
+    assert!(m.get_session(&unknown_token()).await.unwrap().is_none());
     assert!(
         shared.num_idle() < shared.size() as usize,
         "the read's connection is kept for the next statement"
@@ -1180,13 +1186,16 @@ async fn a_read_whose_kept_connection_died_is_served_from_a_fresh_one() {
     };
     kill_pooled_backends().await;
     let found = m
-        .get_session(s.id)
+        .get_session(&s_t)
         .await
         .expect("read again on a checked connection");
-    assert_eq!(found.map(|f| f.version), Some(1));
+    assert_eq!(found.map(|f| f.version()), Some(1));
 
     kill_pooled_backends().await;
-    let listed = m.list_user_sessions(s.user_id).await.expect("listed again");
+    let listed = m
+        .list_user_sessions(s.user_id().unwrap())
+        .await
+        .expect("listed again");
     assert_eq!(listed.len(), 1);
 }
 
@@ -1225,7 +1234,7 @@ async fn a_shared_pool_keeps_a_connection_for_the_application_under_session_load
         .map(|_| {
             let (m, stop, done) = (m.clone(), stop.clone(), done.clone());
             tokio::spawn(async move {
-                let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+                let (mut s, _s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     s.set("n", n).unwrap();
@@ -1284,7 +1293,7 @@ async fn operations_waiting_for_a_busy_shared_pool_take_connections_pgsession_fr
     }
     let load: Vec<_> = sessions
         .into_iter()
-        .map(|mut s| {
+        .map(|(mut s, _)| {
             let m = m.clone();
             tokio::spawn(async move {
                 let started = std::time::Instant::now();
@@ -1311,11 +1320,11 @@ async fn operations_waiting_for_a_busy_shared_pool_take_connections_pgsession_fr
 async fn an_operation_queued_behind_stuck_statements_times_out_like_the_pool() {
     let db = TestDatabase::create().await;
     let (_shared, m) = shared_pool_node(&db, 2, Duration::from_secs(1)).await;
-    let mut s = m.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let (mut s, _s_t) = m.create_session(Uuid::new_v4(), small()).await.unwrap();
     // Another client holds the row, so the update's statement waits for it, holding the one
     // connection pgsession takes from a pool of two.
     let blocker = pool(&db).await;
-    let tx = lock_row(&blocker, s.id).await;
+    let tx = lock_row(&blocker, s.id()).await;
     s.set("k", 1).unwrap();
     let stuck = {
         let m = m.clone();
@@ -1332,7 +1341,7 @@ async fn an_operation_queued_behind_stuck_statements_times_out_like_the_pool() {
             > 0
     })
     .await;
-    let read = tokio::time::timeout(Duration::from_secs(10), m.get_session(Uuid::new_v4()))
+    let read = tokio::time::timeout(Duration::from_secs(10), m.get_session(&unknown_token()))
         .await
         .expect("the read waited with no limit");
     assert!(
@@ -1362,13 +1371,13 @@ async fn more_concurrent_operations_than_connections_open_no_connection_twice() 
         tasks.push(tokio::spawn(async move {
             let mut ops = 0;
             while tokio::time::Instant::now() < deadline {
-                let mut s = manager
+                let (mut s, _s_t) = manager
                     .create_session(Uuid::new_v4(), small())
                     .await
                     .unwrap();
                 s.set("n", ops).unwrap();
                 manager.update_session(&mut s).await.unwrap();
-                manager.delete_session(s.id).await.unwrap();
+                manager.delete_session(s.id()).await.unwrap();
                 ops += 1;
             }
             ops

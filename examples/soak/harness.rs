@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgsession::{Config, Error, SessionManager};
+use pgsession::{Config, Error, SessionId, SessionManager, SessionToken};
 use pgsession_testkit::{FaultProxy, TempPostgres};
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
@@ -270,7 +270,8 @@ impl Rng {
 
 /// One session as the history knows it.
 struct Tracked {
-    id: Uuid,
+    id: SessionId,
+    token: SessionToken,
     user: usize,
     created: Instant,
     /// Set before any attempt to delete it (its own delete, or its user's logout).
@@ -290,10 +291,11 @@ struct History {
 }
 
 impl Tracked {
-    fn new(id: Uuid, user: usize, version: i64) -> Arc<Tracked> {
+    fn new(id: SessionId, token: SessionToken, user: usize, version: i64) -> Arc<Tracked> {
         let now = Instant::now();
         Arc::new(Tracked {
             id,
+            token,
             user,
             created: now,
             delete_attempted: AtomicBool::new(false),
@@ -454,10 +456,10 @@ impl Shared {
 
     async fn read(&self, node: usize, tracked: &Tracked) -> Option<pgsession::Session> {
         let started = Instant::now();
-        match self.nodes[node].get_session(tracked.id).await {
+        match self.nodes[node].get_session(&tracked.token).await {
             Ok(found) => {
                 self.reads.fetch_add(1, Ordering::Relaxed);
-                self.judge(tracked, started, found.as_ref().map(|s| s.version), node);
+                self.judge(tracked, started, found.as_ref().map(|s| s.version()), node);
                 found
             }
             Err(e) => {
@@ -473,8 +475,8 @@ impl Shared {
                 .create_session(self.user_id(user), [("user".to_string(), json!(user))])
                 .await
             {
-                Ok(s) => {
-                    let tracked = Tracked::new(s.id, user, s.version);
+                Ok((s, token)) => {
+                    let tracked = Tracked::new(s.id(), token, user, s.version());
                     self.by_user[user]
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -563,7 +565,7 @@ impl Shared {
         }
         match self.nodes[node].update_session(&mut session).await {
             Ok(()) => {
-                tracked.ack_version(session.version, key, value, node);
+                tracked.ack_version(session.version(), key, value, node);
                 self.report().updates += 1;
             }
             Err(Error::NotFound) => {}
@@ -855,12 +857,12 @@ async fn check_final(shared: &Shared, url: &str, report: &mut Report) -> Result<
         .await
         .map_err(|e| e.to_string())?;
     type Attributes = serde_json::Map<String, serde_json::Value>;
-    let rows: Vec<(Uuid, i64, sqlx::types::Json<Attributes>)> =
+    let rows: Vec<(SessionId, i64, sqlx::types::Json<Attributes>)> =
         sqlx::query_as("SELECT id, version, attributes FROM sessions")
             .fetch_all(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
-    let db: HashMap<Uuid, (i64, Attributes)> = rows
+    let db: HashMap<SessionId, (i64, Attributes)> = rows
         .into_iter()
         .map(|(id, v, attrs)| (id, (v, attrs.0)))
         .collect();
@@ -894,10 +896,10 @@ async fn check_final(shared: &Shared, url: &str, report: &mut Report) -> Result<
         let expected = in_db.map(|(v, _)| *v);
         for (i, node) in shared.nodes.iter().enumerate() {
             let served = node
-                .get_session(tracked.id)
+                .get_session(&tracked.token)
                 .await
                 .map_err(|e| format!("final read on node {i}: {e}"))?
-                .map(|s| s.version);
+                .map(|s| s.version());
             if served != expected {
                 report.divergent += 1;
                 report.example(format!(

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use pgsession::{Config, Session, SessionManager};
+use pgsession::{Config, Session, SessionId, SessionManager, SessionToken};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -93,7 +93,7 @@ pub async fn shared_pool_node(
 
 /// Lock session `id`'s row in a transaction of `pool`'s, as another writer in the middle of an
 /// update would; the lock is held until the returned transaction ends.
-pub async fn lock_row(pool: &PgPool, id: Uuid) -> sqlx::Transaction<'static, sqlx::Postgres> {
+pub async fn lock_row(pool: &PgPool, id: SessionId) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut tx = pool.begin().await.expect("transaction begins");
     sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
         .bind(id)
@@ -148,8 +148,36 @@ pub async fn socket_addr(url: &str) -> SocketAddr {
         .expect("an address")
 }
 
+/// `n` sessions inserted by hand-written SQL, as an older release or another tool would, with
+/// legacy tokens (their ids hashed as migration 3 does): a day to live, no user attributes.
+pub async fn insert_sessions_directly(pool: &PgPool, n: i64) -> Vec<SessionToken> {
+    let uuids: Vec<Uuid> = sqlx::query_scalar(
+        "WITH t AS (SELECT gen_random_uuid() AS u FROM generate_series(1, $1)), \
+         inserted AS ( \
+             INSERT INTO sessions \
+             SELECT encode(substring(sha256(uuid_send(u)) FROM 1 FOR 16), 'hex')::uuid, \
+                    gen_random_uuid()::text, 1, '{}', now(), now(), now(), \
+                    now() + interval '1 day' \
+             FROM t) \
+         SELECT u FROM t",
+    )
+    .bind(n)
+    .fetch_all(pool)
+    .await
+    .expect("sessions inserted");
+    uuids
+        .into_iter()
+        .map(|u| u.to_string().parse().expect("a legacy token"))
+        .collect()
+}
+
+/// A well-formed token of no session.
+pub fn unknown_token() -> SessionToken {
+    Uuid::new_v4().to_string().parse().expect("a legacy token")
+}
+
 /// The version stored in the database, `None` when the row is gone.
-pub async fn db_version(pool: &PgPool, id: Uuid) -> Option<i64> {
+pub async fn db_version(pool: &PgPool, id: SessionId) -> Option<i64> {
     sqlx::query_scalar("SELECT version FROM sessions WHERE id = $1")
         .bind(id)
         .fetch_optional(pool)

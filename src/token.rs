@@ -1,0 +1,332 @@
+//! Session tokens: the secret a cookie holds. Only its hash, the [`SessionId`], is ever
+//! stored, logged or announced; with [`SigningKey`]s configured, a token carries a MAC that is
+//! checked before anything is looked up, so forged tokens cost nothing.
+//!
+//! Text forms (all URL- and cookie-safe):
+//! * unsigned: 32 random bytes, base64url without padding (43 characters);
+//! * signed: the same 32 bytes and a 16-byte HMAC-SHA256 tag, base64url (64 characters);
+//! * legacy: a hyphenated UUID (36 characters), the tokens of pgsession before hashing, which
+//!   keep working after the upgrade (see [`Config::accept_legacy_tokens`](crate::Config)).
+//!
+//! A session's id is the first 16 bytes of SHA-256 over the random bytes (over the UUID's 16
+//! bytes for a legacy token, which is how migration 3 converted stored ids in SQL).
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::ids::SessionId;
+
+/// Random bytes in a token: 256 bits.
+const SECRET_LEN: usize = 32;
+/// Bytes of the MAC tag kept (128 bits).
+const TAG_LEN: usize = 16;
+/// Text length of an unsigned and of a signed token.
+const UNSIGNED_LEN: usize = 43;
+const SIGNED_LEN: usize = 64;
+/// Domain separation of the MAC, so that a key shared with something else cannot be abused.
+const MAC_CONTEXT: &[u8] = b"pgsession session token v1";
+/// Shortest signing key accepted, in bytes.
+pub const MIN_KEY_LEN: usize = 32;
+
+/// The secret bearer value of a session: the only thing a cookie holds.
+///
+/// 256 bits from the operating system's random generator. [`Display`](fmt::Display) writes the
+/// cookie text and [`FromStr`] parses exactly that back; `Debug` shows only the public
+/// [`id`](Self::id). Comparisons run in constant time.
+#[derive(Clone)]
+pub struct SessionToken(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Secret {
+        secret: [u8; SECRET_LEN],
+        tag: Option<[u8; TAG_LEN]>,
+    },
+    Legacy(Uuid),
+}
+
+impl SessionToken {
+    /// A new random token, signed with `key` if there is one.
+    pub(crate) fn generate(key: Option<&SigningKey>) -> SessionToken {
+        let mut secret = [0u8; SECRET_LEN];
+        // Without the OS generator there can be no secure token at all.
+        getrandom::fill(&mut secret).expect("the operating system's random generator failed");
+        let tag = key.map(|k| k.tag(&secret));
+        SessionToken(Repr::Secret { secret, tag })
+    }
+
+    /// The session this token opens: a one-way hash, computed locally (no I/O).
+    pub fn id(&self) -> SessionId {
+        let digest: [u8; 32] = match &self.0 {
+            Repr::Secret { secret, .. } => Sha256::digest(secret).into(),
+            Repr::Legacy(uuid) => Sha256::digest(uuid.as_bytes()).into(),
+        };
+        SessionId::from_digest(&digest)
+    }
+
+    /// Whether the token may be looked up: its tag verifies with one of `keys` (any token
+    /// when there are none), or it is a legacy token and those are accepted.
+    pub(crate) fn verify(&self, keys: &[SigningKey], accept_legacy: bool) -> bool {
+        match &self.0 {
+            Repr::Legacy(_) => accept_legacy,
+            Repr::Secret { .. } if keys.is_empty() => true,
+            Repr::Secret { secret, tag } => {
+                tag.is_some_and(|tag| keys.iter().any(|key| key.verify(secret, &tag)))
+            }
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        match &self.0 {
+            Repr::Secret { secret, tag } => {
+                let mut bytes = secret.to_vec();
+                bytes.extend(tag.iter().flatten());
+                bytes
+            }
+            Repr::Legacy(uuid) => uuid.as_bytes().to_vec(),
+        }
+    }
+}
+
+impl fmt::Display for SessionToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::Legacy(uuid) => fmt::Display::fmt(&uuid.hyphenated(), f),
+            Repr::Secret { .. } => f.write_str(&URL_SAFE_NO_PAD.encode(self.bytes())),
+        }
+    }
+}
+
+impl fmt::Debug for SessionToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionToken")
+            .field("id", &self.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for SessionToken {
+    fn eq(&self, other: &SessionToken) -> bool {
+        let (a, b) = (self.bytes(), other.bytes());
+        // Constant time for tokens of one kind; the kind (a length) is not secret.
+        a.len() == b.len() && a.iter().zip(&b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl Eq for SessionToken {}
+
+impl FromStr for SessionToken {
+    type Err = Error;
+
+    /// Exactly what [`Display`](fmt::Display) writes: 43 or 64 base64url characters, or a
+    /// hyphenated UUID (a legacy token).
+    fn from_str(text: &str) -> Result<SessionToken, Error> {
+        let invalid = |why: &str| Error::InvalidToken(why.to_owned());
+        match text.len() {
+            UNSIGNED_LEN | SIGNED_LEN => {
+                let bytes = URL_SAFE_NO_PAD
+                    .decode(text)
+                    .map_err(|_| invalid("not base64url"))?;
+                let mut secret = [0u8; SECRET_LEN];
+                secret.copy_from_slice(&bytes[..SECRET_LEN]);
+                let tag = (bytes.len() == SECRET_LEN + TAG_LEN).then(|| {
+                    let mut tag = [0u8; TAG_LEN];
+                    tag.copy_from_slice(&bytes[SECRET_LEN..]);
+                    tag
+                });
+                let token = SessionToken(Repr::Secret { secret, tag });
+                // Non-canonical encodings (stray low bits in the last character) would give
+                // two texts for one token.
+                if token.to_string() != text {
+                    return Err(invalid("not a canonical encoding"));
+                }
+                Ok(token)
+            }
+            36 => Uuid::try_parse(text)
+                .ok()
+                .filter(|u| u.hyphenated().to_string() == text.to_ascii_lowercase())
+                .map(|u| SessionToken(Repr::Legacy(u)))
+                .ok_or_else(|| invalid("not a hyphenated UUID")),
+            _ => Err(invalid("wrong length")),
+        }
+    }
+}
+
+/// A key that signs and verifies session tokens (HMAC-SHA256). Configure the same keys on
+/// every node in [`Config::signing_keys`](crate::Config): the first signs new tokens, all of
+/// them verify, so a key is rotated by putting the new one first and removing the old one a
+/// session lifetime later. `Debug` does not show it.
+#[derive(Clone)]
+pub struct SigningKey(Hmac<Sha256>);
+
+impl SigningKey {
+    /// A key from secret bytes (at least 32, from a secret store or a random generator).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for fewer than 32 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<SigningKey, Error> {
+        if bytes.len() < MIN_KEY_LEN {
+            return Err(Error::InvalidConfig(format!(
+                "a signing key needs at least {MIN_KEY_LEN} bytes, got {}",
+                bytes.len()
+            )));
+        }
+        let mac = <Hmac<Sha256> as Mac>::new_from_slice(bytes)
+            .map_err(|e| Error::InvalidConfig(format!("signing key: {e}")))?;
+        Ok(SigningKey(mac))
+    }
+
+    /// A new random 32-byte key (for tests and demos; production keys must be the same on
+    /// every node, so they come from configuration).
+    pub fn generate() -> SigningKey {
+        let mut bytes = [0u8; MIN_KEY_LEN];
+        getrandom::fill(&mut bytes).expect("the operating system's random generator failed");
+        SigningKey::from_bytes(&bytes).expect("32 bytes is long enough")
+    }
+
+    fn tag(&self, secret: &[u8; SECRET_LEN]) -> [u8; TAG_LEN] {
+        let mut mac = self.0.clone();
+        mac.update(MAC_CONTEXT);
+        mac.update(secret);
+        let full = mac.finalize().into_bytes();
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&full[..TAG_LEN]);
+        tag
+    }
+
+    fn verify(&self, secret: &[u8; SECRET_LEN], tag: &[u8; TAG_LEN]) -> bool {
+        let mut mac = self.0.clone();
+        mac.update(MAC_CONTEXT);
+        mac.update(secret);
+        mac.verify_truncated_left(tag).is_ok()
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningKey(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_from_exactly_what_they_print() {
+        let key = SigningKey::generate();
+        for token in [
+            SessionToken::generate(None),
+            SessionToken::generate(Some(&key)),
+        ] {
+            let text = token.to_string();
+            assert!(matches!(text.len(), UNSIGNED_LEN | SIGNED_LEN));
+            assert!(
+                text.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            );
+            let back: SessionToken = text.parse().unwrap();
+            assert_eq!(back, token);
+            assert_eq!(back.id(), token.id());
+        }
+        let legacy = Uuid::new_v4();
+        let token: SessionToken = legacy.to_string().parse().unwrap();
+        assert_eq!(token.to_string(), legacy.to_string());
+    }
+
+    #[test]
+    fn malformed_text_is_a_typed_error() {
+        let good = SessionToken::generate(None).to_string();
+        let mut bad_char = good.clone();
+        bad_char.replace_range(0..1, "*");
+        // The last of 43 characters carries 2 spare bits, always 0: setting one gives another
+        // text for the same bytes, which must be refused.
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let last = ALPHABET
+            .iter()
+            .position(|&c| c == good.as_bytes()[42])
+            .unwrap();
+        let mut non_canonical = good[..42].to_string();
+        non_canonical.push(ALPHABET[last | 1] as char);
+        for bad in [
+            String::new(),
+            "short".into(),
+            format!("{good}x"),
+            bad_char,
+            "x".repeat(36),
+            good[..42].to_string(),
+        ] {
+            assert!(
+                matches!(bad.parse::<SessionToken>(), Err(Error::InvalidToken(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            non_canonical.parse::<SessionToken>(),
+            Err(Error::InvalidToken(_))
+        ));
+    }
+
+    #[test]
+    fn only_tokens_signed_with_a_configured_key_verify() {
+        let (old, new, other) = (
+            SigningKey::generate(),
+            SigningKey::generate(),
+            SigningKey::generate(),
+        );
+        let keys = [new.clone(), old.clone()];
+        assert!(SessionToken::generate(Some(&new)).verify(&keys, false));
+        assert!(SessionToken::generate(Some(&old)).verify(&keys, false));
+        assert!(!SessionToken::generate(Some(&other)).verify(&keys, false));
+        assert!(!SessionToken::generate(None).verify(&keys, false));
+        assert!(SessionToken::generate(None).verify(&[], false));
+        let legacy: SessionToken = Uuid::new_v4().to_string().parse().unwrap();
+        assert!(legacy.verify(&keys, true));
+        assert!(!legacy.verify(&keys, false));
+        // A tag moved to another secret does not verify.
+        let tagged = |t: &SessionToken| match &t.0 {
+            Repr::Secret { tag, .. } => tag.unwrap(),
+            Repr::Legacy(_) => unreachable!(),
+        };
+        let a = SessionToken::generate(Some(&new));
+        let b = SessionToken::generate(Some(&new));
+        let spliced = match a.0 {
+            Repr::Secret { secret, .. } => SessionToken(Repr::Secret {
+                secret,
+                tag: Some(tagged(&b)),
+            }),
+            Repr::Legacy(_) => unreachable!(),
+        };
+        assert!(!spliced.verify(&keys, false));
+    }
+
+    #[test]
+    fn short_keys_are_refused_and_keys_are_not_printed() {
+        assert!(matches!(
+            SigningKey::from_bytes(&[7; 31]),
+            Err(Error::InvalidConfig(_))
+        ));
+        let key = SigningKey::from_bytes(&[7; 32]).unwrap();
+        assert_eq!(format!("{key:?}"), "SigningKey(<redacted>)");
+        let token = SessionToken::generate(Some(&key));
+        let debug = format!("{token:?}");
+        assert!(!debug.contains(&token.to_string()));
+        assert!(debug.contains(&token.id().to_string()));
+    }
+
+    #[test]
+    fn a_legacy_token_hashes_as_migration_3_converted_its_id() {
+        let uuid = Uuid::parse_str("6f1d2c3b-4a59-4e8f-9a0b-1c2d3e4f5a6b").unwrap();
+        let token: SessionToken = uuid.to_string().parse().unwrap();
+        let digest: [u8; 32] = Sha256::digest(uuid.as_bytes()).into();
+        assert_eq!(token.id(), SessionId::from_digest(&digest));
+    }
+}
