@@ -220,6 +220,34 @@ impl Cache {
         }))
     }
 
+    /// The cached copy of `id` if it can be served now (as [`lookup`](Self::lookup) would
+    /// serve it); on anything else `None`, counting nothing, for the caller to look further.
+    pub(crate) fn hit(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        idle: Option<chrono::Duration>,
+    ) -> Option<Record> {
+        if !self.enabled() {
+            return None;
+        }
+        let mut guard = self.lock(self.picker.pick(&id));
+        let shard = &mut *guard;
+        if !self.is_trusted() {
+            return None;
+        }
+        let entry = shard.lru.get_mut(&id)?;
+        if now >= entry.stale_after || entry.session.is_expired(now, idle) {
+            return None;
+        }
+        if entry.session.last_accessed_at < now {
+            entry.session.last_accessed_at = now;
+        }
+        let record = entry.session.clone();
+        shard.hits += 1;
+        Some(record)
+    }
+
     /// A token for a write this node is about to make, taken before the write is sent.
     pub(crate) fn token_for(&self, id: Uuid) -> Option<FillToken> {
         if !self.enabled() {

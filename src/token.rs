@@ -31,7 +31,9 @@ const TAG_LEN: usize = 16;
 const UNSIGNED_LEN: usize = 43;
 const SIGNED_LEN: usize = 64;
 /// Domain separation of the MAC, so that a key shared with something else cannot be abused.
-const MAC_CONTEXT: &[u8] = b"pgsession session token v1";
+/// Short enough that context and secret fit one SHA-256 block with its padding (measured: the
+/// tag costs two compressions instead of three).
+const MAC_CONTEXT: &[u8] = b"pgsession-token-v1";
 /// Shortest signing key accepted, in bytes.
 pub const MIN_KEY_LEN: usize = 32;
 
@@ -179,8 +181,10 @@ impl SigningKey {
                 bytes.len()
             )));
         }
-        let mac = <Hmac<Sha256> as Mac>::new_from_slice(bytes)
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(bytes)
             .map_err(|e| Error::InvalidConfig(format!("signing key: {e}")))?;
+        // Every tag starts with the context: absorb it once, clone the state per token.
+        mac.update(MAC_CONTEXT);
         Ok(SigningKey(mac))
     }
 
@@ -194,7 +198,6 @@ impl SigningKey {
 
     fn tag(&self, secret: &[u8; SECRET_LEN]) -> [u8; TAG_LEN] {
         let mut mac = self.0.clone();
-        mac.update(MAC_CONTEXT);
         mac.update(secret);
         let full = mac.finalize().into_bytes();
         let mut tag = [0u8; TAG_LEN];
@@ -204,7 +207,6 @@ impl SigningKey {
 
     fn verify(&self, secret: &[u8; SECRET_LEN], tag: &[u8; TAG_LEN]) -> bool {
         let mut mac = self.0.clone();
-        mac.update(MAC_CONTEXT);
         mac.update(secret);
         mac.verify_truncated_left(tag).is_ok()
     }

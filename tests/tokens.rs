@@ -125,7 +125,7 @@ async fn no_table_log_of_notifications_or_debug_output_holds_a_token() {
 }
 
 #[tokio::test]
-async fn forged_tokens_are_refused_before_any_lookup() {
+async fn forged_tokens_are_refused_before_any_database_read() {
     let db = TestDatabase::create().await;
     let key = SigningKey::generate();
     let m = node(&db, signed(vec![key])).await;
