@@ -98,6 +98,8 @@
 //! | writes outside pgsession | `cache_max_age` (5 min by default) |
 
 mod announcer;
+#[cfg(feature = "axum")]
+pub mod axum;
 mod background;
 mod backoff;
 mod cache;

@@ -186,7 +186,7 @@ pub(crate) fn build_attributes<K: Into<String>, V: Serialize>(
 }
 
 /// `value` as JSON, or [`Error::InvalidAttribute`].
-fn to_json(key: &str, value: impl Serialize) -> Result<Value> {
+pub(crate) fn to_json(key: &str, value: impl Serialize) -> Result<Value> {
     serde_json::to_value(value).map_err(|e| Error::InvalidAttribute {
         key: key.to_owned(),
         reason: format!("cannot serialize to JSON: {e}"),
