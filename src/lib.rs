@@ -120,6 +120,8 @@ mod store;
 mod time;
 mod token;
 mod touch;
+#[cfg(feature = "tower-sessions")]
+pub mod tower_sessions;
 
 pub use config::{Config, MaxSessionsPolicy};
 pub use error::{Error, Result};

@@ -2,6 +2,7 @@
 //! outbox queue, listener state), hands each background task the parts it works on, and runs
 //! the public operations over them.
 
+use chrono::{DateTime, Utc};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -427,17 +428,32 @@ impl SessionManager {
         attributes: impl IntoIterator<Item = (K, V)>,
     ) -> Result<(Session, SessionToken)> {
         let inner = self.open()?;
+        let token = SessionToken::generate(inner.config.signing_keys.first());
+        let session = self.create_with(&token, user, attributes, None).await?;
+        Ok((session, token))
+    }
+
+    /// Create the session of `token` (chosen by the caller: tower-sessions picks its ids), with
+    /// `expires_at` or the configured lifetime. [`Error::Database`] with a unique violation
+    /// when the id exists.
+    pub(crate) async fn create_with<K: Into<String>, V: Serialize>(
+        &self,
+        token: &SessionToken,
+        user: Option<UserId>,
+        attributes: impl IntoIterator<Item = (K, V)>,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<Session> {
+        let inner = self.open()?;
         let limit = inner.config.max_attribute_size;
         let attributes = build_attributes(attributes, limit)?;
         let now = now();
-        let token = SessionToken::generate(inner.config.signing_keys.first());
         let id = token.id().as_uuid();
         let new = NewSession {
             id,
             user_id: user.as_ref(),
             attributes: &attributes,
             now,
-            expires_at: now + inner.ttl,
+            expires_at: expires_at.map_or(now + inner.ttl, crate::time::to_micros),
             // Sessions idle by the stored time but possibly used on a node that has not flushed
             // yet still count (and rank as least recently used).
             idle_cutoff: inner.idle.map(|idle| now - idle - inner.cleanup.grace),
@@ -462,7 +478,7 @@ impl SessionManager {
             attributes: Arc::new(attributes),
         };
         inner.cache.apply_own_write(id, fill, Some(&record), now);
-        Ok((Session::from_record(record, limit), token))
+        Ok(Session::from_record(record, limit))
     }
 
     /// The session `token` opens, or `None` when it does not exist, has expired (absolutely,
@@ -636,7 +652,9 @@ impl SessionManager {
     ) -> Result<SessionToken> {
         let user = user_id.into();
         user.validate()?;
-        self.rotate(session, Some(user)).await
+        let token = self.new_token()?;
+        self.rotate(session, Some(Some(user)), &token).await?;
+        Ok(token)
     }
 
     /// Give `session` a new token, keeping its data, user, expiry and version history (and
@@ -648,29 +666,60 @@ impl SessionManager {
     ///
     /// As [`log_in`](Self::log_in), without the cap.
     pub async fn rotate_session(&self, session: &mut Session) -> Result<SessionToken> {
-        self.rotate(session, None).await
+        let token = self.new_token()?;
+        self.rotate(session, None, &token).await?;
+        Ok(token)
     }
 
-    async fn rotate(&self, session: &mut Session, user: Option<UserId>) -> Result<SessionToken> {
+    fn new_token(&self) -> Result<SessionToken> {
+        let inner = self.open()?;
+        Ok(SessionToken::generate(inner.config.signing_keys.first()))
+    }
+
+    /// Bind `session` to `user` (`None`: to no user) keeping its id, with its pending changes,
+    /// under the cap like a login. For stores whose ids the caller picks.
+    #[cfg_attr(not(feature = "tower-sessions"), allow(dead_code))]
+    pub(crate) async fn rebind(
+        &self,
+        session: &mut Session,
+        user: Option<UserId>,
+        token: &SessionToken,
+    ) -> Result<()> {
+        if let Some(user) = &user {
+            user.validate()?;
+        }
+        self.rotate(session, Some(user), token).await
+    }
+
+    /// Move `session` to `token`'s id (possibly its own), writing its pending changes, and
+    /// with `user` set, bind it to that user (or to none) under the cap.
+    async fn rotate(
+        &self,
+        session: &mut Session,
+        user: Option<Option<UserId>>,
+        token: &SessionToken,
+    ) -> Result<()> {
         let inner = self.open()?;
         let limit = inner.config.max_attribute_size;
         let now = now();
         let delta = inner.delta(session, now)?;
         let old = delta.id;
-        let token = SessionToken::generate(inner.config.signing_keys.first());
         let new_id = token.id().as_uuid();
+        let binds = user.as_ref().is_some_and(Option::is_some);
         let rotation = Rotation {
             delta: &delta,
             new_id,
-            cap: user.as_ref().and_then(|_| inner.cap()),
-            user: user.as_ref(),
+            cap: if binds { inner.cap() } else { None },
+            user: user.as_ref().map(Option::as_ref),
             cap_cutoff: inner.idle.map(|idle| now - idle - inner.cleanup.grace),
         };
         let fill = inner.cache.token_for(new_id);
         let outcome = InDoubt::arm(inner, old);
         let rotated = inner.store.rotate(&rotation).await;
         let rotated = outcome.settle(rotated)?;
-        inner.cache.apply_own_write(old, None, None, now);
+        if new_id != old {
+            inner.cache.apply_own_write(old, None, None, now);
+        }
         let Some(rotated) = rotated else {
             return Err(Error::NotFound);
         };
@@ -693,7 +742,7 @@ impl SessionManager {
             .cache
             .apply_own_write(new_id, fill, Some(&record), now);
         *session = Session::from_record(record, limit);
-        Ok(token)
+        Ok(())
     }
 
     /// Delete one session (logout), in one round trip; true when it existed. Every node stops

@@ -335,8 +335,8 @@ pub(crate) struct Rotation<'a> {
     /// The pending changes, on the session's current id.
     pub delta: &'a Delta<'a>,
     pub new_id: Uuid,
-    /// `Some` for a login: the user to bind.
-    pub user: Option<&'a UserId>,
+    /// `Some` for a login: the user to bind (`Some(None)`: to no user).
+    pub user: Option<Option<&'a UserId>>,
     /// Idle cutoff for counting the user's other sessions.
     pub cap_cutoff: Option<DateTime<Utc>>,
     /// `Some((cap, reject))` when the per-user cap applies (logins only).
@@ -512,7 +512,7 @@ impl Store {
     pub(crate) async fn rotate(&self, r: &Rotation<'_>) -> Result<Option<Rotated>> {
         let d = r.delta;
         let (set_user, user) = match r.user {
-            Some(user) => (true, Some(user.as_str())),
+            Some(user) => (true, user.map(UserId::as_str)),
             None => (false, None),
         };
         let (cap, reject) = match r.cap {

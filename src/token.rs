@@ -52,7 +52,14 @@ enum Repr {
         tag: Option<[u8; TAG_LEN]>,
     },
     Legacy(Uuid),
+    /// An id another library chose (tower-sessions' 128-bit ids): no tag, never displayed as
+    /// a cookie by pgsession, hashed under its own prefix so it cannot open a native session.
+    #[cfg_attr(not(feature = "tower-sessions"), allow(dead_code))]
+    External([u8; 16]),
 }
+
+/// Prefix hashed before an external id, separating its hashes from native tokens'.
+const EXTERNAL_CONTEXT: &[u8] = b"pgsession-external-id-v1";
 
 impl SessionToken {
     /// A new random token, signed with `key` if there is one.
@@ -69,6 +76,12 @@ impl SessionToken {
         let digest: [u8; 32] = match &self.0 {
             Repr::Secret { secret, .. } => Sha256::digest(secret).into(),
             Repr::Legacy(uuid) => Sha256::digest(uuid.as_bytes()).into(),
+            Repr::External(bytes) => {
+                let mut hash = Sha256::new();
+                hash.update(EXTERNAL_CONTEXT);
+                hash.update(bytes);
+                hash.finalize().into()
+            }
         };
         SessionId::from_digest(&digest)
     }
@@ -77,6 +90,8 @@ impl SessionToken {
     /// when there are none), or it is a legacy token and those are accepted.
     pub(crate) fn verify(&self, keys: &[SigningKey], accept_legacy: bool) -> bool {
         match &self.0 {
+            // The other library vouches for its ids; there is no tag to check.
+            Repr::External(_) => true,
             Repr::Legacy(_) => accept_legacy,
             Repr::Secret { .. } if keys.is_empty() => true,
             Repr::Secret { secret, tag } => {
@@ -93,7 +108,14 @@ impl SessionToken {
                 bytes
             }
             Repr::Legacy(uuid) => uuid.as_bytes().to_vec(),
+            Repr::External(bytes) => bytes.to_vec(),
         }
+    }
+
+    /// The token for an id another library picked and keeps in its own cookie.
+    #[cfg_attr(not(feature = "tower-sessions"), allow(dead_code))]
+    pub(crate) fn external(id: [u8; 16]) -> SessionToken {
+        SessionToken(Repr::External(id))
     }
 }
 
@@ -101,7 +123,9 @@ impl fmt::Display for SessionToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
             Repr::Legacy(uuid) => fmt::Display::fmt(&uuid.hyphenated(), f),
-            Repr::Secret { .. } => f.write_str(&URL_SAFE_NO_PAD.encode(self.bytes())),
+            Repr::Secret { .. } | Repr::External(_) => {
+                f.write_str(&URL_SAFE_NO_PAD.encode(self.bytes()))
+            }
         }
     }
 }
@@ -296,7 +320,7 @@ mod tests {
         // A tag moved to another secret does not verify.
         let tagged = |t: &SessionToken| match &t.0 {
             Repr::Secret { tag, .. } => tag.unwrap(),
-            Repr::Legacy(_) => unreachable!(),
+            Repr::Legacy(_) | Repr::External(_) => unreachable!(),
         };
         let a = SessionToken::generate(Some(&new));
         let b = SessionToken::generate(Some(&new));
@@ -305,9 +329,21 @@ mod tests {
                 secret,
                 tag: Some(tagged(&b)),
             }),
-            Repr::Legacy(_) => unreachable!(),
+            Repr::Legacy(_) | Repr::External(_) => unreachable!(),
         };
         assert!(!spliced.verify(&keys, false));
+    }
+
+    #[test]
+    fn external_ids_hash_apart_from_native_tokens_of_the_same_bytes() {
+        let bytes = [9u8; 16];
+        let external = SessionToken::external(bytes);
+        let mut secret = [0u8; SECRET_LEN];
+        secret[..16].copy_from_slice(&bytes);
+        let native = SessionToken(Repr::Secret { secret, tag: None });
+        assert_ne!(external.id(), native.id());
+        assert_ne!(external.id(), SessionToken::external([8u8; 16]).id());
+        assert!(external.verify(&[SigningKey::generate()], false));
     }
 
     #[test]
