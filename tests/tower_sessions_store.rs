@@ -7,6 +7,10 @@ mod common;
 #[path = "tower_sessions_suite/mod.rs"]
 mod suite;
 
+#[allow(dead_code)] // its `main` is the example's own
+#[path = "../examples/axum_login.rs"]
+mod axum_login_example;
+
 use std::time::Duration as StdDuration;
 
 use common::*;
@@ -253,4 +257,27 @@ async fn bad_records_are_typed_store_errors_and_write_nothing() {
         "{err:?}"
     );
     assert_eq!(count_rows(&pool(db).await).await, 0);
+}
+
+#[tokio::test]
+async fn the_axum_login_example_lists_and_ends_a_users_sessions() {
+    let (store, _) = store(config()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a free port");
+    let url = format!("http://{}", listener.local_addr().expect("bound"));
+    let router = axum_login_example::app(store.manager().clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    axum_login_example::run(&url)
+        .await
+        .unwrap_or_else(|e| panic!("the example's flow: {e}"));
+    assert!(
+        store
+            .manager()
+            .list_user_sessions(1i64)
+            .await
+            .expect("list")
+            .is_empty()
+    );
 }
