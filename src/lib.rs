@@ -15,6 +15,17 @@
 //!   bounded batches;
 //! * a **graceful shutdown** that writes what is pending and stops every task.
 //!
+//! # Cargo features
+//!
+//! * `axum`: `axum::SessionLayer`, a tower layer keeping the
+//!   token in a cookie, and the `axum::WebSession` extractor
+//!   (lazy loads, delta saves after the handler, login rotation).
+//! * `tower-sessions`: `tower_sessions::PgSessionStore`,
+//!   a tower-sessions 0.14 store (and so one for axum-login 0.18) served from the coherent
+//!   cache.
+//!
+//! Neither is on by default.
+//!
 //! # Example
 //!
 //! ```no_run

@@ -1,0 +1,339 @@
+//! End to end: requests per second and latency of an axum handler that reads one session
+//! attribute, through a real HTTP/1.1 client over loopback (one keep-alive connection per
+//! concurrent client), for:
+//!
+//! * `none`: no session layer at all (the handler returns a constant);
+//! * `pgsession`: pgsession's own layer (`pgsession::axum`), served from its cache;
+//! * `pgsession store`: tower-sessions over pgsession's store (`pgsession::tower_sessions`);
+//! * `tower`: tower-sessions with its `PostgresStore` (tower-sessions-sqlx-store);
+//! * `tower+moka`: tower-sessions with `CachingSessionStore<MokaStore, PostgresStore>`.
+//!
+//! Rounds run every system back to back, `ROUNDS` times, and the table shows medians over
+//! rounds; ratios are taken within a round. Client and servers share the machine's cores.
+//!
+//! ```text
+//! cargo bench --features axum,tower-sessions --bench web
+//! ```
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use pgsession::axum::{SessionLayer, WebSession};
+use pgsession::tower_sessions::PgSessionStore;
+use pgsession::{Config, SessionManager};
+use pgsession_testkit::{ServerOptions, TempPostgres};
+use tower_sessions::{Session, SessionManagerLayer};
+use tower_sessions_core::session::{Id, Record};
+use tower_sessions_core::{CachingSessionStore, SessionStore};
+use tower_sessions_moka_store::MokaStore;
+use tower_sessions_sqlx_store::PostgresStore;
+
+const ROUNDS: usize = 3;
+const RUN: Duration = Duration::from_secs(2);
+const SESSIONS: usize = 200;
+const SCHEMA: &str = "pgsession_bench_web";
+const TOWER_SCHEMA: &str = "pgsession_bench_web_tower";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum System {
+    None,
+    Pgsession,
+    PgStore,
+    Tower,
+    TowerMoka,
+}
+
+const SYSTEMS: [System; 5] = [
+    System::None,
+    System::Pgsession,
+    System::PgStore,
+    System::Tower,
+    System::TowerMoka,
+];
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::None => "no session layer",
+            System::Pgsession => "pgsession layer (cached)",
+            System::PgStore => "tower-sessions + pgsession store",
+            System::Tower => "tower-sessions + PostgresStore",
+            System::TowerMoka => "tower-sessions + Moka/PostgresStore",
+        }
+    }
+}
+
+async fn read_native(session: WebSession) -> String {
+    match session.get("n").await {
+        Ok(Some(v)) => v.to_string(),
+        Ok(None) => "none".to_owned(),
+        Err(_) => "error".to_owned(),
+    }
+}
+
+async fn read_tower(session: Session) -> String {
+    match session.get::<u64>("n").await {
+        Ok(Some(v)) => v.to_string(),
+        Ok(None) => "none".to_owned(),
+        Err(_) => "error".to_owned(),
+    }
+}
+
+/// Serves `router` on a free loopback port.
+async fn serve(router: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+/// tower-sessions records holding `n`, and their cookies.
+async fn tower_cookies<S: SessionStore>(store: &S) -> Vec<String> {
+    let mut cookies = Vec::new();
+    for _ in 0..SESSIONS {
+        let mut record = Record {
+            id: Id::default(),
+            data: [("n".to_owned(), serde_json::json!(1))]
+                .into_iter()
+                .collect(),
+            expiry_date: time::OffsetDateTime::now_utc() + time::Duration::days(1),
+        };
+        store.create(&mut record).await.unwrap();
+        cookies.push(format!("id={}", record.id));
+    }
+    cookies
+}
+
+/// One system's server, in the order of `SYSTEMS`.
+struct Target {
+    addr: String,
+    cookies: Vec<String>,
+}
+
+#[derive(Clone, Copy)]
+struct Figures {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// `clients` keep-alive connections, each sending requests one after another for `RUN`.
+async fn load(target: &Target, clients: usize) -> Figures {
+    let deadline = Instant::now() + RUN;
+    let mut workers = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let addr = target.addr.clone();
+        let cookies = target.cookies.clone();
+        workers.spawn(async move {
+            let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut latencies = Vec::new();
+            let mut i = c;
+            while Instant::now() < deadline {
+                let request = hyper::Request::get("/read")
+                    .header("host", "bench")
+                    .header("cookie", &cookies[i % cookies.len()])
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                i += clients;
+                let started = Instant::now();
+                let response = sender.send_request(request).await.unwrap();
+                assert!(response.status().is_success(), "{}", response.status());
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                latencies.push(started.elapsed());
+                assert!(!body.is_empty());
+            }
+            latencies
+        });
+    }
+    let mut all: Vec<Duration> = Vec::new();
+    while let Some(done) = workers.join_next().await {
+        all.extend(done.unwrap());
+    }
+    all.sort();
+    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    Figures {
+        rps: all.len() as f64 / RUN.as_secs_f64(),
+        p50_us: at(0.50).as_secs_f64() * 1e6,
+        p99_us: at(0.99).as_secs_f64() * 1e6,
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+async fn run(url: String) {
+    let manager = SessionManager::connect(
+        Config {
+            schema: Some(SCHEMA.into()),
+            max_sessions_per_user: None,
+            ..Config::default()
+        },
+        &url,
+    )
+    .await
+    .unwrap();
+    manager.wait_for_cache().await;
+    // Empty the benchmark's own tables (a DATABASE_URL database's other tables stay as they are).
+    sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE {SCHEMA}.sessions")))
+        .execute(manager.pool())
+        .await
+        .unwrap();
+    let store_manager = manager.clone();
+
+    let mut targets = Vec::new();
+    let none = Router::new().route("/read", get(|| async { "1" }));
+    targets.push(Target {
+        addr: serve(none).await,
+        cookies: vec!["id=none".to_owned()],
+    });
+
+    let mut cookies = Vec::new();
+    for _ in 0..SESSIONS {
+        let (_, token) = manager.create_anonymous_session([("n", 1)]).await.unwrap();
+        cookies.push(format!("id={token}"));
+    }
+    let native = Router::new()
+        .route("/read", get(read_native))
+        .layer(SessionLayer::new(manager.clone()));
+    targets.push(Target {
+        addr: serve(native).await,
+        cookies,
+    });
+
+    let pg_store = PgSessionStore::new(store_manager);
+    let cookies = tower_cookies(&pg_store).await;
+    let router = Router::new()
+        .route("/read", get(read_tower))
+        .layer(SessionManagerLayer::new(pg_store));
+    targets.push(Target {
+        addr: serve(router).await,
+        cookies,
+    });
+
+    let tower_pool = sqlx08::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .connect(&url)
+        .await
+        .unwrap();
+    let tower = PostgresStore::new(tower_pool.clone())
+        .with_schema_name(TOWER_SCHEMA)
+        .unwrap();
+    tower.migrate().await.unwrap();
+    sqlx08::query(&format!("TRUNCATE {TOWER_SCHEMA}.session"))
+        .execute(&tower_pool)
+        .await
+        .unwrap();
+    let cookies = tower_cookies(&tower).await;
+    let router = Router::new()
+        .route("/read", get(read_tower))
+        .layer(SessionManagerLayer::new(tower.clone()));
+    targets.push(Target {
+        addr: serve(router).await,
+        cookies: cookies.clone(),
+    });
+    let moka = CachingSessionStore::new(MokaStore::new(Some(100_000)), tower);
+    let router = Router::new()
+        .route("/read", get(read_tower))
+        .layer(SessionManagerLayer::new(moka));
+    targets.push(Target {
+        addr: serve(router).await,
+        cookies,
+    });
+
+    println!(
+        "# web: an axum handler reading one session attribute ({ROUNDS} rounds of {RUN:?} each)\n"
+    );
+    for clients in [1usize, 32] {
+        let mut rounds: Vec<Vec<Figures>> = Vec::new();
+        for round in 0..ROUNDS {
+            let mut figures = Vec::new();
+            for target in &targets {
+                // Warm the caches (and connections) outside the measurement.
+                if round == 0 {
+                    let _ = load_brief(target).await;
+                }
+                figures.push(load(target, clients).await);
+            }
+            rounds.push(figures);
+        }
+        println!("## {clients} concurrent connection(s)\n");
+        println!(
+            "| system | requests/s (median of rounds) | p50 µs | p99 µs | vs no layer | pgsession vs this |"
+        );
+        println!("|---|---|---|---|---|---|");
+        let at = |s: usize| -> Vec<Figures> { rounds.iter().map(|r| r[s]).collect() };
+        let native = SYSTEMS
+            .iter()
+            .position(|s| *s == System::Pgsession)
+            .unwrap();
+        for (i, system) in SYSTEMS.iter().enumerate() {
+            let mine = at(i);
+            let rps = median(mine.iter().map(|f| f.rps).collect());
+            let p50 = median(mine.iter().map(|f| f.p50_us).collect());
+            let p99 = median(mine.iter().map(|f| f.p99_us).collect());
+            let vs_none = median(rounds.iter().map(|r| r[i].rps / r[0].rps).collect());
+            let pg_vs = median(rounds.iter().map(|r| r[native].rps / r[i].rps).collect());
+            println!(
+                "| {} | {rps:.0} | {p50:.0} | {p99:.0} | {vs_none:.2}x | {pg_vs:.2}x |",
+                system.name()
+            );
+        }
+        println!();
+        for (r, figures) in rounds.iter().enumerate() {
+            let line: Vec<String> = figures.iter().map(|f| format!("{:.0}", f.rps)).collect();
+            println!("round {}: {}", r + 1, line.join(" / "));
+        }
+        println!();
+    }
+    manager.shutdown().await.unwrap();
+}
+
+/// A short run that fills caches and opens pooled connections.
+async fn load_brief(target: &Target) -> usize {
+    let stream = tokio::net::TcpStream::connect(&target.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for cookie in &target.cookies {
+        let request = hyper::Request::get("/read")
+            .header("host", "bench")
+            .header("cookie", cookie)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        response.into_body().collect().await.unwrap();
+    }
+    target.cookies.len()
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (url, _server) = match std::env::var("DATABASE_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let server = TempPostgres::start_with(ServerOptions {
+                durable: true,
+                ..ServerOptions::default()
+            })
+            .expect("private PostgreSQL");
+            (server.url("postgres"), Some(server))
+        }
+    };
+    runtime.block_on(run(url));
+}
