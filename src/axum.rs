@@ -45,7 +45,7 @@ use tokio::sync::Mutex;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::session::{to_json, validate_attribute};
+use crate::session::{decode, to_json, validate_attribute};
 use crate::{Error, Result, Session, SessionId, SessionManager, SessionToken, UserId};
 
 /// The cookie's `SameSite` attribute.
@@ -363,15 +363,7 @@ impl WebSession {
     ///
     /// [`Error::AttributeType`] when the value is not a `T`; those of [`get`](Self::get).
     pub async fn get_as<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        match self.get(key).await? {
-            None => Ok(None),
-            Some(value) => T::deserialize(value)
-                .map(Some)
-                .map_err(|source| Error::AttributeType {
-                    key: key.to_owned(),
-                    source,
-                }),
-        }
+        decode(key, self.get(key).await?.as_ref())
     }
 
     /// Set attribute `key`; saved after the handler. Creates an anonymous session then if

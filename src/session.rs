@@ -96,15 +96,7 @@ impl Session {
     /// The attribute `key` deserialized into `T`; `Ok(None)` when absent,
     /// [`Error::AttributeType`] when present but of another shape.
     pub fn get_as<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        match self.record.attributes.get(key) {
-            None => Ok(None),
-            Some(value) => T::deserialize(value)
-                .map(Some)
-                .map_err(|source| Error::AttributeType {
-                    key: key.to_owned(),
-                    source,
-                }),
-        }
+        decode(key, self.record.attributes.get(key))
     }
 
     /// Set attribute `key` to `value` (anything `Serialize`). Checked at once: a value over
@@ -186,6 +178,18 @@ pub(crate) fn build_attributes<K: Into<String>, V: Serialize>(
 }
 
 /// `value` as JSON, or [`Error::InvalidAttribute`].
+/// An attribute's value as a `T` (`None` when absent): the one place its type error is made.
+pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: Option<&Value>) -> Result<Option<T>> {
+    value
+        .map(|value| {
+            T::deserialize(value).map_err(|source| Error::AttributeType {
+                key: key.to_owned(),
+                source,
+            })
+        })
+        .transpose()
+}
+
 pub(crate) fn to_json(key: &str, value: impl Serialize) -> Result<Value> {
     serde_json::to_value(value).map_err(|e| Error::InvalidAttribute {
         key: key.to_owned(),
