@@ -82,6 +82,26 @@ impl Shard {
         *floor = (*floor).max(version);
     }
 
+    /// The cached copy of `id` if it may be served at `now` (not past `cache_max_age`, not
+    /// expired), its last access moved up to `now`; counts the hit. The caller checks trust.
+    fn serve(
+        &mut self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        idle: Option<chrono::Duration>,
+    ) -> Option<Record> {
+        let entry = self.lru.get_mut(&id)?;
+        if now >= entry.stale_after || entry.session.is_expired(now, idle) {
+            return None;
+        }
+        if entry.session.last_accessed_at < now {
+            entry.session.last_accessed_at = now;
+        }
+        let session = entry.session.clone();
+        self.hits += 1;
+        Some(session)
+    }
+
     /// Install `entry`; a session pushed out by the capacity limit leaves its version as a
     /// floor, so that an older copy of it being read right now cannot come back.
     fn install(&mut self, id: Uuid, entry: Entry) {
@@ -202,15 +222,7 @@ impl Cache {
             shard.misses += 1;
             return Lookup::Miss(None);
         }
-        if let Some(entry) = shard.lru.get_mut(&id)
-            && now < entry.stale_after
-            && !entry.session.is_expired(now, idle)
-        {
-            if entry.session.last_accessed_at < now {
-                entry.session.last_accessed_at = now;
-            }
-            let session = entry.session.clone();
-            shard.hits += 1;
+        if let Some(session) = shard.serve(id, now, idle) {
             return Lookup::Hit(session);
         }
         shard.misses += 1;
@@ -231,21 +243,11 @@ impl Cache {
         if !self.enabled() {
             return None;
         }
-        let mut guard = self.lock(self.picker.pick(&id));
-        let shard = &mut *guard;
+        let mut shard = self.lock(self.picker.pick(&id));
         if !self.is_trusted() {
             return None;
         }
-        let entry = shard.lru.get_mut(&id)?;
-        if now >= entry.stale_after || entry.session.is_expired(now, idle) {
-            return None;
-        }
-        if entry.session.last_accessed_at < now {
-            entry.session.last_accessed_at = now;
-        }
-        let record = entry.session.clone();
-        shard.hits += 1;
-        Some(record)
+        shard.serve(id, now, idle)
     }
 
     /// A token for a write this node is about to make, taken before the write is sent.
