@@ -25,7 +25,7 @@ use crate::migrate;
 use crate::names::Names;
 use crate::outbox::Outbox;
 use crate::record::Record;
-use crate::session::{Session, build_attributes, validate_attribute};
+use crate::session::{Session, build_attributes, storable_expiry, validate_attribute};
 use crate::store::{Delta, NewSession, Rotation, Store};
 use crate::time::{chrono_duration, now};
 use crate::token::SessionToken;
@@ -434,8 +434,8 @@ impl SessionManager {
     }
 
     /// Create the session of `token` (chosen by the caller: tower-sessions picks its ids), with
-    /// `expires_at` or the configured lifetime. [`Error::Database`] with a unique violation
-    /// when the id exists.
+    /// `expires_at` (checked as [`Session::set_expires_at`] checks it) or the configured
+    /// lifetime. [`Error::Database`] with a unique violation when the id exists.
     pub(crate) async fn create_with<K: Into<String>, V: Serialize>(
         &self,
         token: &SessionToken,
@@ -447,13 +447,17 @@ impl SessionManager {
         let limit = inner.config.max_attribute_size;
         let attributes = build_attributes(attributes, limit)?;
         let now = now();
+        let expires_at = match expires_at {
+            Some(at) => storable_expiry(at)?,
+            None => now + inner.ttl,
+        };
         let id = token.id().as_uuid();
         let new = NewSession {
             id,
             user_id: user.as_ref(),
             attributes: &attributes,
             now,
-            expires_at: expires_at.map_or(now + inner.ttl, crate::time::to_micros),
+            expires_at,
             // Sessions idle by the stored time but possibly used on a node that has not flushed
             // yet still count (and rank as least recently used).
             idle_cutoff: inner.idle.map(|idle| now - idle - inner.cleanup.grace),

@@ -136,11 +136,7 @@ impl Session {
     /// session unchanged.
     ///
     pub fn set_expires_at(&mut self, expires_at: DateTime<Utc>) -> Result<()> {
-        let year = chrono::Datelike::year(&expires_at);
-        if !(1970..=9999).contains(&year) {
-            return Err(Error::InvalidExpiry { expires_at });
-        }
-        let expires_at = crate::time::to_micros(expires_at);
+        let expires_at = storable_expiry(expires_at)?;
         self.record.expires_at = expires_at;
         self.changes.expires_at = Some(expires_at);
         Ok(())
@@ -177,7 +173,16 @@ pub(crate) fn build_attributes<K: Into<String>, V: Serialize>(
     Ok(map)
 }
 
-/// `value` as JSON, or [`Error::InvalidAttribute`].
+/// `expires_at` as stored (to the microsecond), or [`Error::InvalidExpiry`] outside the years
+/// 1970 to 9999.
+pub(crate) fn storable_expiry(expires_at: DateTime<Utc>) -> Result<DateTime<Utc>> {
+    let year = chrono::Datelike::year(&expires_at);
+    if !(1970..=9999).contains(&year) {
+        return Err(Error::InvalidExpiry { expires_at });
+    }
+    Ok(crate::time::to_micros(expires_at))
+}
+
 /// An attribute's value as a `T` (`None` when absent): the one place its type error is made.
 pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: Option<&Value>) -> Result<Option<T>> {
     value
@@ -190,6 +195,7 @@ pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: Option<&Value>) -> R
         .transpose()
 }
 
+/// `value` as JSON, or [`Error::InvalidAttribute`].
 pub(crate) fn to_json(key: &str, value: impl Serialize) -> Result<Value> {
     serde_json::to_value(value).map_err(|e| Error::InvalidAttribute {
         key: key.to_owned(),

@@ -97,18 +97,13 @@ fn token(id: &Id) -> SessionToken {
     SessionToken::external(id.0.to_le_bytes())
 }
 
+/// tower-sessions' expiry as chrono's; the range pgsession stores is checked where the session
+/// is created or changed.
 fn expiry(at: OffsetDateTime) -> session_store::Result<DateTime<Utc>> {
-    let nanos = at.unix_timestamp_nanos();
-    let at = i64::try_from(nanos)
+    i64::try_from(at.unix_timestamp_nanos())
         .ok()
         .map(DateTime::from_timestamp_nanos)
-        .ok_or_else(|| session_store::Error::Encode(format!("expiry out of range: {at}")))?;
-    if !(1970..=9999).contains(&chrono::Datelike::year(&at)) {
-        return Err(session_store::Error::Encode(format!(
-            "expiry out of range: {at}"
-        )));
-    }
-    Ok(at)
+        .ok_or_else(|| session_store::Error::Encode(format!("expiry out of range: {at}")))
 }
 
 fn to_offset(at: DateTime<Utc>) -> session_store::Result<OffsetDateTime> {

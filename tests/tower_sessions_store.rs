@@ -256,6 +256,16 @@ async fn bad_records_are_typed_store_errors_and_write_nothing() {
         matches!(err, tower_sessions_core::session_store::Error::Encode(_)),
         "{err:?}"
     );
+    let mut ancient = record(json!({ "k": "v" }));
+    ancient.expiry_date = time::OffsetDateTime::UNIX_EPOCH - time::Duration::days(365);
+    let err = store
+        .create(&mut ancient)
+        .await
+        .expect_err("expiry before 1970");
+    assert!(
+        matches!(err, tower_sessions_core::session_store::Error::Encode(_)),
+        "{err:?}"
+    );
     assert_eq!(count_rows(&pool(db).await).await, 0);
 }
 
