@@ -136,6 +136,7 @@ impl Kind {
 
 /// A session as each system hands it out.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // a benchmark's handle; size does not matter here
 enum Handle {
     Pg(Session, SessionToken),
     /// Id and current version.
@@ -242,21 +243,32 @@ impl Systems {
                 if kind != Kind::RawInsert {
                     let query = sqlx::query_scalar::<_, Vec<Uuid>>(raw_sql().create)
                         .bind(id)
-                        .bind(Uuid::new_v4())
+                        .bind(Uuid::new_v4().to_string())
                         .bind(Json(&attrs))
                         .bind(now)
                         .bind(expires)
                         .bind(now - chrono::Duration::hours(48))
                         .bind(5i32)
+                        .bind(false)
+                        .bind(None::<&str>)
+                        .bind(None::<&str>)
+                        .bind(None::<&str>)
+                        .bind(Json(serde_json::Map::new()))
+                        .bind(None::<chrono::DateTime<Utc>>)
                         .bind(false);
                     on_raw!(self, kind, query, fetch_one).unwrap();
                 } else {
                     let query = sqlx::query(raw_sql().insert)
                         .bind(id)
-                        .bind(Uuid::new_v4())
+                        .bind(Uuid::new_v4().to_string())
                         .bind(Json(&attrs))
                         .bind(now)
-                        .bind(expires);
+                        .bind(expires)
+                        .bind(None::<&str>)
+                        .bind(None::<&str>)
+                        .bind(None::<&str>)
+                        .bind(Json(serde_json::Map::new()))
+                        .bind(None::<chrono::DateTime<Utc>>);
                     on_raw!(self, kind, query, execute).unwrap();
                 }
                 Handle::Raw(id, 1)
@@ -337,7 +349,10 @@ impl Systems {
                     .bind(now)
                     .bind(now - chrono::Duration::hours(48))
                     .bind(now)
-                    .bind(*version);
+                    .bind(*version)
+                    .bind(Json(serde_json::Map::new()))
+                    .bind(None::<chrono::DateTime<Utc>>)
+                    .bind(None::<i64>);
                 let row = on_raw!(self, kind, row, fetch_optional)
                     .unwrap()
                     .expect("row updated");

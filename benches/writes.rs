@@ -239,12 +239,18 @@ async fn floor_create(conn: &mut PgConnection, sql: &FloorSql) {
     let now = Utc::now();
     sqlx::query_scalar::<_, Vec<Uuid>>(AssertSqlSafe(sql.create.clone()))
         .bind(Uuid::new_v4())
-        .bind(Uuid::new_v4())
+        .bind(Uuid::new_v4().to_string())
         .bind(Json(small()))
         .bind(now)
         .bind(now + chrono::Duration::days(30))
         .bind(now - chrono::Duration::hours(48))
         .bind(5i32)
+        .bind(false)
+        .bind(None::<&str>)
+        .bind(None::<&str>)
+        .bind(None::<&str>)
+        .bind(Json(serde_json::Map::new()))
+        .bind(None::<chrono::DateTime<Utc>>)
         .bind(false)
         .fetch_one(conn)
         .await
@@ -271,6 +277,9 @@ async fn floor_update(
         .bind(now - chrono::Duration::hours(48))
         .bind(now)
         .bind(version)
+        .bind(Json(serde_json::Map::new()))
+        .bind(None::<chrono::DateTime<Utc>>)
+        .bind(None::<i64>)
         .fetch_one(conn)
         .await
         .unwrap();

@@ -587,9 +587,12 @@ impl IntoResponse for Error {
             | Error::InvalidExpiry { .. }
             | Error::InvalidToken(_)
             | Error::InvalidSessionId(_)
-            | Error::InvalidUserId(_) => StatusCode::BAD_REQUEST,
+            | Error::InvalidUserId(_)
+            | Error::InvalidGroupId(_) => StatusCode::BAD_REQUEST,
             Error::NotFound => StatusCode::NOT_FOUND,
-            Error::MaxSessionsReached => StatusCode::CONFLICT,
+            Error::MaxSessionsReached | Error::Conflict { .. } | Error::AlreadyExists => {
+                StatusCode::CONFLICT
+            }
             Error::ShutDown => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -8,8 +8,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::backend::Backend;
 use crate::backoff::Backoff;
 use crate::error::Result;
+use crate::events::{Events, Origin, SessionEvent, SessionEventKind};
 use crate::store::Store;
 use crate::time::now;
 use crate::touch::Touches;
@@ -18,7 +20,7 @@ use crate::touch::Touches;
 /// the rest once more at `cancel`, returning that final flush's outcome.
 pub(crate) async fn flush_last_access(
     touches: Arc<Touches>,
-    store: Arc<Store>,
+    store: Arc<Backend>,
     interval: Duration,
     batch: usize,
     cancel: CancellationToken,
@@ -71,21 +73,42 @@ pub(crate) struct Cleanup {
     pub grace: chrono::Duration,
     /// Rows per statement.
     pub batch: usize,
+    /// Where expiries are reported.
+    pub events: Events,
 }
 
 impl Cleanup {
-    /// Delete expired sessions in batches until none is left (or `cancel`); how many.
-    pub(crate) async fn run_once(&self, store: &Store, cancel: &CancellationToken) -> Result<u64> {
+    /// Delete expired sessions in batches until none is left (or `cancel`), reporting each as
+    /// expired, then remove expired attributes; how many sessions were deleted.
+    pub(crate) async fn run_once(
+        &self,
+        store: &Backend,
+        cancel: &CancellationToken,
+    ) -> Result<u64> {
         let now = now();
         let idle_cutoff = self.idle.map(|idle| now - idle - self.grace);
         let mut total = 0;
         loop {
-            let n = store.cleanup_batch(now, idle_cutoff, self.batch).await?;
-            total += n;
-            if n < self.batch as u64 || cancel.is_cancelled() {
-                return Ok(total);
+            let gone = store.cleanup_batch(now, idle_cutoff, self.batch).await?;
+            let n = gone.len();
+            total += n as u64;
+            for (id, user) in gone {
+                self.events.emit(|| {
+                    SessionEvent::new(SessionEventKind::Expired, Origin::ThisNode)
+                        .session(id)
+                        .user(user)
+                });
+            }
+            if n < self.batch || cancel.is_cancelled() {
+                break;
             }
         }
+        while store.cleanup_attributes(now, self.batch).await? >= self.batch as u64 {
+            if cancel.is_cancelled() {
+                break;
+            }
+        }
+        Ok(total)
     }
 
     /// Delete expired sessions every `interval`, counting them in `deleted`. The first run
@@ -93,7 +116,7 @@ impl Cleanup {
     /// all clean at once (they could: `SKIP LOCKED` keeps them apart; it would be wasted work).
     pub(crate) async fn periodically(
         self,
-        store: Arc<Store>,
+        store: Arc<Backend>,
         interval: Duration,
         deleted: Arc<AtomicU64>,
         cancel: CancellationToken,

@@ -382,14 +382,17 @@ impl Cache {
     /// Every session of `user_id` may have been deleted. Visits every shard (the cache is not
     /// indexed by user: logouts everywhere are rare, lookups are not).
     pub(crate) fn invalidate_user(&self, user_id: &UserId) -> usize {
+        self.invalidate_where(|r| r.user_id.as_ref() == Some(user_id))
+    }
+
+    /// Evict every session `doomed` picks (bulk writes: by user, by group). Visits every shard.
+    pub(crate) fn invalidate_where(&self, doomed: impl Fn(&Record) -> bool) -> usize {
         let mut evicted = 0;
         for i in 0..self.shards.len() {
             let mut shard = self.lock(i);
             shard.bump();
             let before = shard.lru.len();
-            shard
-                .lru
-                .retain(|_, e| e.session.user_id.as_ref() != Some(user_id));
+            shard.lru.retain(|_, e| !doomed(&e.session));
             evicted += before - shard.lru.len();
         }
         evicted

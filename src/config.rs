@@ -112,6 +112,13 @@ pub struct Config {
     /// sessions. Default true, so that an upgrade keeps users logged in; such tokens carry no
     /// signature, so turn this off once `session_ttl` has passed since the upgrade.
     pub accept_legacy_tokens: bool,
+    /// Whether creates are announced to the other nodes, so that their
+    /// [`subscribe_events`](crate::SessionManager::subscribe_events) receivers see
+    /// [`Created`](crate::SessionEventKind::Created) events from everywhere. Off by default:
+    /// caches need no word of a new session, and the notification costs every create a share
+    /// of PostgreSQL's commit-time NOTIFY lock (see BENCHMARKS.md for the measured cost).
+    /// This node's own receivers see its creates either way.
+    pub announce_creates: bool,
 }
 
 impl Default for Config {
@@ -140,12 +147,13 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             signing_keys: Vec::new(),
             accept_legacy_tokens: true,
+            announce_creates: false,
         }
     }
 }
 
-/// Longest table prefix: the longest derived name (`<prefix>sessions_expires_at_idx`, 25 more
-/// characters) must fit PostgreSQL's 63-byte identifiers.
+/// Longest table prefix: the longest derived name (`<prefix>sessions_attributes_expire_at_idx`,
+/// 33 more characters) must fit PostgreSQL's 63-byte identifiers.
 const MAX_PREFIX_LEN: usize = 24;
 /// PostgreSQL truncates identifiers and channel names beyond 63 bytes.
 const MAX_IDENT_LEN: usize = 63;

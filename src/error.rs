@@ -64,10 +64,28 @@ pub enum Error {
     #[error("{0}")]
     InvalidUserId(String),
 
+    /// A group id that cannot be stored: empty, longer than 256 bytes, or containing NUL.
+    #[error("{0}")]
+    InvalidGroupId(String),
+
     /// The session does not exist (any more): deleted, expired, or never created. Updates of a
     /// deleted session return this; they never recreate it.
     #[error("session not found or expired")]
     NotFound,
+
+    /// [`SessionManager::update_session_if_unchanged`](crate::SessionManager::update_session_if_unchanged):
+    /// another write committed since the session was read. Nothing was written; re-read the
+    /// session (now at `current_version`) and decide again.
+    #[error("the session changed since it was read (now at version {current_version})")]
+    Conflict {
+        /// The session's version in the database now.
+        current_version: i64,
+    },
+
+    /// A session with the id the caller chose exists already (stores whose callers pick ids,
+    /// such as the tower-sessions store, pick another). Nothing was written.
+    #[error("a session with this id exists already")]
+    AlreadyExists,
 
     /// The user already has `max_sessions_per_user` live sessions and the policy is
     /// [`MaxSessionsPolicy::Reject`](crate::MaxSessionsPolicy::Reject).

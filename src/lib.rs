@@ -111,18 +111,22 @@
 mod announcer;
 #[cfg(feature = "axum")]
 pub mod axum;
+mod backend;
 mod background;
 mod backoff;
 mod cache;
 mod config;
 mod connections;
 mod error;
+mod events;
 mod ids;
 mod listener;
 mod manager;
+mod memory;
 mod migrate;
 mod names;
 mod notify;
+mod options;
 mod outbox;
 mod record;
 mod session;
@@ -136,8 +140,10 @@ pub mod tower_sessions;
 
 pub use config::{Config, MaxSessionsPolicy};
 pub use error::{Error, Result};
+pub use events::{EVENT_BUFFER, Origin, SessionEvent, SessionEventKind};
 pub use ids::{MAX_USER_ID_LEN, SessionId, UserId};
 pub use manager::{SessionManager, Stats};
+pub use options::{MAX_GROUP_ID_LEN, MAX_USER_AGENT_LEN, SessionOptions};
 pub use session::Session;
 /// The sqlx version pgsession is built on: [`SessionManager::new`] takes its [`PgPool`](sqlx::PgPool).
 pub use sqlx;

@@ -31,7 +31,8 @@ use uuid::Uuid;
 use crate::backoff::Backoff;
 use crate::cache::Cache;
 use crate::error::Result;
-use crate::notify::Message;
+use crate::events::{Events, Origin, SessionEvent, SessionEventKind as Kind};
+use crate::notify::{Message, split_tag};
 use crate::store::Store;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -176,6 +177,10 @@ pub(crate) struct Listener<C> {
     pub cache: Arc<Cache>,
     pub state: Arc<ListenerState>,
     pub timing: Timing,
+    /// Where other nodes' writes are reported.
+    pub events: Events,
+    /// This node's tag (8 hex digits): lines carrying it were reported when they happened.
+    pub own_tag: String,
 }
 
 impl<C: Connect> Listener<C> {
@@ -360,18 +365,28 @@ impl<C: Connect> Listener<C> {
 
     fn apply_line(&self, payload: &str) {
         let cache = &self.cache;
-        match Message::parse(payload) {
+        let (line, tag) = split_tag(payload);
+        let message = Message::parse(line);
+        match &message {
             Some(Message::Updated { id, version }) => {
-                cache.invalidate_version(id, version);
+                cache.invalidate_version(*id, *version);
             }
-            Some(Message::Deleted(ids)) => {
-                cache.invalidate_deleted(&ids);
+            Some(Message::Deleted(ids) | Message::Expired(ids)) => {
+                cache.invalidate_deleted(ids);
             }
-            Some(Message::UserDeleted(user_id)) => {
-                cache.invalidate_user(&user_id);
+            Some(Message::Rotated { old, .. }) => {
+                cache.invalidate_deleted(&[*old]);
             }
-            Some(Message::Clear(epoch)) => {
-                self.state.see_epoch(epoch);
+            // Nothing to evict: nobody can have cached a session before it existed.
+            Some(Message::Created { .. }) => {}
+            Some(Message::UserDeleted(user_id) | Message::UserChanged(user_id)) => {
+                cache.invalidate_user(user_id);
+            }
+            Some(Message::GroupDeleted(group)) => {
+                cache.invalidate_where(|r| r.group_id.as_deref() == Some(group.as_str()));
+            }
+            Some(Message::Clear(epoch) | Message::AllDeleted(epoch)) => {
+                self.state.see_epoch(*epoch);
                 cache.clear();
             }
             Some(Message::Probe) => return,
@@ -381,6 +396,52 @@ impl<C: Connect> Listener<C> {
             }
         }
         self.state.invalidations.fetch_add(1, Ordering::Relaxed);
+        if let Some(message) = message
+            && tag != Some(self.own_tag.as_str())
+        {
+            report(&self.events, message);
+        }
+    }
+}
+
+/// Report another node's write as events.
+fn report(events: &Events, message: Message) {
+    if !events.wanted() {
+        return;
+    }
+    let event = |kind| SessionEvent::new(kind, Origin::OtherNode);
+    let each = |kind, ids: Vec<Uuid>| {
+        for id in ids {
+            events.emit(|| event(kind).session(id));
+        }
+    };
+    match message {
+        Message::Updated { id, version } => {
+            events.emit(|| event(Kind::Updated).session(id).version(version));
+        }
+        Message::Deleted(ids) => each(Kind::Deleted, ids),
+        Message::Expired(ids) => each(Kind::Expired, ids),
+        Message::Rotated { old, new, version } => events.emit(|| {
+            let mut e = event(Kind::Rotated).session(new).version(version);
+            e.previous_id = Some(crate::SessionId(old));
+            e
+        }),
+        Message::Created { id, user } => {
+            events.emit(|| event(Kind::Created).session(id).user(user).version(1));
+        }
+        Message::UserDeleted(user) => {
+            events.emit(|| event(Kind::UserLoggedOutEverywhere).user(Some(user)));
+        }
+        Message::UserChanged(user) => {
+            events.emit(|| event(Kind::UserSessionsUpdated).user(Some(user)));
+        }
+        Message::GroupDeleted(group) => events.emit(|| {
+            let mut e = event(Kind::GroupDeleted);
+            e.group_id = Some(group);
+            e
+        }),
+        Message::AllDeleted(_) => events.emit(|| event(Kind::AllDeleted)),
+        Message::Clear(_) | Message::Probe => {}
     }
 }
 
@@ -566,6 +627,8 @@ mod tests {
             cache: Arc::new(Cache::new(100, None)),
             state: state.clone(),
             timing: TIMING,
+            events: Events::new(),
+            own_tag: "00000000".into(),
         };
         tokio::spawn(listener.run(cancel.clone()));
         (state, cancel)

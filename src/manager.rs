@@ -15,14 +15,19 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
 use crate::announcer::{self, Announcer};
+use crate::backend::Backend;
 use crate::background::{self, Cleanup};
 use crate::cache::{Cache, Lookup};
 use crate::config::{Config, MaxSessionsPolicy};
 use crate::error::{Error, Result};
+use crate::events::{Events, Origin, SessionEvent, SessionEventKind};
 use crate::ids::{SessionId, UserId};
 use crate::listener::{Listener, ListenerState, PgConnect, Timing};
+use crate::memory::MemoryStore;
 use crate::migrate;
 use crate::names::Names;
+use crate::notify::new_tag;
+use crate::options::{SessionOptions, validate_group};
 use crate::outbox::Outbox;
 use crate::record::Record;
 use crate::session::{Session, build_attributes, storable_expiry, validate_attribute};
@@ -53,7 +58,10 @@ pub struct SessionManager {
 struct Inner {
     config: Config,
     names: Names,
-    store: Arc<Store>,
+    store: Arc<Backend>,
+    /// The pool of the PostgreSQL backend (in memory: one that never connects).
+    pool: PgPool,
+    events: Events,
     cache: Arc<Cache>,
     touches: Arc<Touches>,
     outbox: Arc<Outbox>,
@@ -71,6 +79,14 @@ struct Inner {
     owns_pool: bool,
     ttl: chrono::Duration,
     idle: Option<chrono::Duration>,
+}
+
+/// What only the PostgreSQL backend has: the store itself (for the coherence tasks), where the
+/// listener connects, and the tag this node's notifications carry.
+struct PgParts {
+    store: Arc<Store>,
+    listen_options: PgConnectOptions,
+    tag: String,
 }
 
 /// The background tasks, each ending with its name and outcome.
@@ -226,6 +242,44 @@ impl SessionManager {
         Self::start(config, pool, false).await
     }
 
+    /// A manager keeping sessions in this process's memory, with no database: the same API and
+    /// semantics (tokens and signatures, absolute and inactivity expiry, the per-user cap,
+    /// attribute limits and expiry, groups, events, cleanup, shutdown), for unit tests of
+    /// handlers and for single-process tools. Nothing outlives the process and nothing is
+    /// shared with other processes; there is no cache (every read is a map lookup), so
+    /// [`cache_trusted`](Self::cache_trusted) is false and [`stats`](Self::stats) counts no
+    /// hits. [`pool`](Self::pool) returns a pool that never connects.
+    ///
+    /// Must be called inside a Tokio runtime (it starts the background tasks).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for an invalid configuration.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> pgsession::Result<()> {
+    /// use pgsession::{Config, SessionManager};
+    ///
+    /// let manager = SessionManager::in_memory(Config::default()).await?;
+    /// let (session, token) = manager.create_session("alice", [("theme", "dark")]).await?;
+    /// let found = manager.get_session(&token).await?.unwrap();
+    /// assert_eq!(found.id(), session.id());
+    /// manager.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn in_memory(config: Config) -> Result<SessionManager> {
+        let names = config.validate()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(PgConnectOptions::new().socket("/nonexistent/pgsession-in-memory"));
+        let backend = Arc::new(Backend::Memory(MemoryStore::default()));
+        Ok(Self::assemble(config, names, backend, pool, false, None).await)
+    }
+
     async fn start(config: Config, pool: PgPool, owns_pool: bool) -> Result<SessionManager> {
         let names = config.validate()?;
         let listen_options = match &config.listen_url {
@@ -236,7 +290,8 @@ impl SessionManager {
         };
         migrate::run(&pool, &names, config.run_migrations).await?;
 
-        let store = Arc::new(Store::new(pool, &names));
+        let tag = new_tag();
+        let store = Arc::new(Store::new(pool.clone(), &names, &tag));
         let isolation = store.default_isolation().await?;
         if isolation != "read committed" {
             return Err(Error::InvalidConfig(format!(
@@ -244,8 +299,31 @@ impl SessionManager {
                  \"read committed\" (set default_transaction_isolation on the connections)"
             )));
         }
+        let backend = Arc::new(Backend::Pg(store.clone()));
+        let pg = PgParts {
+            store,
+            listen_options,
+            tag,
+        };
+        Ok(Self::assemble(config, names, backend, pool, owns_pool, Some(pg)).await)
+    }
+
+    /// Build the parts and start the tasks: with `pg`, those of coherence too.
+    async fn assemble(
+        config: Config,
+        names: Names,
+        backend: Arc<Backend>,
+        pool: PgPool,
+        owns_pool: bool,
+        pg: Option<PgParts>,
+    ) -> SessionManager {
+        let capacity = if pg.is_some() {
+            config.cache_capacity
+        } else {
+            0
+        };
         let cache = Arc::new(Cache::new(
-            config.cache_capacity,
+            capacity,
             config.cache_max_age.map(chrono_duration),
         ));
         let touches = Arc::new(Touches::new(
@@ -254,11 +332,13 @@ impl SessionManager {
         ));
         let outbox = Arc::new(Outbox::new());
         let listener = Arc::new(ListenerState::new());
+        let events = Events::new();
         let idle = config.idle_timeout.map(chrono_duration);
         let cleanup = Cleanup {
             idle,
             grace: chrono_duration(config.last_access_flush_interval * 2),
             batch: config.cleanup_batch_size,
+            events: events.clone(),
         };
         let cancel = CancellationToken::new();
         let cleanup_deleted = Arc::new(AtomicU64::new(0));
@@ -268,46 +348,49 @@ impl SessionManager {
             "last-access flush",
             background::flush_last_access(
                 touches.clone(),
-                store.clone(),
+                backend.clone(),
                 config.last_access_flush_interval,
                 config.last_access_batch_size,
                 cancel.clone(),
             ),
         ));
-        tasks.spawn(named(
-            "announcer",
-            Announcer {
-                outbox: outbox.clone(),
-                store: store.clone(),
-                timeout: config.listener_timeout,
-            }
-            .run(cancel.clone()),
-        ));
-        tasks.spawn(named(
-            "outbox sweep",
-            announcer::sweep(outbox.clone(), store.clone(), cancel.clone()),
-        ));
-        tasks.spawn(named(
-            "idle connection return",
-            background::return_idle_connections(store.clone(), cancel.clone()),
-        ));
+        if let Some(pg) = &pg {
+            let store = &pg.store;
+            tasks.spawn(named(
+                "announcer",
+                Announcer {
+                    outbox: outbox.clone(),
+                    store: store.clone(),
+                    timeout: config.listener_timeout,
+                }
+                .run(cancel.clone()),
+            ));
+            tasks.spawn(named(
+                "outbox sweep",
+                announcer::sweep(outbox.clone(), store.clone(), cancel.clone()),
+            ));
+            tasks.spawn(named(
+                "idle connection return",
+                background::return_idle_connections(store.clone(), cancel.clone()),
+            ));
+        }
         if config.run_cleanup {
             tasks.spawn(named(
                 "cleanup",
                 cleanup.clone().periodically(
-                    store.clone(),
+                    backend.clone(),
                     config.cleanup_interval,
                     cleanup_deleted.clone(),
                     cancel.clone(),
                 ),
             ));
         }
-        if cache.enabled() {
+        if let Some(pg) = pg.filter(|_| cache.enabled()) {
             let listener = Listener {
                 connect: PgConnect {
-                    options: listen_options,
+                    options: pg.listen_options,
                     channel: names.channel.clone(),
-                    store: store.clone(),
+                    store: pg.store,
                     timeout: config.listener_timeout,
                 },
                 cache: cache.clone(),
@@ -317,13 +400,17 @@ impl SessionManager {
                     timeout: config.listener_timeout,
                     max_backoff: config.listener_max_backoff,
                 },
+                events: events.clone(),
+                own_tag: pg.tag[2..].to_owned(),
             };
             tasks.spawn(named("listener", listener.run(cancel.clone())));
         }
         let inner = Arc::new(Inner {
             ttl: chrono_duration(config.session_ttl),
             idle,
-            store,
+            store: backend,
+            pool,
+            events,
             cache,
             touches,
             outbox,
@@ -357,7 +444,7 @@ impl SessionManager {
                 );
             }
         }
-        Ok(SessionManager { inner })
+        SessionManager { inner }
     }
 
     fn open(&self) -> Result<&Inner> {
@@ -402,9 +489,8 @@ impl SessionManager {
         user_id: impl Into<UserId>,
         attributes: impl IntoIterator<Item = (K, V)>,
     ) -> Result<(Session, SessionToken)> {
-        let user = user_id.into();
-        user.validate()?;
-        self.create(Some(user), attributes).await
+        self.create_session_with(SessionOptions::new().user(user_id), attributes)
+            .await
     }
 
     /// Create a session that belongs to no user yet (a visitor's cart, a CSRF token, a flash
@@ -419,27 +505,51 @@ impl SessionManager {
         &self,
         attributes: impl IntoIterator<Item = (K, V)>,
     ) -> Result<(Session, SessionToken)> {
-        self.create(None, attributes).await
+        self.create_session_with(SessionOptions::new(), attributes)
+            .await
     }
 
-    async fn create<K: Into<String>, V: Serialize>(
+    /// Create a session with `options` (its user or none, its group, the client's address and
+    /// `User-Agent`) and initial `attributes`, like [`create_session`](Self::create_session).
+    ///
+    /// # Errors
+    ///
+    /// As [`create_session`](Self::create_session); [`Error::InvalidGroupId`] for a group
+    /// that cannot be stored (nothing is written).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run(manager: pgsession::SessionManager) -> pgsession::Result<()> {
+    /// use pgsession::SessionOptions;
+    ///
+    /// let options = SessionOptions::new()
+    ///     .user("alice")
+    ///     .group("acme")
+    ///     .ip("203.0.113.7".parse().unwrap());
+    /// let (session, token) = manager.create_session_with(options, [("role", "admin")]).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn create_session_with<K: Into<String>, V: Serialize>(
         &self,
-        user: Option<UserId>,
+        options: SessionOptions,
         attributes: impl IntoIterator<Item = (K, V)>,
     ) -> Result<(Session, SessionToken)> {
         let inner = self.open()?;
+        options.validate()?;
         let token = SessionToken::generate(inner.config.signing_keys.first());
-        let session = self.create_with(&token, user, attributes, None).await?;
+        let session = self.create_with(&token, &options, attributes, None).await?;
         Ok((session, token))
     }
 
     /// Create the session of `token` (chosen by the caller: tower-sessions picks its ids), with
     /// `expires_at` (checked as [`Session::set_expires_at`] checks it) or the configured
-    /// lifetime. [`Error::Database`] with a unique violation when the id exists.
+    /// lifetime. [`Error::AlreadyExists`] when the id exists. `options` must be validated.
     pub(crate) async fn create_with<K: Into<String>, V: Serialize>(
         &self,
         token: &SessionToken,
-        user: Option<UserId>,
+        options: &SessionOptions,
         attributes: impl IntoIterator<Item = (K, V)>,
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<Session> {
@@ -452,6 +562,7 @@ impl SessionManager {
             None => now + inner.ttl,
         };
         let id = token.id().as_uuid();
+        let user = options.user.clone();
         let new = NewSession {
             id,
             user_id: user.as_ref(),
@@ -462,6 +573,10 @@ impl SessionManager {
             // yet still count (and rank as least recently used).
             idle_cutoff: inner.idle.map(|idle| now - idle - inner.cleanup.grace),
             cap: inner.cap(),
+            group_id: options.group.as_deref(),
+            client: &options.client,
+            attribute_expiry: &Default::default(),
+            announce: inner.config.announce_creates,
         };
         let fill = inner.cache.token_for(id);
         let evicted = inner.store.create(&new).await?;
@@ -470,6 +585,7 @@ impl SessionManager {
         // even for the moment until its own notification arrives.
         for gone in evicted {
             inner.cache.apply_own_write(gone, None, None, now);
+            inner.report(SessionEventKind::Deleted, gone, user.clone(), None);
         }
         let record = Record {
             id,
@@ -480,9 +596,20 @@ impl SessionManager {
             last_accessed_at: now,
             expires_at,
             attributes: Arc::new(attributes),
+            attribute_expiry: Arc::default(),
+            group_id: options.group.as_deref().map(Arc::from),
+            client: Arc::new(options.client.clone()),
+            reads: 0,
+            writes: 0,
         };
         inner.cache.apply_own_write(id, fill, Some(&record), now);
-        Ok(Session::from_record(record, limit))
+        inner.report(
+            SessionEventKind::Created,
+            id,
+            record.user_id.clone(),
+            Some(1),
+        );
+        Ok(inner.session(record, now))
     }
 
     /// The session `token` opens, or `None` when it does not exist, has expired (absolutely,
@@ -519,43 +646,40 @@ impl SessionManager {
     pub async fn get_session(&self, token: &SessionToken) -> Result<Option<Session>> {
         let inner = self.open()?;
         let id = token.id().as_uuid();
-        let limit = inner.config.max_attribute_size;
         let now = now();
         if let Some(record) = inner.cache.hit(id, now, inner.idle) {
             inner.touches.record(id, now);
-            return Ok(Some(Session::from_record(record, limit)));
+            return Ok(Some(inner.session(record, now)));
         }
-        if !token.verify(
-            &inner.config.signing_keys,
-            inner.config.accept_legacy_tokens,
-        ) {
-            inner.forged.fetch_add(1, Ordering::Relaxed);
+        if !inner.verify(token) {
             return Ok(None);
         }
         let token = match inner.cache.lookup(id, now, inner.idle) {
             Lookup::Hit(record) => {
                 inner.touches.record(id, now);
-                return Ok(Some(Session::from_record(record, limit)));
+                return Ok(Some(inner.session(record, now)));
             }
             Lookup::Miss(token) => token,
         };
-        let Some(mut record) = inner.store.fetch(id).await? else {
-            inner.cache.remove(id, None);
+        inner.read_through(id, token, now).await
+    }
+
+    /// [`get_session`](Self::get_session) from the database whatever the cache holds, for
+    /// the rare page where even the notification delay is too much (a payment confirmation
+    /// after a change made on another node a moment ago); the cache is refreshed with what it
+    /// reads. Records the access like `get_session`.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_session`](Self::get_session).
+    pub async fn get_session_fresh(&self, token: &SessionToken) -> Result<Option<Session>> {
+        let inner = self.open()?;
+        if !inner.verify(token) {
             return Ok(None);
-        };
-        if let Some(pending) = inner.touches.pending(id) {
-            record.last_accessed_at = record.last_accessed_at.max(pending);
         }
-        if record.is_expired(now, inner.idle) {
-            inner.cache.remove(id, Some(record.version));
-            return Ok(None);
-        }
-        record.last_accessed_at = now;
-        inner.touches.record(id, now);
-        if let Some(token) = token {
-            inner.cache.fill(token, &record, now);
-        }
-        Ok(Some(Session::from_record(record, limit)))
+        let id = token.id().as_uuid();
+        let fill = inner.cache.token_for(id);
+        inner.read_through(id, fill, now()).await
     }
 
     /// Persist the attributes set or removed on `session` (and a new expiry, if set) in one
@@ -582,42 +706,81 @@ impl SessionManager {
     /// # }
     /// ```
     pub async fn update_session(&self, session: &mut Session) -> Result<()> {
+        self.update(session, false).await
+    }
+
+    /// [`update_session`](Self::update_session) with optimistic locking: writes only if no
+    /// other write (an update, a rotation, another node's change) committed since `session`
+    /// was read, in the same single round trip. For read-modify-write values a merge of
+    /// changed keys cannot make right (a balance, a counter, a multi-step form).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Conflict`] with the version now stored when another write came first (nothing
+    /// is written, `session` is unchanged: read it again and retry); otherwise as
+    /// [`update_session`](Self::update_session).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run(manager: pgsession::SessionManager, token: pgsession::SessionToken) -> pgsession::Result<()> {
+    /// use pgsession::Error;
+    ///
+    /// loop {
+    ///     let Some(mut s) = manager.get_session(&token).await? else { break };
+    ///     let credits: i64 = s.get_as("credits")?.unwrap_or(0);
+    ///     s.set("credits", credits - 1)?;
+    ///     match manager.update_session_if_unchanged(&mut s).await {
+    ///         Err(Error::Conflict { .. }) => continue, // someone else spent meanwhile
+    ///         other => break other?,
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn update_session_if_unchanged(&self, session: &mut Session) -> Result<()> {
+        self.update(session, true).await
+    }
+
+    async fn update(&self, session: &mut Session, if_unchanged: bool) -> Result<()> {
         let inner = self.open()?;
         if !session.is_modified() {
             return Ok(());
         }
-        let limit = inner.config.max_attribute_size;
         let now = now();
-        let delta = inner.delta(session, now)?;
+        let mut delta = inner.delta(session, now)?;
+        if if_unchanged {
+            delta.expect_version = Some(session.base_version);
+        }
         let id = delta.id;
         let token = inner.cache.token_for(id);
         let outcome = InDoubt::arm(inner, id);
         let updated = inner.store.update(&delta).await;
         match outcome.settle(updated)? {
             Some((updated, queued)) => {
-                inner.outbox.push(queued);
+                if let Some(queued) = queued {
+                    inner.outbox.push(queued);
+                }
                 // Without attributes back, the caller's copy (its own changes applied) is the
                 // new state.
-                let attributes = match updated.attributes {
-                    Some(map) => Arc::new(map),
-                    None => session.record.attributes.clone(),
-                };
-                let record = Record {
-                    id,
-                    user_id: updated.user_id,
-                    version: updated.version,
-                    created_at: updated.created_at,
-                    updated_at: updated.updated_at,
-                    last_accessed_at: updated.last_accessed_at,
-                    expires_at: updated.expires_at,
-                    attributes,
-                };
+                let record = updated.into_record(&session.record);
                 inner.cache.apply_own_write(id, token, Some(&record), now);
-                *session = Session::from_record(record, limit);
+                inner.report(
+                    SessionEventKind::Updated,
+                    id,
+                    record.user_id.clone(),
+                    Some(record.version),
+                );
+                *session = inner.session(record, now);
                 Ok(())
             }
             None => {
+                // Gone, or (with the lock) changed: either way this node's copy may be behind,
+                // and a retry must read the database.
                 inner.cache.apply_own_write(id, token, None, now);
+                if if_unchanged && let Some(current_version) = inner.conflict(&delta).await? {
+                    return Err(Error::Conflict { current_version });
+                }
                 Err(Error::NotFound)
             }
         }
@@ -704,7 +867,6 @@ impl SessionManager {
         token: &SessionToken,
     ) -> Result<()> {
         let inner = self.open()?;
-        let limit = inner.config.max_attribute_size;
         let now = now();
         let delta = inner.delta(session, now)?;
         let old = delta.id;
@@ -727,25 +889,31 @@ impl SessionManager {
         let Some(rotated) = rotated else {
             return Err(Error::NotFound);
         };
-        inner.outbox.push(rotated.queued);
+        if let Some(queued) = rotated.queued {
+            inner.outbox.push(queued);
+        }
+        let record = rotated.updated.into_record(&session.record);
         for gone in rotated.evicted {
             inner.cache.apply_own_write(gone, None, None, now);
+            inner.report(
+                SessionEventKind::Deleted,
+                gone,
+                record.user_id.clone(),
+                None,
+            );
         }
-        let u = rotated.updated;
-        let record = Record {
-            id: new_id,
-            user_id: u.user_id,
-            version: u.version,
-            created_at: u.created_at,
-            updated_at: u.updated_at,
-            last_accessed_at: u.last_accessed_at,
-            expires_at: u.expires_at,
-            attributes: Arc::new(u.attributes.unwrap_or_default()),
-        };
         inner
             .cache
             .apply_own_write(new_id, fill, Some(&record), now);
-        *session = Session::from_record(record, limit);
+        inner.events.emit(|| {
+            let mut e = SessionEvent::new(SessionEventKind::Rotated, Origin::ThisNode)
+                .session(new_id)
+                .user(record.user_id.clone())
+                .version(record.version);
+            e.previous_id = Some(SessionId(old));
+            e
+        });
+        *session = inner.session(record, now);
         Ok(())
     }
 
@@ -762,16 +930,32 @@ impl SessionManager {
         let id = id.as_uuid();
         let outcome = InDoubt::arm(inner, id);
         let deleted = inner.store.delete(id).await;
-        let (queued, retried) = outcome.settle(deleted)?;
+        let (deleted, queued, retried) = outcome.settle(deleted)?;
         if retried {
             inner.outbox.in_doubt();
         }
         inner.cache.apply_own_write(id, None, None, now());
-        let deleted = queued.is_some();
         if let Some(queued) = queued {
             inner.outbox.push(queued);
         }
+        if deleted {
+            inner.report(SessionEventKind::Deleted, id, None, None);
+        }
         Ok(deleted)
+    }
+
+    /// Record an access to session `id` without reading it (a keep-alive: a page open in a
+    /// tab that polls, a long upload), so that it does not expire by inactivity. Written with
+    /// the next last-access flush, like a read's; no database I/O now. An unknown or deleted id
+    /// is ignored when the flush runs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShutDown`].
+    pub fn touch_session(&self, id: SessionId) -> Result<()> {
+        let inner = self.open()?;
+        inner.touches.keep_alive(id.as_uuid(), now());
+        Ok(())
     }
 
     /// Delete every session of `user_id` ("log out everywhere"), in one round trip with one
@@ -786,6 +970,7 @@ impl SessionManager {
         user.validate()?;
         let n = inner.store.delete_user(&user, &[]).await?;
         inner.cache.invalidate_user(&user);
+        inner.report_user(SessionEventKind::UserLoggedOutEverywhere, user, n);
         Ok(n)
     }
 
@@ -805,7 +990,136 @@ impl SessionManager {
         user.validate()?;
         let n = inner.store.delete_user(&user, &[keep.as_uuid()]).await?;
         inner.cache.invalidate_user(&user);
+        inner.report_user(SessionEventKind::UserLoggedOutEverywhere, user, n);
         Ok(n)
+    }
+
+    /// Remove attribute `key` from every session of `user_id` (after a permission change: a
+    /// cached role, a feature flag), in one statement and one notification however many
+    /// sessions there are; every node's cache drops them. Returns how many sessions had it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    pub async fn remove_attribute_from_user_sessions(
+        &self,
+        user_id: impl Into<UserId>,
+        key: &str,
+    ) -> Result<u64> {
+        let inner = self.open()?;
+        let user = user_id.into();
+        user.validate()?;
+        let n = inner.store.remove_user_attribute(&user, key, now()).await?;
+        inner.cache.invalidate_user(&user);
+        inner.report_user(SessionEventKind::UserSessionsUpdated, user, n);
+        Ok(n)
+    }
+
+    /// Delete every session of group `group_id` (a tenant removed, an organisation's forced
+    /// logout), in one statement and one notification however many sessions there are.
+    /// Returns how many were deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidGroupId`], [`Error::Database`], [`Error::ShutDown`].
+    pub async fn delete_group_sessions(&self, group_id: &str) -> Result<u64> {
+        let inner = self.open()?;
+        validate_group(group_id)?;
+        let n = inner.store.delete_group(group_id).await?;
+        inner
+            .cache
+            .invalidate_where(|r| r.group_id.as_deref() == Some(group_id));
+        if n > 0 {
+            inner.events.emit(|| {
+                let mut e = SessionEvent::new(SessionEventKind::GroupDeleted, Origin::ThisNode);
+                e.group_id = Some(group_id.to_owned());
+                e
+            });
+        }
+        Ok(n)
+    }
+
+    /// Delete every session of the application ("log everyone out": after a key leak, at a
+    /// breaking release), in one statement and one notification; every node's cache is
+    /// emptied (a node that misses the message empties it when it reconnects). Returns how
+    /// many were deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], [`Error::ShutDown`].
+    pub async fn delete_all_sessions(&self) -> Result<u64> {
+        let inner = self.open()?;
+        let (n, epoch) = inner.store.delete_all().await?;
+        inner.listener.see_epoch(epoch);
+        inner.cache.clear();
+        inner
+            .events
+            .emit(|| SessionEvent::new(SessionEventKind::AllDeleted, Origin::ThisNode));
+        Ok(n)
+    }
+
+    /// Sessions, live and not past their absolute expiry, accessed within the last `within`:
+    /// for an "active users" figure. One index range scan on `last_accessed_at` (see
+    /// BENCHMARKS.md for its time on a million rows). Accesses other nodes have not flushed
+    /// yet are not counted, so the figure is exact to one `last_access_flush_interval`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], [`Error::ShutDown`].
+    pub async fn count_active_sessions(&self, within: Duration) -> Result<u64> {
+        let inner = self.open()?;
+        let now = now();
+        let since = now - chrono_duration(within.min(Duration::from_secs(100 * 365 * 86_400)));
+        inner.store.count_active(since, now).await
+    }
+
+    /// One page of every live session of the application, in id order, starting after `after`
+    /// (`None`: the first page); at most `limit` sessions (1 to 10 000). Pass the last id of
+    /// a page to get the next; an empty page is the end. Keyset pages: a session that exists
+    /// from the first page to the last is listed exactly once, whatever is written meanwhile.
+    /// Always read from the database; not an access.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], [`Error::ShutDown`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run(manager: pgsession::SessionManager) -> pgsession::Result<()> {
+    /// let mut after = None;
+    /// loop {
+    ///     let page = manager.list_sessions(after, 500).await?;
+    ///     let Some(last) = page.last() else { break };
+    ///     after = Some(last.id());
+    ///     for s in &page {
+    ///         println!("{} {:?} {:?}", s.id(), s.user_id(), s.ip());
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn list_sessions(
+        &self,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Result<Vec<Session>> {
+        let inner = self.open()?;
+        let limit = limit.clamp(1, 10_000);
+        let now = now();
+        let mut cursor = after.map(SessionId::as_uuid);
+        let mut out = Vec::new();
+        // Rows expired by inactivity are skipped here, not in SQL (an unflushed access may
+        // keep them alive): keep reading until the page is full or the table ends.
+        loop {
+            let rows = inner.store.page(cursor, now, limit - out.len()).await?;
+            let full = rows.len() == limit - out.len();
+            cursor = rows.last().map(|r| r.id).or(cursor);
+            out.extend(inner.live(rows, now).map(|r| inner.session(r, now)));
+            if !full || out.len() == limit {
+                return Ok(out);
+            }
+        }
     }
 
     /// The live sessions of `user_id`, most recently used first (for a "where you are logged
@@ -819,19 +1133,10 @@ impl SessionManager {
         let user = user_id.into();
         user.validate()?;
         let now = now();
-        let mut records = inner.store.fetch_user(&user, now).await?;
-        for r in &mut records {
-            if let Some(pending) = inner.touches.pending(r.id) {
-                r.last_accessed_at = r.last_accessed_at.max(pending);
-            }
-        }
-        records.retain(|r| !r.is_expired(now, inner.idle));
+        let records = inner.store.fetch_user(&user, now).await?;
+        let mut records: Vec<Record> = inner.live(records, now).collect();
         records.sort_by_key(|r| std::cmp::Reverse(r.last_accessed_at));
-        let limit = inner.config.max_attribute_size;
-        Ok(records
-            .into_iter()
-            .map(|r| Session::from_record(r, limit))
-            .collect())
+        Ok(records.into_iter().map(|r| inner.session(r, now)).collect())
     }
 
     /// Empty the cache of every node (one notification). This node's is emptied before the call
@@ -848,8 +1153,8 @@ impl SessionManager {
         Ok(())
     }
 
-    /// Write all recorded accesses now instead of waiting for the next interval. Returns the
-    /// number of sessions whose `last_accessed_at` moved.
+    /// Write all recorded accesses (and read counts) now instead of waiting for the next
+    /// interval. Returns the number of sessions written.
     ///
     /// # Errors
     ///
@@ -900,6 +1205,42 @@ impl SessionManager {
         self.inner.listener.subscribe()
     }
 
+    /// A receiver of [`SessionEvent`]s: this node's creates, updates, rotations, deletes,
+    /// expiries and bulk deletions as they happen, and other nodes' as their invalidations
+    /// arrive (their creates only with [`Config::announce_creates`]). Each receiver gets every
+    /// event sent after it subscribed; one that falls more than
+    /// [`EVENT_BUFFER`](crate::EVENT_BUFFER) events behind loses the oldest and is told how many
+    /// by [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged): a slow
+    /// receiver never slows the node. With no receiver, events cost nothing.
+    ///
+    /// Events of other nodes are lost while this node's listener is down (the cache is
+    /// resynchronised then, but no events are made up for the gap).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run(manager: pgsession::SessionManager) {
+    /// use pgsession::SessionEventKind;
+    ///
+    /// let mut events = manager.subscribe_events();
+    /// tokio::spawn(async move {
+    ///     while let Ok(event) = events.recv().await {
+    ///         if event.kind == SessionEventKind::UserLoggedOutEverywhere {
+    ///             println!("{:?} logged out everywhere ({:?})", event.user_id, event.origin);
+    ///         }
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<SessionEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Whether this manager keeps its sessions in memory ([`in_memory`](Self::in_memory)).
+    pub fn is_in_memory(&self) -> bool {
+        self.inner.store.pg().is_none()
+    }
+
     /// Counters since start-up.
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
@@ -936,9 +1277,10 @@ impl SessionManager {
         &self.inner.config
     }
 
-    /// The pool sessions are stored through.
+    /// The pool sessions are stored through (for an [`in_memory`](Self::in_memory) manager, a
+    /// pool that never connects: every query on it fails).
     pub fn pool(&self) -> &PgPool {
-        self.inner.store.pool()
+        &self.inner.pool
     }
 
     /// Stop: refuse new calls, write pending accesses, stop every background task and close
@@ -1032,6 +1374,90 @@ impl Drop for InDoubt<'_> {
 }
 
 impl Inner {
+    /// A stored session for a caller: with the reads this node has not flushed, without the
+    /// attributes expired at `now`.
+    fn session(&self, mut record: Record, now: DateTime<Utc>) -> Session {
+        record.reads += self.touches.pending_reads(record.id);
+        Session::from_record(record, self.config.max_attribute_size, self.idle, now)
+    }
+
+    /// Whether the token's signature verifies (counting the ones that do not).
+    fn verify(&self, token: &SessionToken) -> bool {
+        let ok = token.verify(&self.config.signing_keys, self.config.accept_legacy_tokens);
+        if !ok {
+            self.forged.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Read a session from the database, with this node's pending access; fill the cache
+    /// under `fill`. An expired one is reported and not returned.
+    async fn read_through(
+        &self,
+        id: Uuid,
+        fill: Option<crate::cache::FillToken>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Session>> {
+        let Some(mut record) = self.store.fetch(id).await? else {
+            self.cache.remove(id, None);
+            return Ok(None);
+        };
+        if let Some(pending) = self.touches.pending(id) {
+            record.last_accessed_at = record.last_accessed_at.max(pending);
+        }
+        if record.is_expired(now, self.idle) {
+            self.cache.remove(id, Some(record.version));
+            self.report(SessionEventKind::Expired, id, record.user_id.clone(), None);
+            return Ok(None);
+        }
+        record.last_accessed_at = now;
+        self.touches.record(id, now);
+        if let Some(fill) = fill {
+            self.cache.fill(fill, &record, now);
+        }
+        Ok(Some(self.session(record, now)))
+    }
+
+    /// The records not expired at `now`, counting this node's unflushed accesses.
+    fn live(&self, records: Vec<Record>, now: DateTime<Utc>) -> impl Iterator<Item = Record> {
+        records.into_iter().filter_map(move |mut r| {
+            if let Some(pending) = self.touches.pending(r.id) {
+                r.last_accessed_at = r.last_accessed_at.max(pending);
+            }
+            (!r.is_expired(now, self.idle)).then_some(r)
+        })
+    }
+
+    /// After an optimistic update changed nothing: the version now stored, if the session is
+    /// still there and live (so another write came first); `None` if it is gone.
+    async fn conflict(&self, delta: &Delta<'_>) -> Result<Option<i64>> {
+        let Some((version, expires_at, last)) = self.store.current(delta.id).await? else {
+            return Ok(None);
+        };
+        let last = delta.pending_access.map_or(last, |p| p.max(last));
+        let live = expires_at > delta.now && delta.idle_cutoff.is_none_or(|cutoff| last > cutoff);
+        Ok(live.then_some(version))
+    }
+
+    /// Report this node's change of one session.
+    fn report(&self, kind: SessionEventKind, id: Uuid, user: Option<UserId>, version: Option<i64>) {
+        self.events.emit(|| {
+            let mut e = SessionEvent::new(kind, Origin::ThisNode)
+                .session(id)
+                .user(user);
+            e.version = version;
+            e
+        });
+    }
+
+    /// Report this node's bulk change of a user's sessions, if there was one.
+    fn report_user(&self, kind: SessionEventKind, user: UserId, n: u64) {
+        if n > 0 {
+            self.events
+                .emit(|| SessionEvent::new(kind, Origin::ThisNode).user(Some(user)));
+        }
+    }
+
     /// The per-user cap and whether it rejects, if there is one.
     fn cap(&self) -> Option<(usize, bool)> {
         self.config.max_sessions_per_user.map(|cap| {
@@ -1050,6 +1476,9 @@ impl Inner {
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Delta<'s>> {
         let limit = self.config.max_attribute_size;
+        for at in session.changes.expiry.values() {
+            storable_expiry(*at)?;
+        }
         let mut set = Map::new();
         let mut removed = Vec::new();
         for key in &session.changes.keys {
@@ -1078,6 +1507,8 @@ impl Inner {
             idle_cutoff: self.idle.map(|idle| now - idle),
             // Not the session's own last access: a caller could have set it to anything.
             pending_access: self.touches.pending(id),
+            set_expiry: session.changes.expiry.clone(),
+            expect_version: None,
         })
     }
 
@@ -1109,9 +1540,11 @@ impl Inner {
             }
         }
         // Operations still under way hand their connections straight back from now on.
-        self.store.connections().close();
+        if let Some(store) = self.store.pg() {
+            store.connections().close();
+        }
         if self.owns_pool {
-            let _ = tokio::time::timeout_at(deadline, self.store.pool().close()).await;
+            let _ = tokio::time::timeout_at(deadline, self.pool.close()).await;
         }
         match (failure, aborted.first()) {
             (Some(e), _) => Err(e),

@@ -34,6 +34,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "session_tokens",
         template: include_str!("../migrations/0003_session_tokens.sql"),
     },
+    Migration {
+        version: 4,
+        name: "activity_groups_client",
+        template: include_str!("../migrations/0004_activity_groups_client.sql"),
+    },
 ];
 
 /// Apply pending migrations, or with `apply == false` only check that none is pending.
@@ -253,7 +258,7 @@ mod tests {
         .unwrap();
         assert!(matches!(
             run(&pool, &names, false).await,
-            Err(Error::Migration(msg)) if msg.contains("[2, 3]")
+            Err(Error::Migration(msg)) if msg.contains("[2, 3, 4]")
         ));
 
         run(&pool, &names, true).await.unwrap();

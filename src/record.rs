@@ -1,6 +1,7 @@
 //! A session as stored: what the store reads and the cache holds. The public
 //! [`Session`](crate::Session) wraps one with the caller's pending changes.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -23,12 +24,52 @@ pub(crate) struct Record {
     pub expires_at: DateTime<Utc>,
     /// Shared between copies until one of them changes.
     pub attributes: Arc<Map<String, Value>>,
+    /// When attributes expire on their own (keys absent here never do).
+    pub attribute_expiry: Arc<BTreeMap<String, DateTime<Utc>>>,
+    /// The tenant it belongs to, if any.
+    pub group_id: Option<Arc<str>>,
+    /// The client that created it, if known.
+    pub client: Arc<Client>,
+    /// Reads counted in the database (each node adds its own with its last-access flush).
+    pub reads: i64,
+    /// Committed updates and rotations.
+    pub writes: i64,
+}
+
+/// Who created a session: recorded once, at create.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Client {
+    pub ip: Option<std::net::IpAddr>,
+    pub user_agent: Option<String>,
 }
 
 impl Record {
     /// Whether the session is expired at `now`, given its last access.
     pub(crate) fn is_expired(&self, now: DateTime<Utc>, idle: Option<chrono::Duration>) -> bool {
         self.expires_at <= now || idle.is_some_and(|idle| self.last_accessed_at + idle <= now)
+    }
+
+    /// Whether attribute `key` has expired at `now`.
+    pub(crate) fn attribute_expired(&self, key: &str, now: DateTime<Utc>) -> bool {
+        self.attribute_expiry.get(key).is_some_and(|at| *at <= now)
+    }
+
+    /// Drop the attributes expired at `now` from this copy (they are invisible to every read).
+    pub(crate) fn strip_expired_attributes(&mut self, now: DateTime<Utc>) {
+        if self.attribute_expiry.values().any(|at| *at <= now) {
+            let expired: Vec<String> = self
+                .attribute_expiry
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            let attributes = Arc::make_mut(&mut self.attributes);
+            let expiry = Arc::make_mut(&mut self.attribute_expiry);
+            for key in expired {
+                attributes.remove(&key);
+                expiry.remove(&key);
+            }
+        }
     }
 
     /// A fresh record for unit tests, valid for an hour.
@@ -44,6 +85,11 @@ impl Record {
             last_accessed_at: now,
             expires_at: now + chrono::Duration::hours(1),
             attributes: Arc::new(Map::new()),
+            attribute_expiry: Arc::default(),
+            group_id: None,
+            client: Arc::default(),
+            reads: 0,
+            writes: 0,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The `Session` value handed to callers, and attribute validation.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::Arc;
 
@@ -32,6 +32,8 @@ pub struct Session {
     pub(crate) record: Record,
     pub(crate) changes: Changes,
     pub(crate) max_attribute_size: usize,
+    /// The inactivity timeout it was read under, for [`time_to_live`](Self::time_to_live).
+    pub(crate) idle_timeout: Option<chrono::Duration>,
     /// The version the attributes were read at (before local changes).
     pub(crate) base_version: i64,
 }
@@ -41,6 +43,8 @@ pub struct Session {
 pub(crate) struct Changes {
     pub keys: BTreeSet<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// Of the set keys, those that expire on their own, and when.
+    pub expiry: BTreeMap<String, DateTime<Utc>>,
 }
 
 impl Changes {
@@ -88,15 +92,65 @@ impl Session {
         self.record.expires_at
     }
 
-    /// The attribute `key`, if present.
+    /// How long until the session expires, absolutely or by inactivity, whichever comes first
+    /// (counted from its last recorded access); zero once it has. For a "your session ends in"
+    /// notice, or a keep-alive ([`touch_session`](crate::SessionManager::touch_session)) timer.
+    pub fn time_to_live(&self) -> std::time::Duration {
+        let mut until = self.record.expires_at;
+        if let Some(idle) = self.idle_timeout {
+            until = until.min(self.record.last_accessed_at + idle);
+        }
+        (until - crate::time::now()).to_std().unwrap_or_default()
+    }
+
+    /// The group (tenant) it belongs to, if it was created with one
+    /// ([`SessionOptions::group`](crate::SessionOptions::group)).
+    pub fn group_id(&self) -> Option<&str> {
+        self.record.group_id.as_deref()
+    }
+
+    /// The client address recorded when it was created, if any.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        self.record.client.ip
+    }
+
+    /// The client's `User-Agent` recorded when it was created, if any.
+    pub fn user_agent(&self) -> Option<&str> {
+        self.record.client.user_agent.as_deref()
+    }
+
+    /// Reads of the session (`get_session` calls that returned it), on every node. Each node
+    /// counts its own and adds them with its last-access flush, so a value read from the
+    /// database (`list_user_sessions`, `list_sessions`, `get_session_fresh`) is exact to one
+    /// flush interval; a cached copy adds this node's reads to the count it was cached with.
+    pub fn reads(&self) -> u64 {
+        self.record.reads.max(0) as u64
+    }
+
+    /// Committed updates and rotations of the session (its creation not included).
+    pub fn writes(&self) -> u64 {
+        self.record.writes.max(0) as u64
+    }
+
+    /// The attribute `key`, if present (and not expired, see
+    /// [`set_with_expiry`](Self::set_with_expiry)).
     pub fn get(&self, key: &str) -> Option<&Value> {
+        if self.record.attribute_expired(key, crate::time::now()) {
+            return None;
+        }
         self.record.attributes.get(key)
+    }
+
+    /// When attribute `key` expires on its own, if it was set with
+    /// [`set_with_expiry`](Self::set_with_expiry).
+    pub fn attribute_expires_at(&self, key: &str) -> Option<DateTime<Utc>> {
+        self.record.attribute_expiry.get(key).copied()
     }
 
     /// The attribute `key` deserialized into `T`; `Ok(None)` when absent,
     /// [`Error::AttributeType`] when present but of another shape.
     pub fn get_as<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        decode(key, self.record.attributes.get(key))
+        decode(key, self.get(key))
     }
 
     /// Set attribute `key` to `value` (anything `Serialize`). Checked at once: a value over
@@ -108,7 +162,30 @@ impl Session {
         let value = to_json(&key, value)?;
         validate_attribute(&key, &value, self.max_attribute_size)?;
         Arc::make_mut(&mut self.record.attributes).insert(key.clone(), value);
+        if self.record.attribute_expiry.contains_key(&key) {
+            Arc::make_mut(&mut self.record.attribute_expiry).remove(&key);
+        }
+        self.changes.expiry.remove(&key);
         self.changes.keys.insert(key);
+        Ok(())
+    }
+
+    /// Set attribute `key` to `value` until `expires_at`: from then on it is invisible to every
+    /// read on every node (as if removed), and cleanup removes it from the database. For a
+    /// one-time code, a flash message, a "recently re-authenticated" mark. Setting the key
+    /// again (with [`set`](Self::set) or this) replaces the expiry; checks as `set` does, and
+    /// [`Error::InvalidExpiry`] outside the years 1970 to 9999.
+    pub fn set_with_expiry(
+        &mut self,
+        key: impl Into<String>,
+        value: impl Serialize,
+        expires_at: DateTime<Utc>,
+    ) -> Result<()> {
+        let key = key.into();
+        let expires_at = storable_expiry(expires_at)?;
+        self.set(key.clone(), value)?;
+        Arc::make_mut(&mut self.record.attribute_expiry).insert(key.clone(), expires_at);
+        self.changes.expiry.insert(key, expires_at);
         Ok(())
     }
 
@@ -118,6 +195,10 @@ impl Session {
     /// `update_session` fail with [`Error::InvalidAttribute`].
     pub fn remove(&mut self, key: &str) -> Option<Value> {
         self.changes.keys.insert(key.to_owned());
+        self.changes.expiry.remove(key);
+        if self.record.attribute_expiry.contains_key(key) {
+            Arc::make_mut(&mut self.record.attribute_expiry).remove(key);
+        }
         if self.record.attributes.contains_key(key) {
             Arc::make_mut(&mut self.record.attributes).remove(key)
         } else {
@@ -125,7 +206,7 @@ impl Session {
         }
     }
 
-    /// All attributes.
+    /// All attributes (without those that had expired when the value was read).
     pub fn attributes(&self) -> &Map<String, Value> {
         &self.record.attributes
     }
@@ -147,13 +228,21 @@ impl Session {
         !self.changes.is_empty()
     }
 
-    /// A stored session handed to a caller, with no changes yet.
-    pub(crate) fn from_record(record: Record, max_attribute_size: usize) -> Session {
+    /// A stored session handed to a caller, with no changes yet and without the attributes
+    /// expired at `now`.
+    pub(crate) fn from_record(
+        mut record: Record,
+        max_attribute_size: usize,
+        idle_timeout: Option<chrono::Duration>,
+        now: DateTime<Utc>,
+    ) -> Session {
+        record.strip_expired_attributes(now);
         Session {
             base_version: record.version,
             record,
             changes: Changes::default(),
             max_attribute_size,
+            idle_timeout,
         }
     }
 }
@@ -275,7 +364,12 @@ fn json_size(value: &Value) -> usize {
 /// A fresh session for unit tests, valid for an hour.
 #[cfg(test)]
 pub(crate) fn test_session(version: i64, max_attribute_size: usize) -> Session {
-    Session::from_record(Record::for_test(version), max_attribute_size)
+    Session::from_record(
+        Record::for_test(version),
+        max_attribute_size,
+        None,
+        Utc::now(),
+    )
 }
 
 #[cfg(test)]

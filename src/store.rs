@@ -8,6 +8,7 @@
 //! clear) call `pg_notify` directly in a CTE. Payloads follow the protocol in
 //! [`crate::notify`]; ids are sent as 32 hex digits.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -22,7 +23,7 @@ use crate::connections::Connections;
 use crate::error::{Error, Result, is_connection_lost};
 use crate::ids::UserId;
 use crate::names::Names;
-use crate::record::Record;
+use crate::record::{Client, Record};
 
 /// Run `$query.$method(conn)` on a kept or pooled connection (see [`crate::connections`]),
 /// keeping the connection for the next statement when the statement completed.
@@ -91,14 +92,20 @@ pub(crate) const PROBE: &str = "SELECT pg_notify($1, $2)";
 /// The isolation level new transactions on a connection get.
 const DEFAULT_ISOLATION: &str = "SELECT current_setting('default_transaction_isolation')";
 
-const COLUMNS: &str =
-    "id, user_id, version, attributes, created_at, updated_at, last_accessed_at, expires_at";
+const COLUMNS: &str = "id, user_id, version, attributes, created_at, updated_at, last_accessed_at, \
+     expires_at, group_id, ip, user_agent, reads, writes, attribute_expiry";
+
+/// Columns and values of a new row (`$1`..`$10`).
+const INSERT: &str = "(id, user_id, version, attributes, created_at, updated_at, \
+     last_accessed_at, expires_at, group_id, ip, user_agent, attribute_expiry, \
+     attributes_expire_at) VALUES ($1, $2, 1, $3, $4, $4, $4, $5, $6, $7, $8, $9, $10)";
 
 /// The statements, rendered once with this manager's table and channel names.
 struct Sql {
     select_one: Arc<str>,
     select_user: Arc<str>,
     insert: Arc<str>,
+    insert_announced: Arc<str>,
     create_capped: Arc<str>,
     rotate: Arc<str>,
     update: Arc<str>,
@@ -109,6 +116,13 @@ struct Sql {
     delete_user: Arc<str>,
     touch: Arc<str>,
     cleanup: Arc<str>,
+    cleanup_attributes: Arc<str>,
+    current: Arc<str>,
+    count_active: Arc<str>,
+    page: Arc<str>,
+    delete_all: Arc<str>,
+    delete_group: Arc<str>,
+    remove_user_attribute: Arc<str>,
     versions: Arc<str>,
     clear: Arc<str>,
     epoch: Arc<str>,
@@ -116,7 +130,7 @@ struct Sql {
 
 /// Every statement by name, rendered for `names`: see [`crate::statements`].
 pub(crate) fn statements(names: &Names) -> Vec<(&'static str, String)> {
-    let sql = Sql::new(names);
+    let sql = Sql::new(names, &crate::notify::new_tag());
     [
         ("select_one", &sql.select_one),
         ("select_user", &sql.select_user),
@@ -131,6 +145,14 @@ pub(crate) fn statements(names: &Names) -> Vec<(&'static str, String)> {
         ("delete_user", &sql.delete_user),
         ("touch", &sql.touch),
         ("cleanup", &sql.cleanup),
+        ("cleanup_attributes", &sql.cleanup_attributes),
+        ("current", &sql.current),
+        ("count_active", &sql.count_active),
+        ("page", &sql.page),
+        ("delete_all", &sql.delete_all),
+        ("delete_group", &sql.delete_group),
+        ("remove_user_attribute", &sql.remove_user_attribute),
+        ("insert_announced", &sql.insert_announced),
         ("versions", &sql.versions),
         ("clear", &sql.clear),
         ("epoch", &sql.epoch),
@@ -141,7 +163,8 @@ pub(crate) fn statements(names: &Names) -> Vec<(&'static str, String)> {
 }
 
 impl Sql {
-    fn new(names: &Names) -> Sql {
+    /// `tag` ends every invalidation line this node sends (see [`crate::notify`]).
+    fn new(names: &Names, tag: &str) -> Sql {
         let (ids, lines, sweep) = (
             IDS_PER_MESSAGE.to_string(),
             LINES_PER_MESSAGE.to_string(),
@@ -152,6 +175,7 @@ impl Sql {
             ("ids_per_message", ids.as_str()),
             ("lines_per_message", lines.as_str()),
             ("sweep_batch", sweep.as_str()),
+            ("tag", tag),
         ];
         let render = |sql: &str| -> Arc<str> { names.render(sql, &extra).into() };
         Sql {
@@ -160,35 +184,55 @@ impl Sql {
                 "SELECT {{cols}} FROM {{sessions}} WHERE user_id = $1 AND expires_at > $2 \
                  ORDER BY last_accessed_at DESC",
             ),
-            insert: render(
-                "INSERT INTO {{sessions}} ({{cols}}) VALUES ($1, $2, 1, $3, $4, $4, $4, $5)",
+            insert: render(&format!("INSERT INTO {{{{sessions}}}} {INSERT}")),
+            insert_announced: render(&format!(
+                "WITH created AS (INSERT INTO {{{{sessions}}}} {INSERT} RETURNING id, user_id) \
+                 SELECT pg_notify('{{{{channel}}}}', 'c ' || replace(id::text, '-', '') || ' ' \
+                     || coalesce(encode(convert_to(user_id, 'UTF8'), 'hex'), '-') || '{{{{tag}}}}')::text \
+                 FROM created"
+            )),
+            create_capped: render(
+                "SELECT {{create_fn}}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
+                 '{{tag}}', $14)",
             ),
-            create_capped: render("SELECT {{create_fn}}($1, $2, $3, $4, $5, $6, $7, $8)"),
             rotate: render(
-                "SELECT * FROM {{rotate_fn}}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                "SELECT * FROM {{rotate_fn}}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+                 $13, $14, $15, '{{tag}}')",
             ),
             // Delta: remove the removed keys, merge the set ones, never touch the others. The
             // WHERE clause makes an update of a deleted or expired session a no-op (NotFound),
             // never a re-insert. $7 is an access this node recorded and has not flushed yet.
             // The merged attributes travel back only when someone else wrote since $8, the
             // version the caller's copy was read at; otherwise the caller's copy with its own
-            // changes applied is exactly the new state.
+            // changes applied is exactly the new state. A set key loses its expiry unless $9
+            // gives it one ($10: the earliest there). With $11, only version $11 is updated
+            // (optimistic locking).
             update: render(
                 "WITH updated AS ( \
                      UPDATE {{sessions}} SET \
                          attributes = (attributes - $2::text[]) || $3::jsonb, \
+                         attribute_expiry = CASE \
+                             WHEN attribute_expiry = '{}' AND $9::jsonb = '{}' THEN attribute_expiry \
+                             ELSE (attribute_expiry - $2::text[] \
+                                   - ARRAY(SELECT jsonb_object_keys($3::jsonb))) || $9::jsonb END, \
+                         attributes_expire_at = least(attributes_expire_at, $10), \
                          expires_at = coalesce($4, expires_at), \
                          version = version + 1, \
+                         writes = writes + 1, \
                          updated_at = $5, \
                          last_accessed_at = greatest(last_accessed_at, $5) \
                      WHERE id = $1 AND expires_at > $5 \
                        AND ($6::timestamptz IS NULL OR greatest(last_accessed_at, $7) > $6) \
+                       AND ($11::int8 IS NULL OR version = $11) \
                      RETURNING id, user_id, version, created_at, updated_at, last_accessed_at, \
-                         expires_at, CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END \
-                         AS attributes \
+                         expires_at, group_id, ip, user_agent, reads, writes, \
+                         CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END AS attributes, \
+                         CASE WHEN version = $8 + 1 THEN NULL ELSE attribute_expiry END \
+                         AS attribute_expiry \
                  ), queued AS ( \
                      INSERT INTO {{outbox}} (payload) \
-                     SELECT 'u ' || replace(id::text, '-', '') || ' ' || version FROM updated \
+                     SELECT 'u ' || replace(id::text, '-', '') || ' ' || version || '{{tag}}' \
+                     FROM updated \
                      RETURNING seq, payload \
                  ) \
                  SELECT updated.*, queued.seq, queued.payload FROM updated, queued",
@@ -196,7 +240,7 @@ impl Sql {
             delete: render(
                 "WITH deleted AS (DELETE FROM {{sessions}} WHERE id = $1 RETURNING id) \
                  INSERT INTO {{outbox}} (payload) \
-                 SELECT 'd ' || replace(id::text, '-', '') FROM deleted \
+                 SELECT 'd ' || replace(id::text, '-', '') || '{{tag}}' FROM deleted \
                  RETURNING seq, payload",
             ),
             // Announce queued invalidations. The commit need not wait for the WAL flush
@@ -241,15 +285,74 @@ impl Sql {
                      DELETE FROM {{sessions}} s USING doomed d WHERE s.id = d.id RETURNING s.id \
                  ), counted AS (SELECT count(*) AS n FROM deleted) \
                  SELECT n, CASE WHEN n > 0 THEN \
-                     pg_notify('{{channel}}', 'U ' || encode(convert_to($1, 'UTF8'), 'hex'))::text END \
+                     pg_notify('{{channel}}', 'U ' || encode(convert_to($1, 'UTF8'), 'hex') \
+                         || '{{tag}}')::text END \
                  FROM counted",
+            ),
+            // The bulk writes below lock rows in id order, as logout everywhere does and as a
+            // login's cap eviction does, so none of them can deadlock with another or with a
+            // login. Each is announced in one message, whatever the number of sessions.
+            delete_group: render(
+                "WITH doomed AS ( \
+                     SELECT id FROM {{sessions}} WHERE group_id = $1 ORDER BY id FOR UPDATE \
+                 ), deleted AS ( \
+                     DELETE FROM {{sessions}} s USING doomed d WHERE s.id = d.id RETURNING s.id \
+                 ), counted AS (SELECT count(*) AS n FROM deleted) \
+                 SELECT n, CASE WHEN n > 0 THEN \
+                     pg_notify('{{channel}}', 'G ' || encode(convert_to($1, 'UTF8'), 'hex') \
+                         || '{{tag}}')::text END \
+                 FROM counted",
+            ),
+            remove_user_attribute: render(
+                "WITH doomed AS ( \
+                     SELECT id FROM {{sessions}} WHERE user_id = $1 AND attributes ? $2 \
+                     ORDER BY id FOR UPDATE \
+                 ), changed AS ( \
+                     UPDATE {{sessions}} s SET attributes = s.attributes - $2, \
+                         attribute_expiry = s.attribute_expiry - $2, \
+                         version = s.version + 1, writes = s.writes + 1, updated_at = $3 \
+                     FROM doomed d WHERE s.id = d.id RETURNING s.id \
+                 ), counted AS (SELECT count(*) AS n FROM changed) \
+                 SELECT n, CASE WHEN n > 0 THEN \
+                     pg_notify('{{channel}}', 'K ' || encode(convert_to($1, 'UTF8'), 'hex') \
+                         || '{{tag}}')::text END \
+                 FROM counted",
+            ),
+            // A clear too (the epoch moves), so that a node that misses the message empties
+            // its cache when it reconnects.
+            delete_all: render(
+                "WITH doomed AS (SELECT id FROM {{sessions}} ORDER BY id FOR UPDATE), \
+                 deleted AS ( \
+                     DELETE FROM {{sessions}} s USING doomed d WHERE s.id = d.id RETURNING s.id \
+                 ), bumped AS ( \
+                     UPDATE {{cache_epoch}} SET epoch = epoch + 1 \
+                     RETURNING epoch \
+                 ) \
+                 SELECT (SELECT count(*) FROM deleted), epoch, \
+                     pg_notify('{{channel}}', 'A ' || epoch || '{{tag}}')::text FROM bumped",
+            ),
+            current: render(
+                "SELECT version, expires_at, last_accessed_at FROM {{sessions}} WHERE id = $1",
+            ),
+            // An index range scan on last_accessed_at (migration 4).
+            count_active: render(
+                "SELECT count(*) FROM {{sessions}} WHERE last_accessed_at > $1 AND expires_at > $2",
+            ),
+            // Keyset pages in id order: a session that exists throughout is listed exactly
+            // once, whatever is written meanwhile.
+            page: render(
+                "SELECT {{cols}} FROM {{sessions}} \
+                 WHERE ($1::uuid IS NULL OR id > $1) AND expires_at > $2 \
+                 ORDER BY id LIMIT $3",
             ),
             // Never moves a timestamp backwards; no notification (last access is not cached
             // state that others could serve wrongly: idle checks re-read the database).
+            // Also adds the reads this node counted.
             touch: render(
-                "UPDATE {{sessions}} AS s SET last_accessed_at = v.at \
-                 FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, at) \
-                 WHERE s.id = v.id AND s.last_accessed_at < v.at",
+                "UPDATE {{sessions}} AS s SET last_accessed_at = greatest(s.last_accessed_at, v.at), \
+                     reads = s.reads + v.n \
+                 FROM unnest($1::uuid[], $2::timestamptz[], $3::int8[]) AS v(id, at, n) \
+                 WHERE s.id = v.id AND (s.last_accessed_at < v.at OR v.n > 0)",
             ),
             // Bounded batches; SKIP LOCKED lets every node run cleanup at once without
             // waiting on each other. Deleted ids are announced IDS_PER_MESSAGE per message.
@@ -259,14 +362,36 @@ impl Sql {
                      WHERE expires_at <= $1 OR last_accessed_at <= $2 \
                      LIMIT $3 FOR UPDATE SKIP LOCKED \
                  ), deleted AS ( \
-                     DELETE FROM {{sessions}} s USING victims v WHERE s.id = v.id RETURNING s.id \
+                     DELETE FROM {{sessions}} s USING victims v WHERE s.id = v.id \
+                     RETURNING s.id, s.user_id \
                  ), chunks AS ( \
                      SELECT (row_number() OVER () - 1) / {{ids_per_message}} AS chunk, id FROM deleted \
                  ), notified AS ( \
-                     SELECT pg_notify('{{channel}}', 'd ' || string_agg(replace(id::text, '-', ''), ','))::text AS m \
+                     SELECT pg_notify('{{channel}}', 'x ' || string_agg(replace(id::text, '-', ''), ',') \
+                         || '{{tag}}')::text AS m \
                      FROM chunks GROUP BY chunk \
                  ) \
-                 SELECT (SELECT count(*) FROM deleted), (SELECT count(m) FROM notified)",
+                 SELECT (SELECT count(*) FROM deleted), (SELECT count(m) FROM notified), \
+                     coalesce((SELECT array_agg(id) FROM deleted), '{}'), \
+                     coalesce((SELECT array_agg(user_id) FROM deleted), '{}')",
+            ),
+            // Removes attributes whose own expiry passed ($2: now in microseconds). Nothing is
+            // announced and the version stays: every read already hides them.
+            cleanup_attributes: render(
+                "WITH victims AS ( \
+                     SELECT id FROM {{sessions}} WHERE attributes_expire_at <= $1 \
+                     LIMIT $3 FOR UPDATE SKIP LOCKED \
+                 ), gone AS ( \
+                     SELECT s.id, ARRAY(SELECT e.key FROM jsonb_each(s.attribute_expiry) e \
+                                        WHERE e.value::int8 <= $2) AS keys \
+                     FROM {{sessions}} s JOIN victims v ON s.id = v.id \
+                 ) \
+                 UPDATE {{sessions}} s SET \
+                     attributes = s.attributes - g.keys, \
+                     attribute_expiry = s.attribute_expiry - g.keys, \
+                     attributes_expire_at = (SELECT to_timestamp(min(e.value::float8) / 1e6) \
+                                             FROM jsonb_each(s.attribute_expiry - g.keys) e) \
+                 FROM gone g WHERE s.id = g.id",
             ),
             versions: render("SELECT id, version FROM {{sessions}} WHERE id = ANY($1)"),
             // The epoch lets a node that missed the message notice the clear when it reconnects.
@@ -285,15 +410,33 @@ impl Sql {
     }
 }
 
-/// The state an update left, without the attributes when the caller already has them.
+/// The state an update left, without the attributes (and their expiry) when the caller
+/// already has them.
 pub(crate) struct Updated {
-    pub user_id: Option<UserId>,
-    pub version: i64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub last_accessed_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-    pub attributes: Option<Map<String, Value>>,
+    /// Everything but the attributes; its attributes are empty.
+    pub record: Record,
+    pub attributes: Option<(Map<String, Value>, AttributeExpiry)>,
+}
+
+/// Attribute key -> when it expires.
+pub(crate) type AttributeExpiry = BTreeMap<String, DateTime<Utc>>;
+
+impl Updated {
+    /// The new state, taking the attributes from `mine` when the row did not send them.
+    pub(crate) fn into_record(self, mine: &Record) -> Record {
+        let mut record = self.record;
+        match self.attributes {
+            Some((attributes, expiry)) => {
+                record.attributes = Arc::new(attributes);
+                record.attribute_expiry = Arc::new(expiry);
+            }
+            None => {
+                record.attributes = mine.attributes.clone();
+                record.attribute_expiry = mine.attribute_expiry.clone();
+            }
+        }
+        record
+    }
 }
 
 /// An invalidation committed to the outbox, to be announced.
@@ -314,6 +457,12 @@ pub(crate) struct NewSession<'a> {
     pub idle_cutoff: Option<DateTime<Utc>>,
     /// `Some((cap, reject))` when the per-user cap applies.
     pub cap: Option<(usize, bool)>,
+    pub group_id: Option<&'a str>,
+    pub client: &'a Client,
+    /// Attribute expiry, as stored (see [`expiry_json`]).
+    pub attribute_expiry: &'a BTreeMap<String, DateTime<Utc>>,
+    /// Announce the create (`Config::announce_creates`).
+    pub announce: bool,
 }
 
 /// The delta of one `update_session`.
@@ -328,6 +477,10 @@ pub(crate) struct Delta<'a> {
     pub idle_cutoff: Option<DateTime<Utc>>,
     /// An access this node recorded and has not flushed yet.
     pub pending_access: Option<DateTime<Utc>>,
+    /// The set keys that expire on their own, and when.
+    pub set_expiry: BTreeMap<String, DateTime<Utc>>,
+    /// Update only if the stored version is this one (optimistic locking).
+    pub expect_version: Option<i64>,
 }
 
 /// Arguments of a rotation or login.
@@ -347,7 +500,8 @@ pub(crate) struct Rotation<'a> {
 pub(crate) struct Rotated {
     pub updated: Updated,
     pub evicted: Vec<Uuid>,
-    pub queued: Queued,
+    /// The old id's end, to announce (`None` in memory).
+    pub queued: Option<Queued>,
 }
 
 /// The PostgreSQL side: a pool and the rendered statements.
@@ -359,11 +513,12 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    pub(crate) fn new(pool: PgPool, names: &Names) -> Store {
+    /// `tag` ends every invalidation this node sends (see [`crate::notify`]).
+    pub(crate) fn new(pool: PgPool, names: &Names, tag: &str) -> Store {
         Store {
             conns: Connections::new(pool.clone()),
             pool,
-            sql: Sql::new(names),
+            sql: Sql::new(names, tag),
         }
     }
 
@@ -427,16 +582,29 @@ impl Store {
                 }
             }
             let user = new.user_id.map(UserId::as_str);
+            let ip = new.client.ip.map(|ip| ip.to_string());
+            let expiry = expiry_json(new.attribute_expiry);
+            let expire_at = new.attribute_expiry.values().min().copied();
             match new.cap.filter(|_| user.is_some()) {
                 None => {
+                    let sql = if new.announce {
+                        &self.sql.insert_announced
+                    } else {
+                        &self.sql.insert
+                    };
                     on_conn!(
                         self,
-                        sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
+                        sqlx::query(AssertSqlSafe(sql.clone()))
                             .bind(new.id)
                             .bind(user)
                             .bind(Json(new.attributes))
                             .bind(new.now)
-                            .bind(new.expires_at),
+                            .bind(new.expires_at)
+                            .bind(new.group_id)
+                            .bind(&ip)
+                            .bind(new.client.user_agent.as_deref())
+                            .bind(Json(&expiry))
+                            .bind(expire_at),
                         execute
                     )?;
                     Ok(Vec::new())
@@ -454,7 +622,13 @@ impl Store {
                         .bind(new.idle_cutoff)
                         // validated to fit i32
                         .bind(cap as i32)
-                        .bind(reject),
+                        .bind(reject)
+                        .bind(new.group_id)
+                        .bind(&ip)
+                        .bind(new.client.user_agent.as_deref())
+                        .bind(Json(&expiry))
+                        .bind(expire_at)
+                        .bind(new.announce),
                     fetch_one
                 ),
             }
@@ -465,6 +639,8 @@ impl Store {
             Err(sqlx::Error::Database(e)) => match e.code().as_deref() {
                 Some(MAX_SESSIONS_SQLSTATE) => Err(Error::MaxSessionsReached),
                 Some(ISOLATION_SQLSTATE) => Err(Error::InvalidConfig(e.message().to_owned())),
+                // Only the id is unique.
+                Some("23505") => Err(Error::AlreadyExists),
                 _ => Err(sqlx::Error::Database(e).into()),
             },
             Err(e) => Err(e.into()),
@@ -485,20 +661,14 @@ impl Store {
                 .bind(delta.now)
                 .bind(delta.idle_cutoff)
                 .bind(delta.pending_access)
-                .bind(delta.base_version),
+                .bind(delta.base_version)
+                .bind(Json(expiry_json(&delta.set_expiry)))
+                .bind(delta.set_expiry.values().min().copied())
+                .bind(delta.expect_version),
             fetch_optional
         )?;
         let Some(row) = row else { return Ok(None) };
-        let attributes: Option<Json<Map<String, Value>>> = row.try_get("attributes")?;
-        let updated = Updated {
-            user_id: user_of(&row)?,
-            version: row.try_get("version")?,
-            created_at: row.try_get("created_at")?,
-            updated_at: row.try_get("updated_at")?,
-            last_accessed_at: row.try_get("last_accessed_at")?,
-            expires_at: row.try_get("expires_at")?,
-            attributes: attributes.map(|Json(map)| map),
-        };
+        let updated = updated_from_row(&row)?;
         let queued = Queued {
             seq: row.try_get("seq")?,
             payload: row.try_get("payload")?,
@@ -534,7 +704,9 @@ impl Store {
                 .bind(d.pending_access)
                 .bind(r.cap_cutoff)
                 .bind(cap)
-                .bind(reject),
+                .bind(reject)
+                .bind(Json(expiry_json(&d.set_expiry)))
+                .bind(d.set_expiry.values().min().copied()),
             fetch_optional
         );
         let row = match row {
@@ -545,22 +717,15 @@ impl Store {
             Err(e) => return Err(e.into()),
         };
         let Some(row) = row else { return Ok(None) };
-        let Json(attributes): Json<Map<String, Value>> = row.try_get("attributes")?;
+        let mut updated = updated_from_row(&row)?;
+        updated.record.id = r.new_id;
         Ok(Some(Rotated {
-            updated: Updated {
-                user_id: user_of(&row)?,
-                version: row.try_get("version")?,
-                created_at: row.try_get("created_at")?,
-                updated_at: row.try_get("updated_at")?,
-                last_accessed_at: row.try_get("last_accessed_at")?,
-                expires_at: row.try_get("expires_at")?,
-                attributes: Some(attributes),
-            },
+            updated,
             evicted: row.try_get("evicted")?,
-            queued: Queued {
+            queued: Some(Queued {
                 seq: row.try_get("seq")?,
                 payload: row.try_get("payload")?,
-            },
+            }),
         }))
     }
 
@@ -645,25 +810,31 @@ impl Store {
     /// Write recorded accesses (sorted by id, which keeps concurrent flushes from several nodes
     /// mostly in the same lock order; a deadlock with another statement is still possible and
     /// is handled by retrying the flush later).
-    pub(crate) async fn touch(&self, ids: &[Uuid], times: &[DateTime<Utc>]) -> Result<u64> {
+    pub(crate) async fn touch(
+        &self,
+        ids: &[Uuid],
+        times: &[DateTime<Utc>],
+        reads: &[i64],
+    ) -> Result<u64> {
         let done = on_conn!(
             self,
             sqlx::query(AssertSqlSafe(self.sql.touch.clone()))
                 .bind(ids)
-                .bind(times),
+                .bind(times)
+                .bind(reads),
             execute
         )?;
         Ok(done.rows_affected())
     }
 
-    /// Delete up to `limit` expired sessions; returns how many were deleted.
+    /// Delete up to `limit` expired sessions; returns the deleted ones and their users.
     pub(crate) async fn cleanup_batch(
         &self,
         now: DateTime<Utc>,
         idle_cutoff: Option<DateTime<Utc>>,
         limit: usize,
-    ) -> Result<u64> {
-        let (deleted, _messages): (i64, i64) = on_conn!(
+    ) -> Result<Vec<(Uuid, Option<UserId>)>> {
+        let (_deleted, _messages, ids, users): (i64, i64, Vec<Uuid>, Vec<Option<String>>) = on_conn!(
             self,
             sqlx::query_as(AssertSqlSafe(self.sql.cleanup.clone()))
                 .bind(now)
@@ -671,7 +842,131 @@ impl Store {
                 .bind(limit as i64),
             fetch_one
         )?;
-        Ok(deleted as u64)
+        Ok(ids
+            .into_iter()
+            .zip(users.into_iter().map(|u| u.map(UserId::from)))
+            .collect())
+    }
+
+    /// Remove up to `limit` sessions' expired attributes; how many sessions changed.
+    pub(crate) async fn cleanup_attributes(&self, now: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let done = on_conn!(
+            self,
+            sqlx::query(AssertSqlSafe(self.sql.cleanup_attributes.clone()))
+                .bind(now)
+                .bind(now.timestamp_micros())
+                .bind(limit as i64),
+            execute
+        )?;
+        Ok(done.rows_affected())
+    }
+
+    /// A session's version, absolute expiry and stored last access, if it exists.
+    pub(crate) async fn current(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<(i64, DateTime<Utc>, DateTime<Utc>)>> {
+        Ok(again_if_lost(|_| async {
+            on_conn!(
+                self,
+                sqlx::query_as(AssertSqlSafe(self.sql.current.clone())).bind(id),
+                fetch_optional
+            )
+        })
+        .await?)
+    }
+
+    /// Sessions not past their absolute expiry and accessed after `since` (as stored).
+    pub(crate) async fn count_active(
+        &self,
+        since: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<u64> {
+        let n: i64 = again_if_lost(|_| async {
+            on_conn!(
+                self,
+                sqlx::query_scalar(AssertSqlSafe(self.sql.count_active.clone()))
+                    .bind(since)
+                    .bind(now),
+                fetch_one
+            )
+        })
+        .await?;
+        Ok(n as u64)
+    }
+
+    /// Up to `limit` sessions not past their absolute expiry with ids above `after`, in id
+    /// order.
+    pub(crate) async fn page(
+        &self,
+        after: Option<Uuid>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Record>> {
+        let rows = again_if_lost(|_| async {
+            on_conn!(
+                self,
+                sqlx::query(AssertSqlSafe(self.sql.page.clone()))
+                    .bind(after)
+                    .bind(now)
+                    .bind(limit as i64),
+                fetch_all
+            )
+        })
+        .await?;
+        rows.iter().map(record_from_row).collect()
+    }
+
+    /// Delete every session; how many, and the new cache epoch.
+    pub(crate) async fn delete_all(&self) -> Result<(u64, i64)> {
+        let (n, epoch, _): (i64, i64, Option<String>) = again_if_lost(|_| async {
+            on_conn!(
+                self,
+                sqlx::query_as(AssertSqlSafe(self.sql.delete_all.clone())),
+                fetch_one
+            )
+        })
+        .await?;
+        Ok((n as u64, epoch))
+    }
+
+    /// Delete every session of a group; how many.
+    pub(crate) async fn delete_group(&self, group: &str) -> Result<u64> {
+        self.bulk(&self.sql.delete_group, group, None).await
+    }
+
+    /// Remove attribute `key` from every session of a user; how many sessions had it.
+    pub(crate) async fn remove_user_attribute(
+        &self,
+        user: &UserId,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64> {
+        self.bulk(
+            &self.sql.remove_user_attribute,
+            user.as_str(),
+            Some((key, now)),
+        )
+        .await
+    }
+
+    /// Run a bulk statement returning `(count, notification)`, again if its connection is lost
+    /// (running it twice leaves the same state).
+    async fn bulk(
+        &self,
+        sql: &Arc<str>,
+        subject: &str,
+        key: Option<(&str, DateTime<Utc>)>,
+    ) -> Result<u64> {
+        let (n, _): (i64, Option<String>) = again_if_lost(|_| async {
+            let mut query = sqlx::query_as(AssertSqlSafe(sql.clone())).bind(subject);
+            if let Some((key, now)) = key {
+                query = query.bind(key).bind(now);
+            }
+            on_conn!(self, query, fetch_one)
+        })
+        .await?;
+        Ok(n as u64)
     }
 
     /// Current versions of the given sessions (absent ones are missing from the result).
@@ -720,16 +1015,69 @@ impl Store {
 
 fn record_from_row(row: &PgRow) -> Result<Record> {
     let Json(attributes): Json<Map<String, Value>> = row.try_get("attributes")?;
+    let Json(expiry): Json<Map<String, Value>> = row.try_get("attribute_expiry")?;
+    let mut record = record_without_attributes(row, row.try_get("id")?)?;
+    record.attributes = Arc::new(attributes);
+    record.attribute_expiry = Arc::new(expiry_from_json(&expiry));
+    Ok(record)
+}
+
+/// Every column but the attributes and their expiry (left empty).
+fn record_without_attributes(row: &PgRow, id: Uuid) -> Result<Record> {
+    let ip: Option<String> = row.try_get("ip")?;
+    let group: Option<String> = row.try_get("group_id")?;
     Ok(Record {
-        id: row.try_get("id")?,
+        id,
         user_id: user_of(row)?,
         version: row.try_get("version")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         last_accessed_at: row.try_get("last_accessed_at")?,
         expires_at: row.try_get("expires_at")?,
-        attributes: Arc::new(attributes),
+        attributes: Arc::default(),
+        attribute_expiry: Arc::default(),
+        group_id: group.map(Arc::from),
+        client: Arc::new(Client {
+            // Written by pgsession from an IpAddr; anything else (a hand edit) is not one.
+            ip: ip.and_then(|ip| ip.parse().ok()),
+            user_agent: row.try_get("user_agent")?,
+        }),
+        reads: row.try_get("reads")?,
+        writes: row.try_get("writes")?,
     })
+}
+
+/// The row an update or rotation returned. Rotations return no id column: the caller sets it.
+fn updated_from_row(row: &PgRow) -> Result<Updated> {
+    let id = row.try_get("id").unwrap_or_default();
+    let attributes: Option<Json<Map<String, Value>>> = row.try_get("attributes")?;
+    let expiry: Option<Json<Map<String, Value>>> = row.try_get("attribute_expiry")?;
+    Ok(Updated {
+        record: record_without_attributes(row, id)?,
+        attributes: attributes.map(|Json(map)| {
+            let expiry = expiry
+                .map(|Json(e)| expiry_from_json(&e))
+                .unwrap_or_default();
+            (map, expiry)
+        }),
+    })
+}
+
+/// Attribute expiry as stored: key -> microseconds since 1970.
+pub(crate) fn expiry_json(expiry: &BTreeMap<String, DateTime<Utc>>) -> Map<String, Value> {
+    expiry
+        .iter()
+        .map(|(k, at)| (k.clone(), Value::from(at.timestamp_micros())))
+        .collect()
+}
+
+fn expiry_from_json(json: &Map<String, Value>) -> BTreeMap<String, DateTime<Utc>> {
+    json.iter()
+        .filter_map(|(k, v)| {
+            let at = DateTime::from_timestamp_micros(v.as_i64()?)?;
+            Some((k.clone(), at))
+        })
+        .collect()
 }
 
 fn user_of(row: &PgRow) -> Result<Option<UserId>> {

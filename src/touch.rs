@@ -4,7 +4,8 @@
 //! background task writes all pending accesses with one `UPDATE ... FROM unnest(...)` per
 //! `last_access_batch_size` sessions. Accesses to the same session merge (the latest wins), a
 //! failed flush puts its accesses back (merged with newer ones), and the SQL never moves a
-//! timestamp backwards. Memory is bounded by `max_pending_touches`.
+//! timestamp backwards. Memory is bounded by `max_pending_touches`. Reads are counted here
+//! too, and added to the session's count by the same statement.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -14,11 +15,18 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::shard::{Padded, ShardPicker, shard_count};
-use crate::store::Store;
 
-type Pending = HashMap<Uuid, DateTime<Utc>>;
+/// A session's pending access: the latest time, and the reads counted since the last flush.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Access {
+    at: DateTime<Utc>,
+    reads: i64,
+}
+
+type Pending = HashMap<Uuid, Access>;
 
 pub(crate) struct Touches {
     shards: Box<[Padded<Mutex<Pending>>]>,
@@ -68,13 +76,23 @@ impl Touches {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Record an access at `at` (merged with any pending one for the same session).
+    /// Record a read at `at` (merged with any pending access to the same session).
     pub(crate) fn record(&self, id: Uuid, at: DateTime<Utc>) {
+        self.add(id, at, 1);
+    }
+
+    /// Record an access at `at` that is not a read (`touch_session`).
+    pub(crate) fn keep_alive(&self, id: Uuid, at: DateTime<Utc>) {
+        self.add(id, at, 0);
+    }
+
+    fn add(&self, id: Uuid, at: DateTime<Utc>, reads: i64) {
         let mut shard = self.lock(self.picker.pick(&id));
         if let Some(t) = shard.get_mut(&id) {
-            if *t < at {
-                *t = at;
+            if t.at < at {
+                t.at = at;
             }
+            t.reads += reads;
             return;
         }
         let before = self.len.fetch_add(1, Ordering::Relaxed);
@@ -83,7 +101,7 @@ impl Touches {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        shard.insert(id, at);
+        shard.insert(id, Access { at, reads });
         if before + 1 == self.flush_at {
             self.wake.notify_one();
         }
@@ -91,7 +109,14 @@ impl Touches {
 
     /// The pending (not yet written) access of a session, if any.
     pub(crate) fn pending(&self, id: Uuid) -> Option<DateTime<Utc>> {
-        self.lock(self.picker.pick(&id)).get(&id).copied()
+        self.lock(self.picker.pick(&id)).get(&id).map(|a| a.at)
+    }
+
+    /// Reads of a session counted here and not yet written.
+    pub(crate) fn pending_reads(&self, id: Uuid) -> i64 {
+        self.lock(self.picker.pick(&id))
+            .get(&id)
+            .map_or(0, |a| a.reads)
     }
 
     /// A sorted copy of every pending access. Entries stay in the buffer until their write has
@@ -99,7 +124,7 @@ impl Touches {
     /// is under way, and a failed or cancelled flush loses nothing. Sorting keeps the lock order
     /// of concurrent flushes from several nodes mostly aligned (deadlocks are still possible
     /// with other statements; a failed flush is simply retried).
-    fn snapshot(&self) -> Vec<(Uuid, DateTime<Utc>)> {
+    fn snapshot(&self) -> Vec<(Uuid, Access)> {
         let mut all = Vec::with_capacity(self.len());
         for i in 0..self.shards.len() {
             all.extend(self.lock(i).iter().map(|(id, at)| (*id, *at)));
@@ -108,13 +133,17 @@ impl Touches {
         all
     }
 
-    /// Forget accesses that are now in the database, unless a later one arrived meanwhile.
-    fn settle(&self, written: &[(Uuid, DateTime<Utc>)]) {
-        for (id, at) in written {
+    /// Forget accesses that are now in the database, keeping what arrived meanwhile (a later
+    /// time, more reads).
+    fn settle(&self, written: &[(Uuid, Access)]) {
+        for (id, done) in written {
             let mut shard = self.lock(self.picker.pick(id));
-            if shard.get(id).is_some_and(|pending| pending <= at) {
-                shard.remove(id);
-                self.len.fetch_sub(1, Ordering::Relaxed);
+            if let Some(pending) = shard.get_mut(id) {
+                pending.reads -= done.reads;
+                if pending.at <= done.at && pending.reads <= 0 {
+                    shard.remove(id);
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -132,7 +161,7 @@ impl Touches {
     /// Write every pending access, `batch` sessions per statement. Accesses leave the buffer
     /// only once written; on failure (or if this future is dropped) the rest stay for the next
     /// attempt, and the error is returned.
-    pub(crate) async fn flush(&self, store: &Store, batch: usize) -> Result<u64> {
+    pub(crate) async fn flush(&self, store: &Backend, batch: usize) -> Result<u64> {
         let result = self.flush_all(store, batch).await;
         let counter = if result.is_ok() {
             &self.flushes
@@ -143,13 +172,15 @@ impl Touches {
         result
     }
 
-    async fn flush_all(&self, store: &Store, batch: usize) -> Result<u64> {
+    async fn flush_all(&self, store: &Backend, batch: usize) -> Result<u64> {
         let _one_at_a_time = self.flushing.lock().await;
         let items = self.snapshot();
         let mut written = 0;
         for chunk in items.chunks(batch) {
-            let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = chunk.iter().copied().unzip();
-            written += store.touch(&ids, &times).await?;
+            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+            let times: Vec<DateTime<Utc>> = chunk.iter().map(|(_, a)| a.at).collect();
+            let reads: Vec<i64> = chunk.iter().map(|(_, a)| a.reads).collect();
+            written += store.touch(&ids, &times, &reads).await?;
             self.settle(chunk);
         }
         Ok(written)

@@ -38,7 +38,7 @@ use time::OffsetDateTime;
 use tower_sessions_core::session::{Id, Record};
 use tower_sessions_core::session_store::{self, ExpiredDeletion, SessionStore};
 
-use crate::{Error, Session, SessionId, SessionManager, SessionToken, UserId};
+use crate::{Error, Session, SessionId, SessionManager, SessionOptions, SessionToken, UserId};
 
 /// A tower-sessions [`SessionStore`] in pgsession's tables, served from its coherent cache.
 #[derive(Clone, Debug)]
@@ -125,11 +125,6 @@ fn store_error(error: Error) -> session_store::Error {
     }
 }
 
-fn is_unique_violation(error: &Error) -> bool {
-    matches!(error, Error::Database(e)
-        if e.as_database_error().is_some_and(|d| d.is_unique_violation()))
-}
-
 /// Make `session`'s attributes and expiry those of `record` (changed keys only).
 fn apply(session: &mut Session, record: &Record, expires_at: DateTime<Utc>) -> Result<(), Error> {
     let gone: Vec<String> = session
@@ -158,15 +153,17 @@ impl SessionStore for PgSessionStore {
     async fn create(&self, record: &mut Record) -> session_store::Result<()> {
         let expires_at = expiry(record.expiry_date)?;
         loop {
-            let user = self.user_of(&record.data);
+            let mut options = SessionOptions::new();
+            options.user = self.user_of(&record.data);
+            options.validate().map_err(store_error)?;
             let attributes = record.data.iter().map(|(k, v)| (k.clone(), v));
             match self
                 .manager
-                .create_with(&token(&record.id), user, attributes, Some(expires_at))
+                .create_with(&token(&record.id), &options, attributes, Some(expires_at))
                 .await
             {
                 Ok(_) => return Ok(()),
-                Err(e) if is_unique_violation(&e) => record.id = Id::default(),
+                Err(Error::AlreadyExists) => record.id = Id::default(),
                 Err(e) => return Err(store_error(e)),
             }
         }
