@@ -200,9 +200,13 @@ BEGIN
             current_setting('transaction_isolation')
             USING ERRCODE = 'PS002';
     END IF;
-    -- The user's lock first, as a create takes it, then the session's row.
+    -- The user's lock first, as a create takes it, then the session's row. A login locks
+    -- that row together with the user's rows, in id order, the order of every bulk write:
+    -- locking its own row first could deadlock with one.
     IF p_set_user AND p_user_id IS NOT NULL AND p_max_sessions IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock({{lock_class}}, hashtext(p_user_id));
+        PERFORM 1 FROM {{sessions}} s WHERE s.user_id = p_user_id OR s.id = p_old
+            ORDER BY s.id FOR UPDATE;
     END IF;
     SELECT * INTO v_row FROM {{sessions}} s
     WHERE s.id = p_old AND s.expires_at > p_now

@@ -65,6 +65,22 @@ where
     }
 }
 
+/// Run `statement` again (up to [`ATTEMPTS_IF_LOST`] times) while it deadlocks: for writes
+/// whose failure proves nothing was written only in that case.
+async fn again_if_deadlocked<T, F, Fut>(statement: F) -> Result<T, sqlx::Error>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        match statement().await {
+            Err(e) if attempt + 1 < ATTEMPTS_IF_LOST && is_deadlock(&e) => attempt += 1,
+            other => return other,
+        }
+    }
+}
+
 fn is_deadlock(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
 }
@@ -689,26 +705,34 @@ impl Store {
             Some((cap, reject)) => (Some(cap as i32), reject),
             None => (None, false),
         };
-        let row = on_conn!(
-            self,
-            sqlx::query(AssertSqlSafe(self.sql.rotate.clone()))
-                .bind(d.id)
-                .bind(r.new_id)
-                .bind(set_user)
-                .bind(user)
-                .bind(&d.removed)
-                .bind(Json(&d.set))
-                .bind(d.expires_at)
-                .bind(d.now)
-                .bind(d.idle_cutoff)
-                .bind(d.pending_access)
-                .bind(r.cap_cutoff)
-                .bind(cap)
-                .bind(reject)
-                .bind(Json(expiry_json(&d.set_expiry)))
-                .bind(d.set_expiry.values().min().copied()),
-            fetch_optional
-        );
+        // A login locks the user's rows in id order, as bulk writes do; a bulk write that met
+        // a row while this rotation was moving it to its new id can still close a cycle, which
+        // PostgreSQL breaks by rolling one transaction back whole. Run again then: nothing of
+        // the attempt was written.
+        let expiry = Json(expiry_json(&d.set_expiry));
+        let row = again_if_deadlocked(|| async {
+            on_conn!(
+                self,
+                sqlx::query(AssertSqlSafe(self.sql.rotate.clone()))
+                    .bind(d.id)
+                    .bind(r.new_id)
+                    .bind(set_user)
+                    .bind(user)
+                    .bind(&d.removed)
+                    .bind(Json(&d.set))
+                    .bind(d.expires_at)
+                    .bind(d.now)
+                    .bind(d.idle_cutoff)
+                    .bind(d.pending_access)
+                    .bind(r.cap_cutoff)
+                    .bind(cap)
+                    .bind(reject)
+                    .bind(&expiry)
+                    .bind(d.set_expiry.values().min().copied()),
+                fetch_optional
+            )
+        })
+        .await;
         let row = match row {
             Ok(row) => row,
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(MAX_SESSIONS_SQLSTATE) => {
