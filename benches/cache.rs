@@ -301,6 +301,45 @@ async fn run(url: String) {
         us(visible.percentile(0.99)),
         us(visible.percentile(1.0))
     );
+    // ---- cross-node events: the same delay, measured without polling -----------------------
+    // B's receiver task stamps each event as it arrives; nothing competes with the listener.
+    let mut events = b.subscribe_events();
+    let (stamps_tx, mut stamps) = tokio::sync::mpsc::unbounded_channel();
+    let watched = s.id();
+    let receiver = tokio::spawn(async move {
+        while let Ok(e) = events.recv().await {
+            if e.session_id == Some(watched) && e.kind == pgsession::SessionEventKind::Updated {
+                let _ = stamps_tx.send((e.version, Instant::now()));
+            }
+        }
+    });
+    let mut delay = Samples::new();
+    for i in 0..1000 {
+        s.set("n", 10_000 + i).unwrap();
+        a.update_session(&mut s).await.unwrap();
+        let returned = Instant::now();
+        loop {
+            let (version, at) = tokio::time::timeout(Duration::from_secs(5), stamps.recv())
+                .await
+                .expect("the event arrives")
+                .unwrap();
+            if version == Some(s.version()) {
+                delay.push(at.saturating_duration_since(returned));
+                break;
+            }
+        }
+    }
+    receiver.abort();
+    println!(
+        "\ncross-node event: A's update_session returns -> B's subscribe_events receiver has it"
+    );
+    println!(
+        "  event on B after   : median {}  p99 {}  max {}",
+        us(delay.median()),
+        us(delay.percentile(0.99)),
+        us(delay.percentile(1.0))
+    );
+
     let stats = b.stats();
     println!(
         "\nnode B: {} hits, {} misses, {} invalidations, {} fills rejected",

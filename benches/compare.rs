@@ -241,21 +241,23 @@ impl Systems {
                 let now = Utc::now();
                 let expires = now + chrono::Duration::days(30);
                 if kind != Kind::RawInsert {
-                    let query = sqlx::query_scalar::<_, Vec<Uuid>>(raw_sql().create)
-                        .bind(id)
-                        .bind(Uuid::new_v4().to_string())
-                        .bind(Json(&attrs))
-                        .bind(now)
-                        .bind(expires)
-                        .bind(now - chrono::Duration::hours(48))
-                        .bind(5i32)
-                        .bind(false)
-                        .bind(None::<&str>)
-                        .bind(None::<&str>)
-                        .bind(None::<&str>)
-                        .bind(Json(serde_json::Map::new()))
-                        .bind(None::<chrono::DateTime<Utc>>)
-                        .bind(false);
+                    let query = sqlx::query_as::<_, (Vec<Uuid>, Option<i64>, Option<String>)>(
+                        raw_sql().create,
+                    )
+                    .bind(id)
+                    .bind(Uuid::new_v4().to_string())
+                    .bind(Json(&attrs))
+                    .bind(now)
+                    .bind(expires)
+                    .bind(now - chrono::Duration::hours(48))
+                    .bind(5i32)
+                    .bind(false)
+                    .bind(None::<&str>)
+                    .bind(None::<&str>)
+                    .bind(None::<&str>)
+                    .bind(Json(serde_json::Map::new()))
+                    .bind(None::<chrono::DateTime<Utc>>)
+                    .bind(false);
                     on_raw!(self, kind, query, fetch_one).unwrap();
                 } else {
                     let query = sqlx::query(raw_sql().insert)

@@ -237,24 +237,26 @@ async fn run_pgsession(
 
 async fn floor_create(conn: &mut PgConnection, sql: &FloorSql) {
     let now = Utc::now();
-    sqlx::query_scalar::<_, Vec<Uuid>>(AssertSqlSafe(sql.create.clone()))
-        .bind(Uuid::new_v4())
-        .bind(Uuid::new_v4().to_string())
-        .bind(Json(small()))
-        .bind(now)
-        .bind(now + chrono::Duration::days(30))
-        .bind(now - chrono::Duration::hours(48))
-        .bind(5i32)
-        .bind(false)
-        .bind(None::<&str>)
-        .bind(None::<&str>)
-        .bind(None::<&str>)
-        .bind(Json(serde_json::Map::new()))
-        .bind(None::<chrono::DateTime<Utc>>)
-        .bind(false)
-        .fetch_one(conn)
-        .await
-        .unwrap();
+    sqlx::query_as::<_, (Vec<Uuid>, Option<i64>, Option<String>)>(AssertSqlSafe(
+        sql.create.clone(),
+    ))
+    .bind(Uuid::new_v4())
+    .bind(Uuid::new_v4().to_string())
+    .bind(Json(small()))
+    .bind(now)
+    .bind(now + chrono::Duration::days(30))
+    .bind(now - chrono::Duration::hours(48))
+    .bind(5i32)
+    .bind(false)
+    .bind(None::<&str>)
+    .bind(None::<&str>)
+    .bind(None::<&str>)
+    .bind(Json(serde_json::Map::new()))
+    .bind(None::<chrono::DateTime<Utc>>)
+    .bind(false)
+    .fetch_one(conn)
+    .await
+    .unwrap();
 }
 
 /// The new version.

@@ -98,8 +98,10 @@ BEGIN
 END
 $fn$;
 
--- As in migration 3, with the session's group and client, the node's tag, and with p_announce
--- a notification of the new session ('c <id> <user in hex, or ->').
+-- As in migration 3, with the session's group and client, and with p_announce an outbox entry
+-- announcing the new session ('c <id> <user in hex, or ->' and the node's tag), sent after the
+-- commit like an update's (a NOTIFY in the transaction would serialise every create on
+-- PostgreSQL's commit-time notification lock). Returns the evicted ids and that entry.
 CREATE FUNCTION {{create_fn}}(
     p_id           uuid,
     p_user_id      text,
@@ -116,12 +118,14 @@ CREATE FUNCTION {{create_fn}}(
     p_attributes_expire_at timestamptz,
     p_tag          text,
     p_announce     boolean
-) RETURNS uuid[]
+) RETURNS TABLE (evicted uuid[], seq bigint, payload text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     v_evicted uuid[] := '{}';
+    v_seq     bigint;
+    v_payload text;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'pgsession needs READ COMMITTED to enforce the per-user cap, not %',
@@ -140,10 +144,12 @@ BEGIN
         (p_id, p_user_id, 1, p_attributes, p_now, p_now, p_now, p_expires_at,
          p_group_id, p_ip, p_user_agent, p_attribute_expiry, p_attributes_expire_at);
     IF p_announce THEN
-        PERFORM pg_notify('{{channel}}', 'c ' || replace(p_id::text, '-', '') || ' '
-            || coalesce(encode(convert_to(p_user_id, 'UTF8'), 'hex'), '-') || p_tag);
+        INSERT INTO {{outbox}} AS o (payload)
+        VALUES ('c ' || replace(p_id::text, '-', '') || ' '
+                || coalesce(encode(convert_to(p_user_id, 'UTF8'), 'hex'), '-') || p_tag)
+        RETURNING o.seq, o.payload INTO v_seq, v_payload;
     END IF;
-    RETURN v_evicted;
+    RETURN QUERY SELECT v_evicted, v_seq, v_payload;
 END
 $fn$;
 

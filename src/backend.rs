@@ -45,11 +45,11 @@ impl Backend {
         }
     }
 
-    /// Returns the sessions evicted for the cap.
-    pub(crate) async fn create(&self, new: &NewSession<'_>) -> Result<Vec<Uuid>> {
+    /// Returns the sessions evicted for the cap, and the create's announcement, if any.
+    pub(crate) async fn create(&self, new: &NewSession<'_>) -> Result<(Vec<Uuid>, Option<Queued>)> {
         match self {
             Backend::Pg(s) => s.create(new).await,
-            Backend::Memory(m) => m.create(new),
+            Backend::Memory(m) => Ok((m.create(new)?, None)),
         }
     }
 

@@ -115,9 +115,9 @@ pub struct Config {
     /// Whether creates are announced to the other nodes, so that their
     /// [`subscribe_events`](crate::SessionManager::subscribe_events) receivers see
     /// [`Created`](crate::SessionEventKind::Created) events from everywhere. Off by default:
-    /// caches need no word of a new session, and the notification costs every create a share
-    /// of PostgreSQL's commit-time NOTIFY lock (see BENCHMARKS.md for the measured cost).
-    /// This node's own receivers see its creates either way.
+    /// caches need no word of a new session, and announcing costs each create an outbox row
+    /// and a share of a NOTIFY (see BENCHMARKS.md for the measured cost). This node's own
+    /// receivers see its creates either way.
     pub announce_creates: bool,
 }
 

@@ -579,7 +579,10 @@ impl SessionManager {
             announce: inner.config.announce_creates,
         };
         let fill = inner.cache.token_for(id);
-        let evicted = inner.store.create(&new).await?;
+        let (evicted, queued) = inner.store.create(&new).await?;
+        if let Some(queued) = queued {
+            inner.outbox.push(queued);
+        }
         let expires_at = new.expires_at;
         // Other nodes learn of the evictions by notification; this node must not serve them
         // even for the moment until its own notification arrives.

@@ -201,15 +201,17 @@ impl Sql {
                  ORDER BY last_accessed_at DESC",
             ),
             insert: render(&format!("INSERT INTO {{{{sessions}}}} {INSERT}")),
+            // Announced through the outbox, as updates are.
             insert_announced: render(&format!(
                 "WITH created AS (INSERT INTO {{{{sessions}}}} {INSERT} RETURNING id, user_id) \
-                 SELECT pg_notify('{{{{channel}}}}', 'c ' || replace(id::text, '-', '') || ' ' \
-                     || coalesce(encode(convert_to(user_id, 'UTF8'), 'hex'), '-') || '{{{{tag}}}}')::text \
-                 FROM created"
+                 INSERT INTO {{{{outbox}}}} (payload) \
+                 SELECT 'c ' || replace(id::text, '-', '') || ' ' \
+                     || coalesce(encode(convert_to(user_id, 'UTF8'), 'hex'), '-') || '{{{{tag}}}}' \
+                 FROM created RETURNING seq, payload"
             )),
             create_capped: render(
-                "SELECT {{create_fn}}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-                 '{{tag}}', $14)",
+                "SELECT * FROM {{create_fn}}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+                 $13, '{{tag}}', $14)",
             ),
             rotate: render(
                 "SELECT * FROM {{rotate_fn}}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
@@ -585,7 +587,8 @@ impl Store {
     /// A create whose connection was lost may have committed: the id is ours alone, so the
     /// retry first looks for it, and runs the create again only if it is not there (the
     /// sessions the lost attempt evicted were announced by its own commit).
-    pub(crate) async fn create(&self, new: &NewSession<'_>) -> Result<Vec<Uuid>> {
+    /// With `new.announce`, also the outbox entry announcing it.
+    pub(crate) async fn create(&self, new: &NewSession<'_>) -> Result<(Vec<Uuid>, Option<Queued>)> {
         let result = again_if_lost(|attempt| async move {
             if attempt > 0 {
                 let exists = on_conn!(
@@ -594,7 +597,8 @@ impl Store {
                     fetch_optional
                 )?;
                 if exists.is_some() {
-                    return Ok(Vec::new());
+                    // The lost attempt's outbox entry is left to the sweep.
+                    return Ok((Vec::new(), None));
                 }
             }
             let user = new.user_id.map(UserId::as_str);
@@ -608,9 +612,9 @@ impl Store {
                     } else {
                         &self.sql.insert
                     };
-                    on_conn!(
+                    let queued: Option<(i64, String)> = on_conn!(
                         self,
-                        sqlx::query(AssertSqlSafe(sql.clone()))
+                        sqlx::query_as(AssertSqlSafe(sql.clone()))
                             .bind(new.id)
                             .bind(user)
                             .bind(Json(new.attributes))
@@ -621,15 +625,16 @@ impl Store {
                             .bind(new.client.user_agent.as_deref())
                             .bind(Json(&expiry))
                             .bind(expire_at),
-                        execute
+                        fetch_optional
                     )?;
-                    Ok(Vec::new())
+                    Ok((Vec::new(), queued.map(|(seq, payload)| Queued { seq, payload })))
                 }
                 // Evicting rows can deadlock with another node's last-access flush; the
                 // transaction was then rolled back entirely, and is run again.
-                Some((cap, reject)) => on_conn!(
+                Some((cap, reject)) => {
+                    let (evicted, seq, payload): (Vec<Uuid>, Option<i64>, Option<String>) = on_conn!(
                     self,
-                    sqlx::query_scalar(AssertSqlSafe(self.sql.create_capped.clone()))
+                    sqlx::query_as(AssertSqlSafe(self.sql.create_capped.clone()))
                         .bind(new.id)
                         .bind(user)
                         .bind(Json(new.attributes))
@@ -646,12 +651,15 @@ impl Store {
                         .bind(expire_at)
                         .bind(new.announce),
                     fetch_one
-                ),
+                    )?;
+                    let queued = seq.zip(payload).map(|(seq, payload)| Queued { seq, payload });
+                    Ok((evicted, queued))
+                }
             }
         })
         .await;
         match result {
-            Ok(evicted) => Ok(evicted),
+            Ok(created) => Ok(created),
             Err(sqlx::Error::Database(e)) => match e.code().as_deref() {
                 Some(MAX_SESSIONS_SQLSTATE) => Err(Error::MaxSessionsReached),
                 Some(ISOLATION_SQLSTATE) => Err(Error::InvalidConfig(e.message().to_owned())),
