@@ -22,6 +22,9 @@ ALTER TABLE {{sessions}}
     -- time may linger, which only makes cleanup look at the row once too often).
     ADD COLUMN attributes_expire_at timestamptz;
 
+-- When a cleanup run last finished, for operators (`pgsession status`).
+ALTER TABLE {{cache_epoch}} ADD COLUMN last_cleanup_at timestamptz;
+
 CREATE INDEX IF NOT EXISTS "{{prefix}}sessions_group_id_idx"
     ON {{sessions}} (group_id) WHERE group_id IS NOT NULL;
 -- For activity counts and for cleanup by inactivity.

@@ -89,6 +89,7 @@ impl Announcer {
             // Other nodes serve the old state until this succeeds.
             backoff.reset();
             while let Err(e) = self.announce_queued(&mut state).await {
+                self.outbox.failures.fetch_add(1, Ordering::Relaxed);
                 let pause = backoff.next_pause();
                 tracing::warn!(error = %e, retry_in = ?pause, "pgsession: announcing invalidations failed; will retry");
                 tokio::select! {

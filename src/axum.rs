@@ -35,9 +35,11 @@ use std::task::{Context, Poll};
 use axum_core::extract::FromRequestParts;
 use axum_core::response::{IntoResponse, Response as AxumResponse};
 use chrono::Utc;
-use http::header::{COOKIE, SET_COOKIE};
+use std::net::IpAddr;
+
+use http::header::{COOKIE, SET_COOKIE, USER_AGENT};
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{Extensions, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -46,7 +48,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::session::{decode, to_json, validate_attribute};
-use crate::{Error, Result, Session, SessionId, SessionManager, SessionToken, UserId};
+use crate::{
+    Error, Result, Session, SessionId, SessionManager, SessionOptions, SessionToken, UserId,
+};
 
 /// The cookie's `SameSite` attribute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,9 +82,57 @@ struct CookieConfig {
     path: String,
     domain: Option<String>,
     persistent: bool,
+    client_ip: Option<ClientIp>,
+}
+
+/// How the layer finds a request's client address (see [`SessionLayer::with_client_ip`]).
+#[derive(Clone)]
+struct ClientIp(Arc<ClientIpFn>);
+
+type ClientIpFn = dyn Fn(&HeaderMap, &Extensions) -> Option<IpAddr> + Send + Sync;
+
+impl fmt::Debug for ClientIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientIp(..)")
+    }
+}
+
+/// Longest `User-Agent` header read; longer ones are cut (see
+/// [`SessionOptions::user_agent`](crate::SessionOptions::user_agent)).
+const USER_AGENT_READ: usize = crate::MAX_USER_AGENT_LEN;
+
+/// The rightmost address of the request's `X-Forwarded-For` header: the one the nearest proxy
+/// added. For [`SessionLayer::with_client_ip`] behind exactly one reverse proxy that sets the
+/// header; anywhere else a client can write it.
+pub fn forwarded_for(headers: &HeaderMap, _: &Extensions) -> Option<IpAddr> {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|ip| ip.trim().parse().ok())
+        .next_back()
 }
 
 impl CookieConfig {
+    /// What a session created during this request records about its client: the
+    /// `User-Agent`, and the address if the layer was told how to find it.
+    fn client(&self, headers: &HeaderMap, extensions: &Extensions) -> SessionOptions {
+        let mut options = SessionOptions::new();
+        if let Some(ua) = headers.get(USER_AGENT).and_then(|v| v.to_str().ok()) {
+            let end = ua.len().min(USER_AGENT_READ);
+            options = options.user_agent(&ua[..end]); // ASCII: any index is a boundary
+        }
+        if let Some(ip) = self
+            .client_ip
+            .as_ref()
+            .and_then(|f| (f.0)(headers, extensions))
+        {
+            options = options.ip(ip);
+        }
+        options
+    }
+
     /// The `Set-Cookie` value carrying `token`, or removing the cookie when `None`.
     fn header(&self, token: Option<(&SessionToken, &Session)>) -> HeaderValue {
         let mut cookie = format!("{}=", self.name);
@@ -159,6 +211,7 @@ impl SessionLayer {
                 path: "/".to_owned(),
                 domain: None,
                 persistent: true,
+                client_ip: None,
             }),
         }
     }
@@ -229,6 +282,29 @@ impl SessionLayer {
     pub fn with_persistent(self, persistent: bool) -> SessionLayer {
         self.cookie(|c| c.persistent = persistent)
     }
+
+    /// How to find a request's client address, recorded with the sessions it creates (the
+    /// `User-Agent` is recorded always). Axum keeps the peer address in an extension when
+    /// served with `into_make_service_with_connect_info::<SocketAddr>()`; behind one reverse
+    /// proxy, [`forwarded_for`] reads the address it forwarded. Default: none recorded.
+    ///
+    /// ```no_run
+    /// use std::net::SocketAddr;
+    /// use axum::extract::ConnectInfo;
+    /// use pgsession::axum::SessionLayer;
+    ///
+    /// # fn run(manager: pgsession::SessionManager) {
+    /// let layer = SessionLayer::new(manager).with_client_ip(|_, extensions| {
+    ///     extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+    /// });
+    /// # }
+    /// ```
+    pub fn with_client_ip(
+        self,
+        client_ip: impl Fn(&HeaderMap, &Extensions) -> Option<IpAddr> + Send + Sync + 'static,
+    ) -> SessionLayer {
+        self.cookie(|c| c.client_ip = Some(ClientIp(Arc::new(client_ip))))
+    }
 }
 
 impl<S> Layer<S> for SessionLayer {
@@ -271,6 +347,7 @@ where
         let session = WebSession(Arc::new(Shared {
             manager: self.manager.clone(),
             incoming: self.cookie.token(request.headers()),
+            client: self.cookie.client(request.headers(), request.extensions()),
             state: Mutex::new(State::default()),
         }));
         request.extensions_mut().insert(session.clone());
@@ -303,6 +380,8 @@ pub struct WebSession(Arc<Shared>);
 struct Shared {
     manager: SessionManager,
     incoming: Option<SessionToken>,
+    /// Recorded with a session created during the request.
+    client: SessionOptions,
     state: Mutex<State>,
 }
 
@@ -445,7 +524,12 @@ impl WebSession {
             Some(session) => self.0.manager.log_in(session, user).await?,
             None => {
                 let attributes = std::mem::take(&mut state.pending);
-                let (session, token) = self.0.manager.create_session(user, attributes).await?;
+                let options = self.0.client.clone().user(user);
+                let (session, token) = self
+                    .0
+                    .manager
+                    .create_session_with(options, attributes)
+                    .await?;
                 state.session = Some(session);
                 token
             }
@@ -553,7 +637,9 @@ impl WebSession {
             Some(_) => Ok(()),
             None if !state.pending.is_empty() => {
                 let attributes = std::mem::take(&mut state.pending);
-                let (session, token) = manager.create_anonymous_session(attributes).await?;
+                let (session, token) = manager
+                    .create_session_with(self.0.client.clone(), attributes)
+                    .await?;
                 state.session = Some(session);
                 state.cookie = CookieChange::Set(token);
                 Ok(())

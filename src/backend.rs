@@ -182,6 +182,17 @@ impl Backend {
         }
     }
 
+    /// Record the end of a cleanup run.
+    pub(crate) async fn cleanup_done(&self, at: DateTime<Utc>) -> Result<()> {
+        match self {
+            Backend::Pg(s) => s.cleanup_done(at).await,
+            Backend::Memory(m) => {
+                m.cleanup_done(at);
+                Ok(())
+            }
+        }
+    }
+
     /// The new cache epoch.
     pub(crate) async fn broadcast_clear(&self) -> Result<i64> {
         match self {

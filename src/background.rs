@@ -108,6 +108,7 @@ impl Cleanup {
                 break;
             }
         }
+        store.cleanup_done(crate::time::now()).await?;
         Ok(total)
     }
 

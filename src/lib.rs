@@ -13,7 +13,15 @@
 //!   database versions when it is back;
 //! * **background work**: last-access times written in batches, expired sessions deleted in
 //!   bounded batches;
-//! * a **graceful shutdown** that writes what is pending and stops every task.
+//! * a **graceful shutdown** that writes what is pending and stops every task;
+//! * **events** ([`SessionManager::subscribe_events`]) of this node's writes and, through the
+//!   invalidation stream, of every other node's;
+//! * app-wide operations: keyset listing, activity counts, deletion by group (tenant) or of
+//!   everything, removal of an attribute from all of a user's sessions, each one statement and
+//!   one notification.
+//!
+//! [`SessionManager::in_memory`] gives the same API without a database, for unit tests of
+//! handlers and for single-process tools.
 //!
 //! # Cargo features
 //!
@@ -123,6 +131,8 @@ mod ids;
 mod listener;
 mod manager;
 mod memory;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod migrate;
 mod names;
 mod notify;
@@ -142,7 +152,7 @@ pub use config::{Config, MaxSessionsPolicy};
 pub use error::{Error, Result};
 pub use events::{EVENT_BUFFER, Origin, SessionEvent, SessionEventKind};
 pub use ids::{MAX_USER_ID_LEN, SessionId, UserId};
-pub use manager::{SessionManager, Stats};
+pub use manager::{ListeningNode, SessionManager, Stats, Status};
 pub use options::{MAX_GROUP_ID_LEN, MAX_USER_AGENT_LEN, SessionOptions};
 pub use session::Session;
 /// The sqlx version pgsession is built on: [`SessionManager::new`] takes its [`PgPool`](sqlx::PgPool).
@@ -156,6 +166,29 @@ pub use token::{MIN_KEY_LEN, SessionToken, SigningKey};
 /// passes. Returns [`Error::InvalidConfig`] for an invalid configuration.
 pub fn schema_sql(config: &Config) -> Result<String> {
     Ok(migrate::script(&config.validate()?))
+}
+
+/// Apply the migrations `config`'s schema lacks, on `pool`: what [`SessionManager::connect`]
+/// does at start-up unless `run_migrations` is off (for a deployment step run once per
+/// release, like `pgsession migrate`). Safe to run from several processes at once.
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`], [`Error::Migration`] when an applied migration differs from this
+/// build's, [`Error::Database`].
+pub async fn migrate(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
+    migrate::run(pool, &config.validate()?, true).await
+}
+
+/// Check that `config`'s schema on `pool` is exactly what this build expects, changing
+/// nothing (`pgsession migrate --check`).
+///
+/// # Errors
+///
+/// [`Error::Migration`] naming the migrations missing or changed, [`Error::InvalidConfig`],
+/// [`Error::Database`].
+pub async fn check_schema(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
+    migrate::run(pool, &config.validate()?, false).await
 }
 
 /// The SQL statements a manager with `config` sends, by name (`select_one`, `insert`,

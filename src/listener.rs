@@ -200,7 +200,17 @@ impl<C: Connect> Listener<C> {
             }
             let attempt = async {
                 let mut feed = self.establish(&mut probe).await?;
+                let started = Instant::now();
                 let evicted = self.resync(&mut feed).await?;
+                #[cfg(feature = "metrics")]
+                crate::metrics::resync_took(started.elapsed());
+                if connected_before {
+                    tracing::warn!(
+                        evicted,
+                        took = ?started.elapsed(),
+                        "pgsession: cache listener back; resynchronised, cache trusted again"
+                    );
+                }
                 // Notifications that arrive during the resynchronisation wait in the
                 // connection and are applied first thing in `serve`.
                 Ok::<_, String>((feed, evicted))
@@ -494,7 +504,8 @@ impl Connect for PgConnect {
             .test_before_acquire(false)
             .max_lifetime(None)
             .idle_timeout(None)
-            .connect_lazy_with(self.options.clone().application_name("pgsession-listener"));
+            // The application name is the manager's (see `Names::listener_application_prefix`).
+            .connect_lazy_with(self.options.clone());
         let mut listener = PgListener::connect_with(&pool)
             .await
             .map_err(|e| e.to_string())?;

@@ -36,6 +36,20 @@ use crate::time::{chrono_duration, now};
 use crate::token::SessionToken;
 use crate::touch::Touches;
 
+#[cfg(feature = "metrics")]
+use crate::metrics::Timer;
+
+/// Without the `metrics` feature, operations are not timed.
+#[cfg(not(feature = "metrics"))]
+struct Timer;
+
+#[cfg(not(feature = "metrics"))]
+impl Timer {
+    fn start(_operation: &'static str) -> Timer {
+        Timer
+    }
+}
+
 /// Connections of the pool built by [`SessionManager::connect`].
 const CONNECT_POOL_SIZE: u32 = 10;
 /// A pooled connection idle this long is pinged before use (one extra round trip); fresher ones
@@ -70,6 +84,8 @@ struct Inner {
     cleanup_deleted: Arc<AtomicU64>,
     /// Tokens refused because their signature did not verify.
     forged: AtomicU64,
+    /// Sessions deleted for the per-user cap.
+    cap_evictions: AtomicU64,
     /// Cancelled at shutdown, or when this is dropped (the guard below).
     cancel: CancellationToken,
     _cancel_on_drop: DropGuard,
@@ -175,6 +191,51 @@ pub struct Stats {
     /// Tokens refused by `get_session` because their signature did not verify (with
     /// [`Config::signing_keys`]), before any lookup.
     pub forged_tokens: u64,
+    /// Announcements of invalidations that failed (and were retried).
+    pub announce_failures: u64,
+    /// Sessions this node deleted to keep a user under the per-user cap.
+    pub cap_evictions: u64,
+    /// Invalidations queued for announcement now.
+    pub outbox_backlog: usize,
+}
+
+/// What `pgsession status` shows: the state of the table and of the nodes using it, read from
+/// the database (see [`SessionManager::status`]).
+#[derive(Clone, Debug, Default, Serialize)]
+#[non_exhaustive]
+pub struct Status {
+    /// The last migration applied (`None` in memory).
+    pub schema_version: Option<i32>,
+    /// Rows in the sessions table, expired ones included.
+    pub sessions: u64,
+    /// Sessions neither absolutely nor idly expired (by stored access times).
+    pub live: u64,
+    /// Live sessions that belong to no user yet.
+    pub anonymous: u64,
+    /// Sessions accessed in the last 5 minutes (by stored access times).
+    pub active_last_5_minutes: u64,
+    /// Invalidations committed but not yet announced and retired.
+    pub outbox_backlog: u64,
+    /// When the oldest of them was committed.
+    pub outbox_oldest: Option<DateTime<Utc>>,
+    /// The nodes whose cache listener is connected now.
+    pub listening_nodes: Vec<ListeningNode>,
+    /// When a cleanup run (of any node, or `cleanup_expired`) last finished.
+    pub last_cleanup: Option<DateTime<Utc>>,
+}
+
+/// A node with its cache listener connected, from `pg_stat_activity`.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct ListeningNode {
+    /// The listener connection's backend process id.
+    pub pid: i32,
+    /// `pgsession-listener <table> <node tag>`.
+    pub application_name: String,
+    /// The node's address as the server sees it (`None` over a Unix socket).
+    pub client_addr: Option<String>,
+    /// When the connection was made.
+    pub connected_since: Option<DateTime<Utc>>,
 }
 
 impl SessionManager {
@@ -291,6 +352,12 @@ impl SessionManager {
         migrate::run(&pool, &names, config.run_migrations).await?;
 
         let tag = new_tag();
+        // So that `status` can list the nodes listening on this table.
+        let listen_options = listen_options.application_name(&format!(
+            "{}{}",
+            names.listener_application_prefix(),
+            &tag[2..]
+        ));
         let store = Arc::new(Store::new(pool.clone(), &names, &tag));
         let isolation = store.default_isolation().await?;
         if isolation != "read committed" {
@@ -418,6 +485,7 @@ impl SessionManager {
             cleanup,
             cleanup_deleted,
             forged: AtomicU64::new(0),
+            cap_evictions: AtomicU64::new(0),
             _cancel_on_drop: cancel.clone().drop_guard(),
             cancel,
             tasks: Mutex::new(Some(tasks)),
@@ -430,6 +498,22 @@ impl SessionManager {
             names,
             config,
         });
+        #[cfg(feature = "metrics")]
+        {
+            let weak = Arc::downgrade(&inner);
+            let read = move || weak.upgrade().map(|inner| SessionManager { inner }.stats());
+            if let Some(tasks) = inner
+                .tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                tasks.spawn(named(
+                    "metrics",
+                    crate::metrics::report(read, inner.cancel.clone()),
+                ));
+            }
+        }
         // From here on, dropping this future (or the manager) stops whatever was started.
         if inner.cache.enabled() {
             // Normally the listener is up within a round trip or two; if not, start degraded
@@ -531,12 +615,14 @@ impl SessionManager {
     /// # Ok(())
     /// # }
     /// ```
+    #[tracing::instrument(level = "debug", skip_all, fields(user.id = options.user.as_ref().map(UserId::as_str), group.id = options.group.as_deref()))]
     pub async fn create_session_with<K: Into<String>, V: Serialize>(
         &self,
         options: SessionOptions,
         attributes: impl IntoIterator<Item = (K, V)>,
     ) -> Result<(Session, SessionToken)> {
         let inner = self.open()?;
+        let _timer = Timer::start("create");
         options.validate()?;
         let token = SessionToken::generate(inner.config.signing_keys.first());
         let session = self.create_with(&token, &options, attributes, None).await?;
@@ -586,6 +672,9 @@ impl SessionManager {
         let expires_at = new.expires_at;
         // Other nodes learn of the evictions by notification; this node must not serve them
         // even for the moment until its own notification arrives.
+        inner
+            .cap_evictions
+            .fetch_add(evicted.len() as u64, Ordering::Relaxed);
         for gone in evicted {
             inner.cache.apply_own_write(gone, None, None, now);
             inner.report(SessionEventKind::Deleted, gone, user.clone(), None);
@@ -646,6 +735,7 @@ impl SessionManager {
     /// # Ok(())
     /// # }
     /// ```
+    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %token.id()))]
     pub async fn get_session(&self, token: &SessionToken) -> Result<Option<Session>> {
         let inner = self.open()?;
         let id = token.id().as_uuid();
@@ -654,6 +744,7 @@ impl SessionManager {
             inner.touches.record(id, now);
             return Ok(Some(inner.session(record, now)));
         }
+        let _timer = Timer::start("get");
         if !inner.verify(token) {
             return Ok(None);
         }
@@ -675,8 +766,10 @@ impl SessionManager {
     /// # Errors
     ///
     /// As [`get_session`](Self::get_session).
+    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %token.id()))]
     pub async fn get_session_fresh(&self, token: &SessionToken) -> Result<Option<Session>> {
         let inner = self.open()?;
+        let _timer = Timer::start("get_fresh");
         if !inner.verify(token) {
             return Ok(None);
         }
@@ -708,6 +801,7 @@ impl SessionManager {
     /// # Ok(())
     /// # }
     /// ```
+    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id()))]
     pub async fn update_session(&self, session: &mut Session) -> Result<()> {
         self.update(session, false).await
     }
@@ -741,12 +835,18 @@ impl SessionManager {
     /// # Ok(())
     /// # }
     /// ```
+    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id()))]
     pub async fn update_session_if_unchanged(&self, session: &mut Session) -> Result<()> {
         self.update(session, true).await
     }
 
     async fn update(&self, session: &mut Session, if_unchanged: bool) -> Result<()> {
         let inner = self.open()?;
+        let _timer = Timer::start(if if_unchanged {
+            "update_if_unchanged"
+        } else {
+            "update"
+        });
         if !session.is_modified() {
             return Ok(());
         }
@@ -766,7 +866,10 @@ impl SessionManager {
                 }
                 // Without attributes back, the caller's copy (its own changes applied) is the
                 // new state.
-                let record = updated.into_record(&session.record);
+                let mut record = updated.into_record(&session.record);
+                // The write is an access; the flush stores it, as it stores reads.
+                record.last_accessed_at = record.last_accessed_at.max(now);
+                inner.touches.keep_alive(id, now);
                 inner.cache.apply_own_write(id, token, Some(&record), now);
                 inner.report(
                     SessionEventKind::Updated,
@@ -815,6 +918,7 @@ impl SessionManager {
     /// # Ok(())
     /// # }
     /// ```
+    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id()))]
     pub async fn log_in(
         &self,
         session: &mut Session,
@@ -835,6 +939,7 @@ impl SessionManager {
     /// # Errors
     ///
     /// As [`log_in`](Self::log_in), without the cap.
+    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id()))]
     pub async fn rotate_session(&self, session: &mut Session) -> Result<SessionToken> {
         let token = self.new_token()?;
         self.rotate(session, None, &token).await?;
@@ -870,6 +975,7 @@ impl SessionManager {
         token: &SessionToken,
     ) -> Result<()> {
         let inner = self.open()?;
+        let _timer = Timer::start("rotate");
         let now = now();
         let delta = inner.delta(session, now)?;
         let old = delta.id;
@@ -896,6 +1002,9 @@ impl SessionManager {
             inner.outbox.push(queued);
         }
         let record = rotated.updated.into_record(&session.record);
+        inner
+            .cap_evictions
+            .fetch_add(rotated.evicted.len() as u64, Ordering::Relaxed);
         for gone in rotated.evicted {
             inner.cache.apply_own_write(gone, None, None, now);
             inner.report(
@@ -928,8 +1037,10 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::Database`], [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %id))]
     pub async fn delete_session(&self, id: SessionId) -> Result<bool> {
         let inner = self.open()?;
+        let _timer = Timer::start("delete");
         let id = id.as_uuid();
         let outcome = InDoubt::arm(inner, id);
         let deleted = inner.store.delete(id).await;
@@ -967,10 +1078,13 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all, fields(user.id = tracing::field::Empty))]
     pub async fn delete_all_user_sessions(&self, user_id: impl Into<UserId>) -> Result<u64> {
         let inner = self.open()?;
+        let _timer = Timer::start("delete_user");
         let user = user_id.into();
         user.validate()?;
+        tracing::Span::current().record("user.id", user.as_str());
         let n = inner.store.delete_user(&user, &[]).await?;
         inner.cache.invalidate_user(&user);
         inner.report_user(SessionEventKind::UserLoggedOutEverywhere, user, n);
@@ -983,14 +1097,17 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all, fields(user.id = tracing::field::Empty, session.id = %keep))]
     pub async fn delete_other_user_sessions(
         &self,
         user_id: impl Into<UserId>,
         keep: SessionId,
     ) -> Result<u64> {
         let inner = self.open()?;
+        let _timer = Timer::start("delete_other_user");
         let user = user_id.into();
         user.validate()?;
+        tracing::Span::current().record("user.id", user.as_str());
         let n = inner.store.delete_user(&user, &[keep.as_uuid()]).await?;
         inner.cache.invalidate_user(&user);
         inner.report_user(SessionEventKind::UserLoggedOutEverywhere, user, n);
@@ -1004,14 +1121,17 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all, fields(user.id = tracing::field::Empty, key))]
     pub async fn remove_attribute_from_user_sessions(
         &self,
         user_id: impl Into<UserId>,
         key: &str,
     ) -> Result<u64> {
         let inner = self.open()?;
+        let _timer = Timer::start("remove_user_attribute");
         let user = user_id.into();
         user.validate()?;
+        tracing::Span::current().record("user.id", user.as_str());
         let n = inner.store.remove_user_attribute(&user, key, now()).await?;
         inner.cache.invalidate_user(&user);
         inner.report_user(SessionEventKind::UserSessionsUpdated, user, n);
@@ -1025,8 +1145,10 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::InvalidGroupId`], [`Error::Database`], [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all, fields(group.id = group_id))]
     pub async fn delete_group_sessions(&self, group_id: &str) -> Result<u64> {
         let inner = self.open()?;
+        let _timer = Timer::start("delete_group");
         validate_group(group_id)?;
         let n = inner.store.delete_group(group_id).await?;
         inner
@@ -1050,8 +1172,10 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::Database`], [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn delete_all_sessions(&self) -> Result<u64> {
         let inner = self.open()?;
+        let _timer = Timer::start("delete_all");
         let (n, epoch) = inner.store.delete_all().await?;
         inner.listener.see_epoch(epoch);
         inner.cache.clear();
@@ -1069,8 +1193,10 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::Database`], [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn count_active_sessions(&self, within: Duration) -> Result<u64> {
         let inner = self.open()?;
+        let _timer = Timer::start("count_active");
         let now = now();
         let since = now - chrono_duration(within.min(Duration::from_secs(100 * 365 * 86_400)));
         inner.store.count_active(since, now).await
@@ -1102,12 +1228,14 @@ impl SessionManager {
     /// # Ok(())
     /// # }
     /// ```
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn list_sessions(
         &self,
         after: Option<SessionId>,
         limit: usize,
     ) -> Result<Vec<Session>> {
         let inner = self.open()?;
+        let _timer = Timer::start("list");
         let limit = limit.clamp(1, 10_000);
         let now = now();
         let mut cursor = after.map(SessionId::as_uuid);
@@ -1131,10 +1259,13 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all, fields(user.id = tracing::field::Empty))]
     pub async fn list_user_sessions(&self, user_id: impl Into<UserId>) -> Result<Vec<Session>> {
         let inner = self.open()?;
+        let _timer = Timer::start("list_user");
         let user = user_id.into();
         user.validate()?;
+        tracing::Span::current().record("user.id", user.as_str());
         let now = now();
         let records = inner.store.fetch_user(&user, now).await?;
         let mut records: Vec<Record> = inner.live(records, now).collect();
@@ -1148,8 +1279,10 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::Database`], [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn clear_cache(&self) -> Result<()> {
         let inner = self.open()?;
+        let _timer = Timer::start("clear_cache");
         let epoch = inner.store.broadcast_clear().await?;
         inner.listener.see_epoch(epoch);
         inner.cache.clear();
@@ -1163,8 +1296,10 @@ impl SessionManager {
     ///
     /// [`Error::Database`] (the accesses stay recorded for the next attempt),
     /// [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn flush_last_access(&self) -> Result<u64> {
         let inner = self.open()?;
+        let _timer = Timer::start("flush");
         inner
             .touches
             .flush(&inner.store, inner.config.last_access_batch_size)
@@ -1177,8 +1312,10 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::Database`], [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn cleanup_expired(&self) -> Result<u64> {
         let inner = self.open()?;
+        let _timer = Timer::start("cleanup");
         inner.cleanup.run_once(&inner.store, &inner.cancel).await
     }
 
@@ -1217,7 +1354,10 @@ impl SessionManager {
     /// receiver never slows the node. With no receiver, events cost nothing.
     ///
     /// Events of other nodes are lost while this node's listener is down (the cache is
-    /// resynchronised then, but no events are made up for the gap).
+    /// resynchronised then, but no events are made up for the gap). They arrive in the order
+    /// of their notifications: in order for each session, but a bulk write (which notifies
+    /// at its commit) may overtake a single-session write that committed just before it
+    /// (announced right after its commit).
     ///
     /// # Example
     ///
@@ -1237,6 +1377,58 @@ impl SessionManager {
     /// ```
     pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<SessionEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// The state of the sessions table and of the nodes using it, for operators (what
+    /// `pgsession status` prints). Counts are exact and read by sequential scans: for an admin
+    /// command or a dashboard refreshed every few seconds, not for a request path.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], [`Error::ShutDown`].
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub async fn status(&self) -> Result<Status> {
+        let inner = self.open()?;
+        match &*inner.store {
+            Backend::Pg(store) => {
+                let prefix = inner.names.listener_application_prefix();
+                let (row, listeners) = store.status(inner.config.idle_timeout, &prefix).await?;
+                let (version, sessions, live, anonymous, active, backlog, oldest, cleanup) = row;
+                Ok(Status {
+                    schema_version: version,
+                    sessions: sessions as u64,
+                    live: live as u64,
+                    anonymous: anonymous as u64,
+                    active_last_5_minutes: active as u64,
+                    outbox_backlog: backlog as u64,
+                    outbox_oldest: oldest,
+                    listening_nodes: listeners
+                        .into_iter()
+                        .map(|(pid, name, addr, since)| ListeningNode {
+                            pid,
+                            application_name: name.unwrap_or_default(),
+                            client_addr: addr,
+                            connected_since: since,
+                        })
+                        .collect(),
+                    last_cleanup: cleanup,
+                })
+            }
+            Backend::Memory(m) => {
+                let now = now();
+                let recent = now - chrono::Duration::minutes(5);
+                let (sessions, live, anonymous, active, cleanup) =
+                    m.status(now, inner.idle, recent);
+                Ok(Status {
+                    sessions,
+                    live,
+                    anonymous,
+                    active_last_5_minutes: active,
+                    last_cleanup: cleanup,
+                    ..Status::default()
+                })
+            }
+        }
     }
 
     /// Whether this manager keeps its sessions in memory ([`in_memory`](Self::in_memory)).
@@ -1272,6 +1464,9 @@ impl SessionManager {
             invalidations_announced: inner.outbox.announced.load(Ordering::Relaxed),
             announce_messages: inner.outbox.messages.load(Ordering::Relaxed),
             forged_tokens: inner.forged.load(Ordering::Relaxed),
+            announce_failures: inner.outbox.failures.load(Ordering::Relaxed),
+            cap_evictions: inner.cap_evictions.load(Ordering::Relaxed),
+            outbox_backlog: inner.outbox.len(),
         }
     }
 

@@ -18,6 +18,7 @@ struct Db {
     sessions: HashMap<Uuid, Record>,
     /// Clears so far (a `clear_cache` or `delete_all_sessions`).
     epoch: i64,
+    last_cleanup: Option<DateTime<Utc>>,
 }
 
 /// Sessions in a map.
@@ -103,6 +104,7 @@ impl MemoryStore {
             row.user_id = user.cloned();
         }
         apply(&mut row, d);
+        row.last_accessed_at = row.last_accessed_at.max(d.now);
         row.id = r.new_id;
         let mut done = updated(&row, i64::MIN);
         done.record.id = r.new_id;
@@ -206,6 +208,36 @@ impl MemoryStore {
         n
     }
 
+    pub(crate) fn cleanup_done(&self, at: DateTime<Utc>) {
+        self.lock().last_cleanup = Some(at);
+    }
+
+    /// Sessions, live ones (by `now` and `idle`), anonymous live ones, ones active since
+    /// `recent`, and the last cleanup.
+    pub(crate) fn status(
+        &self,
+        now: DateTime<Utc>,
+        idle: Option<chrono::Duration>,
+        recent: DateTime<Utc>,
+    ) -> (u64, u64, u64, u64, Option<DateTime<Utc>>) {
+        let db = self.lock();
+        let live: Vec<&Record> = db
+            .sessions
+            .values()
+            .filter(|r| !r.is_expired(now, idle))
+            .collect();
+        (
+            db.sessions.len() as u64,
+            live.len() as u64,
+            live.iter().filter(|r| r.user_id.is_none()).count() as u64,
+            db.sessions
+                .values()
+                .filter(|r| r.last_accessed_at > recent && r.expires_at > now)
+                .count() as u64,
+            db.last_cleanup,
+        )
+    }
+
     pub(crate) fn current(&self, id: Uuid) -> Option<(i64, DateTime<Utc>, DateTime<Utc>)> {
         self.lock()
             .sessions
@@ -266,7 +298,6 @@ fn apply(row: &mut Record, d: &Delta<'_>) {
     row.version += 1;
     row.writes += 1;
     row.updated_at = d.now;
-    row.last_accessed_at = row.last_accessed_at.max(d.now);
 }
 
 /// What the update statement returns: the attributes only when someone else wrote since

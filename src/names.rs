@@ -61,6 +61,7 @@ impl Names {
             ("cache_epoch", self.cache_epoch.as_str()),
             ("outbox_seq", self.outbox_seq.as_str()),
             ("outbox", self.outbox.as_str()),
+            ("migrations", self.migrations.as_str()),
             ("create_fn", self.create_fn.as_str()),
             ("rotate_fn", self.rotate_fn.as_str()),
             ("schema_raw", self.schema_raw.as_str()),
@@ -77,6 +78,14 @@ impl Names {
             "unknown placeholder left in a template: {out}"
         );
         out
+    }
+}
+
+/// The application name a node's listener connection carries, `<prefix><node tag>`, and the
+/// prefix alone (which names the table: its lock class), by which `status` finds the nodes.
+impl Names {
+    pub(crate) fn listener_application_prefix(&self) -> String {
+        format!("pgsession-listener {:08x} ", self.lock_class as u32)
     }
 }
 

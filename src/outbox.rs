@@ -40,6 +40,8 @@ pub(crate) struct Outbox {
     pub(crate) announced: AtomicU64,
     /// NOTIFY messages this node sent for them.
     pub(crate) messages: AtomicU64,
+    /// Announcements that failed (and were retried).
+    pub(crate) failures: AtomicU64,
 }
 
 impl Outbox {
@@ -50,7 +52,13 @@ impl Outbox {
             sweep_now: AtomicBool::new(false),
             announced: AtomicU64::new(0),
             messages: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         }
+    }
+
+    /// Invalidations queued now.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {

@@ -139,6 +139,9 @@ struct Sql {
     delete_all: Arc<str>,
     delete_group: Arc<str>,
     remove_user_attribute: Arc<str>,
+    cleanup_done: Arc<str>,
+    status: Arc<str>,
+    listeners: Arc<str>,
     versions: Arc<str>,
     clear: Arc<str>,
     epoch: Arc<str>,
@@ -169,6 +172,9 @@ pub(crate) fn statements(names: &Names) -> Vec<(&'static str, String)> {
         ("delete_group", &sql.delete_group),
         ("remove_user_attribute", &sql.remove_user_attribute),
         ("insert_announced", &sql.insert_announced),
+        ("cleanup_done", &sql.cleanup_done),
+        ("status", &sql.status),
+        ("listeners", &sql.listeners),
         ("versions", &sql.versions),
         ("clear", &sql.clear),
         ("epoch", &sql.epoch),
@@ -222,7 +228,9 @@ impl Sql {
             // never a re-insert. $7 is an access this node recorded and has not flushed yet.
             // The merged attributes travel back only when someone else wrote since $8, the
             // version the caller's copy was read at; otherwise the caller's copy with its own
-            // changes applied is exactly the new state. A set key loses its expiry unless $9
+            // changes applied is exactly the new state. The access itself is left to the
+            // last-access flush, as a read's is: no indexed column changes, so the row can be
+            // updated in place (a HOT update). A set key loses its expiry unless $9
             // gives it one ($10: the earliest there). With $11, only version $11 is updated
             // (optimistic locking).
             update: render(
@@ -237,8 +245,7 @@ impl Sql {
                          expires_at = coalesce($4, expires_at), \
                          version = version + 1, \
                          writes = writes + 1, \
-                         updated_at = $5, \
-                         last_accessed_at = greatest(last_accessed_at, $5) \
+                         updated_at = $5 \
                      WHERE id = $1 AND expires_at > $5 \
                        AND ($6::timestamptz IS NULL OR greatest(last_accessed_at, $7) > $6) \
                        AND ($11::int8 IS NULL OR version = $11) \
@@ -352,6 +359,29 @@ impl Sql {
             current: render(
                 "SELECT version, expires_at, last_accessed_at FROM {{sessions}} WHERE id = $1",
             ),
+            cleanup_done: render("UPDATE {{cache_epoch}} SET last_cleanup_at = $1"),
+            // For operators; $1 the inactivity timeout in seconds (NULL: none). Sequential
+            // scans: fine for a status command, not for a request path.
+            status: render(
+                "SELECT (SELECT max(version) FROM {{migrations}}), \
+                     (SELECT count(*) FROM {{sessions}}), \
+                     (SELECT count(*) FROM {{sessions}} WHERE expires_at > now() \
+                         AND ($1::float8 IS NULL \
+                              OR last_accessed_at > now() - make_interval(secs => $1))), \
+                     (SELECT count(*) FROM {{sessions}} WHERE user_id IS NULL \
+                         AND expires_at > now()), \
+                     (SELECT count(*) FROM {{sessions}} \
+                         WHERE last_accessed_at > now() - interval '5 minutes' \
+                         AND expires_at > now()), \
+                     (SELECT count(*) FROM {{outbox}}), \
+                     (SELECT min(created_at) FROM {{outbox}}), \
+                     (SELECT last_cleanup_at FROM {{cache_epoch}})",
+            ),
+            // Every node's listener names itself (see `listener_application_name`).
+            listeners: render(
+                "SELECT pid, application_name, client_addr::text, backend_start \
+                 FROM pg_stat_activity WHERE application_name LIKE $1 ORDER BY backend_start",
+            ),
             // An index range scan on last_accessed_at (migration 4).
             count_active: render(
                 "SELECT count(*) FROM {{sessions}} WHERE last_accessed_at > $1 AND expires_at > $2",
@@ -435,6 +465,22 @@ pub(crate) struct Updated {
     pub record: Record,
     pub attributes: Option<(Map<String, Value>, AttributeExpiry)>,
 }
+
+/// Schema version, sessions, live, anonymous, active in 5 minutes, outbox rows, oldest outbox
+/// row, last cleanup.
+pub(crate) type StatusRow = (
+    Option<i32>,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+);
+
+/// A listening node: backend pid, application name, client address, connected since.
+pub(crate) type ListenerRow = (i32, Option<String>, Option<String>, Option<DateTime<Utc>>);
 
 /// Attribute key -> when it expires.
 pub(crate) type AttributeExpiry = BTreeMap<String, DateTime<Utc>>;
@@ -1033,6 +1079,37 @@ impl Store {
         Ok(sqlx::query_as(AssertSqlSafe(self.sql.epoch.clone()))
             .fetch_one(conn)
             .await?)
+    }
+
+    /// Record that a cleanup run finished at `at`.
+    pub(crate) async fn cleanup_done(&self, at: DateTime<Utc>) -> Result<()> {
+        on_conn!(
+            self,
+            sqlx::query(AssertSqlSafe(self.sql.cleanup_done.clone())).bind(at),
+            execute
+        )?;
+        Ok(())
+    }
+
+    /// The figures of `pgsession status`, and the nodes listening (by application name).
+    pub(crate) async fn status(
+        &self,
+        idle: Option<std::time::Duration>,
+        application_prefix: &str,
+    ) -> Result<(StatusRow, Vec<ListenerRow>)> {
+        let row: StatusRow = on_conn!(
+            self,
+            sqlx::query_as(AssertSqlSafe(self.sql.status.clone()))
+                .bind(idle.map(|d| d.as_secs_f64())),
+            fetch_one
+        )?;
+        let listeners: Vec<ListenerRow> = on_conn!(
+            self,
+            sqlx::query_as(AssertSqlSafe(self.sql.listeners.clone()))
+                .bind(format!("{application_prefix}%")),
+            fetch_all
+        )?;
+        Ok((row, listeners))
     }
 
     /// The isolation level the pool's connections start transactions with.

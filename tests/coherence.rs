@@ -334,7 +334,7 @@ async fn killed_listener_backend_degrades_to_database_reads_then_resynchronises(
     .unwrap();
     let killed: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1 AND application_name = 'pgsession-listener'",
+         WHERE datname = $1 AND application_name LIKE 'pgsession-listener %'",
     )
     .bind(name)
     .fetch_all(&check)
@@ -862,7 +862,7 @@ async fn resynchronisation_needs_no_pool_connection() {
     let check = pool(&db).await;
     let killed: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND application_name = 'pgsession-listener'",
+         WHERE datname = current_database() AND application_name LIKE 'pgsession-listener %'",
     )
     .fetch_all(&check)
     .await

@@ -1048,7 +1048,7 @@ async fn a_cancelled_start_leaves_no_listener_behind() {
         async move {
             let n: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = $1 AND application_name = 'pgsession-listener'",
+                 WHERE datname = $1 AND application_name LIKE 'pgsession-listener %'",
             )
             .bind(name)
             .fetch_one(&check)
@@ -1183,7 +1183,7 @@ async fn a_read_whose_kept_connection_died_is_served_from_a_fresh_one() {
         let killed: Vec<bool> = sqlx::query_scalar(
             "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
              WHERE datname = current_database() AND pid <> pg_backend_pid() \
-             AND application_name NOT IN ('pgsession-listener', 'pgsession-announcer')",
+             AND application_name NOT LIKE 'pgsession-listener %' AND application_name <> 'pgsession-announcer'",
         )
         .fetch_all(&check)
         .await

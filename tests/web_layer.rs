@@ -505,3 +505,74 @@ async fn a_save_the_database_refuses_is_a_500_and_writes_nothing() {
         "works again once the database is back"
     );
 }
+
+#[tokio::test]
+async fn sessions_record_the_clients_address_and_user_agent() {
+    use std::net::SocketAddr;
+
+    use axum::extract::ConnectInfo;
+
+    let db = TestDatabase::create().await;
+    let node = node(&db, config()).await;
+    let layer = SessionLayer::new(node.clone())
+        .with_secure(false)
+        .with_client_ip(|_, extensions| {
+            extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip())
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = app(layer).into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, service).await });
+    let url = format!("http://{addr}");
+
+    let client = reqwest::Client::new();
+    let first = client
+        .post(format!("{url}/login/alice"))
+        .header("user-agent", "pgsession-test/1.0 (loopback)")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status().as_u16(), 200);
+    let listed = node.list_user_sessions("alice").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].ip(), Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(
+        listed[0].user_agent(),
+        Some("pgsession-test/1.0 (loopback)")
+    );
+
+    // Without a way to find the address, only the User-Agent is recorded.
+    let plain = serve(SessionLayer::new(node.clone()).with_secure(false)).await;
+    client
+        .post(format!("{plain}/login/bob"))
+        .header("user-agent", "other/2")
+        .send()
+        .await
+        .unwrap();
+    let listed = node.list_user_sessions("bob").await.unwrap();
+    assert_eq!(
+        (listed[0].ip(), listed[0].user_agent()),
+        (None, Some("other/2"))
+    );
+}
+
+#[tokio::test]
+async fn the_layer_runs_on_an_in_memory_manager() {
+    let manager = SessionManager::in_memory(config()).await.unwrap();
+    let url = serve(SessionLayer::new(manager.clone()).with_secure(false)).await;
+    let set = send("POST", &format!("{url}/set/cart/apples"), None).await;
+    let token = set.token();
+    let read = send("GET", &format!("{url}/get/cart"), Some(&cookie(&token))).await;
+    assert_eq!(read.body, "apples");
+    let login = send("POST", &format!("{url}/login/alice"), Some(&cookie(&token))).await;
+    let who = send(
+        "GET",
+        &format!("{url}/whoami"),
+        Some(&cookie(&login.token())),
+    )
+    .await;
+    assert_eq!(who.body, "alice");
+    assert_eq!(manager.list_user_sessions("alice").await.unwrap().len(), 1);
+}

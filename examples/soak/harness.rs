@@ -665,7 +665,7 @@ async fn inject(
         match fault {
             Fault::KillListener => {
                 saboteur
-                    .terminate("application_name = 'pgsession-listener'")
+                    .terminate("application_name LIKE 'pgsession-listener %'")
                     .await;
             }
             Fault::KillAnnouncer => {
