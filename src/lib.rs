@@ -1,5 +1,6 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! Server-side sessions stored in PostgreSQL, served from an in-process LRU cache that stays
 //! coherent across every node of a service through `LISTEN`/`NOTIFY`.
 //!
@@ -31,8 +32,11 @@
 //! * `tower-sessions`: `tower_sessions::PgSessionStore`,
 //!   a tower-sessions 0.14 store (and so one for axum-login 0.18) served from the coherent
 //!   cache.
+//! * `metrics`: counters, gauges and histograms through the [`metrics`](https://docs.rs/metrics)
+//!   facade, every name starting `pgsession_` (listed in the README, "Operate it").
+//! * `cli`: the `pgsession` admin command (`cargo install pgsession --features cli`).
 //!
-//! Neither is on by default.
+//! None is on by default.
 //!
 //! # Example
 //!

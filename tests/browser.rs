@@ -111,10 +111,7 @@ async fn serve(name: &str, manager: SessionManager) -> String {
         .await
         .expect("a free port");
     let addr = listener.local_addr().expect("bound");
-    let router = app::router(app::Node {
-        name: name.to_owned(),
-        manager,
-    });
+    let router = app::router(app::Node::new(name, manager, app::prometheus()));
     tokio::spawn(async move { axum::serve(listener, router).await });
     format!("http://{addr}")
 }
@@ -237,6 +234,40 @@ async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_o
     // Node B shows the user and this session, marked.
     client.goto(&format!("{b}/")).await.expect("page");
     assert_eq!(text(&client, "user-name").await, "alice");
+
+    // The node panel: a reload is served from the cache, and the panel counts the hit.
+    let hits = |t: String| t.parse::<u64>().expect("a number of hits");
+    let before = hits(text(&client, "panel-hits").await);
+    client.refresh().await.expect("reload");
+    wait_for(&client, "//section[@id='panel']").await;
+    let after = hits(text(&client, "panel-hits").await);
+    assert!(
+        after > before,
+        "the reload was a cache hit: {before} -> {after}"
+    );
+    assert_eq!(text(&client, "panel-trusted").await, "trusted");
+    assert!(text(&client, "panel-ratio").await.ends_with('%'));
+    client
+        .find(Locator::Css("svg#panel-history"))
+        .await
+        .expect("the history chart is drawn");
+    // /metrics in the browser: Prometheus text with pgsession's names.
+    client.goto(&format!("{b}/metrics")).await.expect("metrics");
+    let exported = client
+        .find(Locator::Css("body"))
+        .await
+        .expect("body")
+        .text()
+        .await
+        .expect("text");
+    for name in [
+        "pgsession_cache_hits_total",
+        "pgsession_cache_entries",
+        "pgsession_cache_trusted",
+    ] {
+        assert!(exported.contains(name), "/metrics lacks {name}");
+    }
+    client.goto(&format!("{b}/")).await.expect("page");
     let rows = client
         .find_all(Locator::Css("tr.session"))
         .await

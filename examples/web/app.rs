@@ -1,7 +1,10 @@
 //! The demo site's routes: one node of a service, with its page, forms and JSON API. Shared by
 //! `examples/web/main.rs` and the browser test (`tests/browser.rs`).
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{Form, Path, State};
 use axum::http::header::USER_AGENT;
@@ -9,8 +12,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use pgsession::axum::{SessionLayer, WebSession};
-use pgsession::{Session, SessionId, SessionManager};
+use pgsession::{Session, SessionId, SessionManager, Stats};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -21,6 +25,59 @@ pub struct Node {
     pub name: String,
     /// This node's manager.
     pub manager: SessionManager,
+    /// The process's Prometheus exporter (both demo nodes share the process, so `/metrics`
+    /// shows their sum).
+    pub metrics: PrometheusHandle,
+    /// Hits and misses of each of the last 60 seconds, oldest first.
+    history: Arc<Mutex<VecDeque<(u64, u64)>>>,
+}
+
+/// Seconds of history the panel draws.
+const HISTORY: usize = 60;
+
+impl Node {
+    /// A node, with a task sampling its cache counters every second for the panel.
+    pub fn new(name: &str, manager: SessionManager, metrics: PrometheusHandle) -> Node {
+        let history = Arc::new(Mutex::new(VecDeque::with_capacity(HISTORY)));
+        let sampled = Arc::downgrade(&history);
+        let watched = manager.clone();
+        tokio::spawn(async move {
+            let mut last = watched.stats();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(history) = sampled.upgrade() else {
+                    return;
+                };
+                let now = watched.stats();
+                let mut h = history.lock().unwrap();
+                if h.len() == HISTORY {
+                    h.pop_front();
+                }
+                h.push_back((now.hits - last.hits, now.misses - last.misses));
+                last = now;
+            }
+        });
+        Node {
+            name: name.to_owned(),
+            manager,
+            metrics,
+            history,
+        }
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("no other metrics recorder in this process")
+        })
+        .clone()
 }
 
 /// The node's router. The demo serves plain HTTP on 127.0.0.1, where a `Secure` cookie would
@@ -36,6 +93,7 @@ pub fn router(node: Node) -> Router {
         .route("/logout", post(log_out))
         .route("/logout-everywhere", post(log_out_everywhere))
         .route("/sessions/{id}/revoke", post(revoke))
+        .route("/metrics", get(metrics))
         .with_state(node)
         .layer(layer)
 }
@@ -146,8 +204,69 @@ async fn page(State(node): State<Node>, session: WebSession) -> pgsession::Resul
             body.push_str("</table>");
         }
     }
+    body.push_str(&panel(&node));
     body.push_str("</body></html>");
     Ok(Html(body))
+}
+
+/// The node panel: this node's cache as its counters show it after this very request, and a
+/// bar per second of the last minute's hits (green) over misses (grey).
+fn panel(node: &Node) -> String {
+    let s: Stats = node.manager.stats();
+    let reads = s.hits + s.misses;
+    let ratio = if reads == 0 {
+        "-".to_owned()
+    } else {
+        format!("{:.1} %", 100.0 * s.hits as f64 / reads as f64)
+    };
+    let history: Vec<(u64, u64)> = node.history.lock().unwrap().iter().copied().collect();
+    let peak = history.iter().map(|(h, m)| h + m).max().unwrap_or(0).max(1) as f64;
+    let (width, height) = (4.0, 40.0);
+    let mut bars = String::new();
+    for (i, (hits, misses)) in history.iter().enumerate() {
+        let x = i as f64 * width;
+        let h_hits = height * *hits as f64 / peak;
+        let h_misses = height * *misses as f64 / peak;
+        let _ = write!(
+            bars,
+            "<rect x=\"{x}\" y=\"{y}\" width=\"3\" height=\"{h_hits:.1}\" fill=\"#2a2\"/>\
+             <rect x=\"{x}\" y=\"{y2}\" width=\"3\" height=\"{h_misses:.1}\" fill=\"#999\"/>",
+            y = height - h_hits,
+            y2 = height - h_hits - h_misses,
+        );
+    }
+    format!(
+        "<h2>This node</h2><section id=\"panel\"><table>\
+         <tr><th>cache entries</th><td id=\"panel-entries\">{entries}</td></tr>\
+         <tr><th>hits / misses</th><td><span id=\"panel-hits\">{hits}</span> / \
+         <span id=\"panel-misses\">{misses}</span> (hit ratio <span id=\"panel-ratio\">{ratio}</span>)</td></tr>\
+         <tr><th>cache</th><td id=\"panel-trusted\">{trusted}</td></tr>\
+         <tr><th>invalidations received</th><td id=\"panel-invalidations\">{inv}</td></tr>\
+         <tr><th>listener reconnects</th><td id=\"panel-reconnects\">{reconnects}</td></tr>\
+         </table><p>Reads per second, last minute (hits green, misses grey):</p>\
+         <svg id=\"panel-history\" width=\"{w}\" height=\"{height}\" viewBox=\"0 0 {w} {height}\" \
+         role=\"img\" aria-label=\"hits and misses per second\">{bars}</svg>\
+         <p><a href=\"/metrics\">/metrics</a> (Prometheus text)</p></section>",
+        entries = s.entries,
+        hits = s.hits,
+        misses = s.misses,
+        trusted = if s.cache_trusted {
+            "trusted"
+        } else {
+            "distrusted: reads go to the database"
+        },
+        inv = s.invalidations,
+        reconnects = s.reconnects,
+        w = width * HISTORY as f64,
+    )
+}
+
+/// Prometheus text of the process's metrics (pgsession's, through the `metrics` facade).
+async fn metrics(State(node): State<Node>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        node.metrics.render(),
+    )
 }
 
 async fn me(

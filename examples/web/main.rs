@@ -3,8 +3,8 @@
 //! visits, log in on one, see it on the other, log out everywhere.
 //!
 //! ```text
-//! cargo run --features axum --example web                     # ports 3000 and 3001
-//! cargo run --features axum --example web -- --ports 8080,8081
+//! cargo run --features axum,metrics --example web                     # ports 3000 and 3001
+//! cargo run --features axum,metrics --example web -- --ports 8080,8081
 //! ```
 //!
 //! Uses `DATABASE_URL` when it is set; otherwise starts a private, throwaway PostgreSQL server
@@ -65,10 +65,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e} (try --ports)"))?;
-        let router = app::router(app::Node {
-            name: name.to_owned(),
-            manager: manager.clone(),
-        });
+        let router = app::router(app::Node::new(name, manager.clone(), app::prometheus()));
         println!("{name}: http://127.0.0.1:{port}/");
         servers.spawn(async move { axum::serve(listener, router).await });
         nodes.push(manager);
