@@ -76,9 +76,10 @@ impl Touches {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Record a read at `at` (merged with any pending access to the same session).
-    pub(crate) fn record(&self, id: Uuid, at: DateTime<Utc>) {
-        self.add(id, at, 1);
+    /// Record a read at `at` (merged with any pending access to the same session); the reads
+    /// now pending for it, this one included (0 when the buffer is full).
+    pub(crate) fn record(&self, id: Uuid, at: DateTime<Utc>) -> i64 {
+        self.add(id, at, 1)
     }
 
     /// Record an access at `at` that is not a read (`touch_session`).
@@ -86,25 +87,26 @@ impl Touches {
         self.add(id, at, 0);
     }
 
-    fn add(&self, id: Uuid, at: DateTime<Utc>, reads: i64) {
+    fn add(&self, id: Uuid, at: DateTime<Utc>, reads: i64) -> i64 {
         let mut shard = self.lock(self.picker.pick(&id));
         if let Some(t) = shard.get_mut(&id) {
             if t.at < at {
                 t.at = at;
             }
             t.reads += reads;
-            return;
+            return t.reads;
         }
         let before = self.len.fetch_add(1, Ordering::Relaxed);
         if before >= self.max {
             self.len.fetch_sub(1, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return 0;
         }
         shard.insert(id, Access { at, reads });
         if before + 1 == self.flush_at {
             self.wake.notify_one();
         }
+        reads
     }
 
     /// The pending (not yet written) access of a session, if any.
