@@ -120,19 +120,27 @@ impl UserId {
 
     /// Refuse ids PostgreSQL could not store or that are unreasonably long.
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        let reason = if self.0.is_empty() {
-            "it is empty"
-        } else if self.0.len() > MAX_USER_ID_LEN {
-            "it is longer than 256 bytes"
-        } else if self.0.contains('\0') {
-            "it contains the NUL character"
-        } else {
-            return Ok(());
-        };
-        Err(Error::InvalidUserId(format!(
-            "user id {:?} is invalid: {reason}",
-            self.0.chars().take(40).collect::<String>()
-        )))
+        match text_id_problem(&self.0, MAX_USER_ID_LEN) {
+            None => Ok(()),
+            Some(reason) => Err(Error::InvalidUserId(format!(
+                "user id {:?} is invalid: {reason}",
+                self.0.chars().take(40).collect::<String>()
+            ))),
+        }
+    }
+}
+
+/// Why `text` cannot be a stored text id (a user's, a group's) of at most `max` bytes, if it
+/// cannot: empty, too long, or containing NUL (which PostgreSQL's `text` cannot hold).
+pub(crate) fn text_id_problem(text: &str, max: usize) -> Option<String> {
+    if text.is_empty() {
+        Some("it is empty".to_owned())
+    } else if text.len() > max {
+        Some(format!("it is longer than {max} bytes"))
+    } else if text.contains('\0') {
+        Some("it contains the NUL character".to_owned())
+    } else {
+        None
     }
 }
 

@@ -1575,9 +1575,9 @@ impl Drop for InDoubt<'_> {
 impl Inner {
     /// A stored session for a caller: with the reads this node has not flushed, without the
     /// attributes expired at `now`.
-    fn session(&self, mut record: Record, now: DateTime<Utc>) -> Session {
-        record.reads += self.touches.pending_reads(record.id);
-        Session::from_record(record, self.config.max_attribute_size, self.idle, now)
+    fn session(&self, record: Record, now: DateTime<Utc>) -> Session {
+        let pending = self.touches.pending_reads(record.id);
+        self.served(record, now, pending)
     }
 
     /// A session a read returns, with the `pending` reads this read's record reported (saving

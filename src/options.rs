@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use crate::error::{Error, Result};
-use crate::ids::{MAX_USER_ID_LEN, UserId};
+use crate::ids::{MAX_USER_ID_LEN, UserId, text_id_problem};
 use crate::record::Client;
 
 /// Longest `User-Agent` kept, in bytes; longer ones are cut at a character boundary.
@@ -88,19 +88,13 @@ impl SessionOptions {
 
 /// [`Error::InvalidGroupId`] unless `group` is 1 to 256 bytes without NUL.
 pub(crate) fn validate_group(group: &str) -> Result<()> {
-    let reason = if group.is_empty() {
-        "it is empty"
-    } else if group.len() > MAX_GROUP_ID_LEN {
-        "it is longer than 256 bytes"
-    } else if group.contains('\0') {
-        "it contains the NUL character"
-    } else {
-        return Ok(());
-    };
-    Err(Error::InvalidGroupId(format!(
-        "group id {:?} is invalid: {reason}",
-        group.chars().take(40).collect::<String>()
-    )))
+    match text_id_problem(group, MAX_GROUP_ID_LEN) {
+        None => Ok(()),
+        Some(reason) => Err(Error::InvalidGroupId(format!(
+            "group id {:?} is invalid: {reason}",
+            group.chars().take(40).collect::<String>()
+        ))),
+    }
 }
 
 #[cfg(test)]
