@@ -12,6 +12,7 @@ use serde_json::Map;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::announcer::{self, Announcer};
@@ -615,7 +616,7 @@ impl SessionManager {
     /// # Ok(())
     /// # }
     /// ```
-    #[tracing::instrument(level = "debug", skip_all, fields(user.id = options.user.as_ref().map(UserId::as_str), group.id = options.group.as_deref()))]
+    #[tracing::instrument(level = "debug", name = "create_session", skip_all, fields(user.id = options.user.as_ref().map(UserId::as_str), group.id = options.group.as_deref()))]
     pub async fn create_session_with<K: Into<String>, V: Serialize>(
         &self,
         options: SessionOptions,
@@ -735,28 +736,33 @@ impl SessionManager {
     /// # Ok(())
     /// # }
     /// ```
-    // No span here: a cache hit takes under a microsecond, and a span (even a disabled one)
-    // and its field would be a measurable share of it. Misses go through `read_through`.
     pub async fn get_session(&self, token: &SessionToken) -> Result<Option<Session>> {
+        // Built by hand rather than with `#[instrument]`: the hit path never awaits, so it
+        // enters the span without wrapping the future, and a disabled span costs it one
+        // check of the level (see `cargo bench --bench cache`).
+        let span = tracing::debug_span!("get_session", session.id = %token.id());
         let inner = self.open()?;
         let id = token.id().as_uuid();
         let now = now();
-        if let Some(record) = inner.cache.hit(id, now, inner.idle) {
-            let pending = inner.touches.record(id, now);
-            return Ok(Some(inner.served(record, now, pending)));
-        }
-        let _timer = Timer::start("get");
-        if !inner.verify(token) {
-            return Ok(None);
-        }
-        let token = match inner.cache.lookup(id, now, inner.idle) {
-            Lookup::Hit(record) => {
+        let (fill, _timer) = {
+            let _entered = span.enter();
+            if let Some(record) = inner.cache.hit(id, now, inner.idle) {
                 let pending = inner.touches.record(id, now);
                 return Ok(Some(inner.served(record, now, pending)));
             }
-            Lookup::Miss(token) => token,
+            let timer = Timer::start("get");
+            if !inner.verify(token) {
+                return Ok(None);
+            }
+            match inner.cache.lookup(id, now, inner.idle) {
+                Lookup::Hit(record) => {
+                    let pending = inner.touches.record(id, now);
+                    return Ok(Some(inner.served(record, now, pending)));
+                }
+                Lookup::Miss(fill) => (fill, timer),
+            }
         };
-        inner.read_through(id, token, now).await
+        inner.read_through(id, fill, now).instrument(span).await
     }
 
     /// [`get_session`](Self::get_session) from the database whatever the cache holds, for
@@ -802,7 +808,7 @@ impl SessionManager {
     /// # Ok(())
     /// # }
     /// ```
-    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id(), user.id = session.user_id().map(UserId::as_str)))]
     pub async fn update_session(&self, session: &mut Session) -> Result<()> {
         self.update(session, false).await
     }
@@ -836,7 +842,7 @@ impl SessionManager {
     /// # Ok(())
     /// # }
     /// ```
-    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id(), user.id = session.user_id().map(UserId::as_str)))]
     pub async fn update_session_if_unchanged(&self, session: &mut Session) -> Result<()> {
         self.update(session, true).await
     }
@@ -919,13 +925,14 @@ impl SessionManager {
     /// # Ok(())
     /// # }
     /// ```
-    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id(), user.id = tracing::field::Empty))]
     pub async fn log_in(
         &self,
         session: &mut Session,
         user_id: impl Into<UserId>,
     ) -> Result<SessionToken> {
         let user = user_id.into();
+        tracing::Span::current().record("user.id", user.as_str());
         user.validate()?;
         let token = self.new_token()?;
         self.rotate(session, Some(Some(user)), &token).await?;
@@ -940,7 +947,7 @@ impl SessionManager {
     /// # Errors
     ///
     /// As [`log_in`](Self::log_in), without the cap.
-    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(session.id = %session.id(), user.id = session.user_id().map(UserId::as_str)))]
     pub async fn rotate_session(&self, session: &mut Session) -> Result<SessionToken> {
         let token = self.new_token()?;
         self.rotate(session, None, &token).await?;
@@ -1068,6 +1075,7 @@ impl SessionManager {
     ///
     /// [`Error::ShutDown`].
     pub fn touch_session(&self, id: SessionId) -> Result<()> {
+        let _span = tracing::debug_span!("touch_session", session.id = %id).entered();
         let inner = self.open()?;
         inner.touches.keep_alive(id.as_uuid(), now());
         Ok(())
@@ -1598,7 +1606,6 @@ impl Inner {
 
     /// Read a session from the database, with this node's pending access; fill the cache
     /// under `fill`. An expired one is reported and not returned.
-    #[tracing::instrument(level = "debug", name = "get_session", skip_all, fields(session.id = %SessionId(id)))]
     async fn read_through(
         &self,
         id: Uuid,
