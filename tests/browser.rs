@@ -163,7 +163,8 @@ async fn me(url: &str, cookie: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_other() {
     let db = TestDatabase::create().await;
-    let a = serve("node A", node(&db, config()).await).await;
+    let manager_a = node(&db, config()).await;
+    let a = serve("node A", manager_a.clone()).await;
     let b = serve("node B", node(&db, config()).await).await;
     let driver = start_driver();
     let profile = std::env::temp_dir().join(format!("pgsession-chromium-{}", std::process::id()));
@@ -283,7 +284,9 @@ async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_o
     assert_eq!(api["counter"], 1);
     assert_eq!(api["sessions"][0]["current"], true);
 
-    // Log out everywhere on node B; node A then shows the login form.
+    // Log out everywhere on node B; node A then shows the login form (once A has applied
+    // B's announcement, which its event follows).
+    let mut on_a = manager_a.subscribe_events();
     client
         .find(Locator::Id("logout-everywhere"))
         .await
@@ -292,6 +295,17 @@ async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_o
         .await
         .expect("click");
     wait_for(&client, "//button[@id='login']").await;
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), on_a.recv())
+            .await
+            .expect("A hears of the logout within 5 s")
+            .expect("no lag");
+        if e.kind == pgsession::SessionEventKind::UserLoggedOutEverywhere
+            && e.origin == pgsession::Origin::OtherNode
+        {
+            break;
+        }
+    }
     client.goto(&format!("{a}/")).await.expect("page");
     assert_eq!(text(&client, "node").await, "node A");
     assert!(

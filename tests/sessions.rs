@@ -254,7 +254,7 @@ async fn the_cap_refuses_to_run_outside_read_committed() {
 async fn absolutely_expired_session_is_never_returned_even_before_cleanup() {
     let db = TestDatabase::create().await;
     // Long enough that the first read surely comes before expiry.
-    let ttl = Duration::from_secs(1);
+    let ttl = Duration::from_secs(3);
     let m = node(
         &db,
         Config {
@@ -317,7 +317,7 @@ async fn idle_session_expires_and_accesses_keep_it_alive() {
 async fn set_expires_at_extends_a_session() {
     let db = TestDatabase::create().await;
     // Long enough that the update surely comes before expiry.
-    let ttl = Duration::from_secs(1);
+    let ttl = Duration::from_secs(3);
     let m = node(
         &db,
         Config {

@@ -227,11 +227,15 @@ async fn only_a_hash_of_the_tower_sessions_id_is_stored() {
 async fn expired_records_are_not_loaded_and_are_deleted() {
     let (store, db) = store(config()).await;
     let mut rec = record(json!({ "k": "v" }));
-    rec.expiry_date = time::OffsetDateTime::now_utc() + time::Duration::milliseconds(300);
+    rec.expiry_date = time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
     store.create(&mut rec).await.expect("created");
     assert!(store.load(&rec.id).await.expect("load").is_some());
     // Expiry is a point in time: waiting for it is the subject.
-    tokio::time::sleep(StdDuration::from_millis(400)).await;
+    let left = rec.expiry_date - time::OffsetDateTime::now_utc();
+    tokio::time::sleep(
+        StdDuration::try_from(left).unwrap_or_default() + StdDuration::from_millis(50),
+    )
+    .await;
 
     assert!(store.load(&rec.id).await.expect("load").is_none());
     store.delete_expired().await.expect("cleanup");
