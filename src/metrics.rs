@@ -20,6 +20,7 @@
 //! | `pgsession_cap_evictions_total` | counter | sessions | sessions deleted by the per-user cap |
 //! | `pgsession_expired_deleted_total` | counter | sessions | expired sessions deleted by cleanup |
 //! | `pgsession_touches_dropped_total` | counter | accesses | accesses dropped (buffer full) |
+//! | `pgsession_cache_distrusted_milliseconds_total` | counter | milliseconds | time the cache was distrusted, so every read went to the database |
 //! | `pgsession_cache_entries` | gauge | sessions | sessions cached now |
 //! | `pgsession_pending_touches` | gauge | accesses | accesses waiting for the flush |
 //! | `pgsession_outbox_backlog` | gauge | invalidations | invalidations queued for announcement |
@@ -112,6 +113,12 @@ const COUNTERS: &[(&str, Unit, &str, Reading)] = &[
         Unit::Count,
         "accesses dropped because the buffer was full",
         |s| s.touches_dropped,
+    ),
+    (
+        "pgsession_cache_distrusted_milliseconds_total",
+        Unit::Milliseconds,
+        "time the cache was distrusted (reads went to the database)",
+        |s| u64::try_from(s.degraded_time.as_millis()).unwrap_or(u64::MAX),
     ),
 ];
 

@@ -130,6 +130,12 @@ async fn metrics_report_every_documented_name_and_move_with_the_work() {
             "{name}"
         );
     }
+    assert_eq!(
+        seen.units
+            .get("pgsession_cache_distrusted_milliseconds_total")
+            .map(String::as_str),
+        Some("milliseconds")
+    );
     for name in [
         "pgsession_cache_entries",
         "pgsession_pending_touches",
