@@ -738,9 +738,15 @@ impl SessionManager {
     /// ```
     pub async fn get_session(&self, token: &SessionToken) -> Result<Option<Session>> {
         // Built by hand rather than with `#[instrument]`: the hit path never awaits, so it
-        // enters the span without wrapping the future, and a disabled span costs it one
-        // check of the level (see `cargo bench --bench cache`).
-        let span = tracing::debug_span!("get_session", session.id = %token.id());
+        // enters the span without wrapping the future; and unless some subscriber wants
+        // debug spans, a hit pays one load of the global level for it instead of the
+        // span's callsite checks (an unconditional span measured about 0.15 us more a hit;
+        // this, no measurable cost: `cargo bench --bench cache`).
+        let span = if tracing::level_enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!("get_session", session.id = %token.id())
+        } else {
+            tracing::Span::none()
+        };
         let inner = self.open()?;
         let id = token.id().as_uuid();
         let now = now();
