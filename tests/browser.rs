@@ -116,6 +116,16 @@ async fn serve(name: &str, manager: SessionManager) -> String {
     format!("http://{addr}")
 }
 
+async fn click(client: &Client, id: &str) {
+    client
+        .find(Locator::Id(id))
+        .await
+        .unwrap_or_else(|e| panic!("#{id} on the page: {e}"))
+        .click()
+        .await
+        .expect("click");
+}
+
 async fn text(client: &Client, id: &str) -> String {
     client
         .find(Locator::Id(id))
@@ -178,13 +188,7 @@ async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_o
         client.get_all_cookies().await.expect("cookies").is_empty(),
         "no session (and no cookie) for a visitor who changed nothing"
     );
-    client
-        .find(Locator::Id("count"))
-        .await
-        .expect("button")
-        .click()
-        .await
-        .expect("click");
+    click(&client, "count").await;
     wait_for(&client, "//strong[@id='counter' and text()='1']").await;
     client.goto(&format!("{b}/")).await.expect("page");
     assert_eq!(text(&client, "node").await, "node B");
@@ -206,13 +210,7 @@ async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_o
         .send_keys("alice")
         .await
         .expect("type");
-    client
-        .find(Locator::Id("login"))
-        .await
-        .expect("button")
-        .click()
-        .await
-        .expect("click");
+    click(&client, "login").await;
     wait_for(&client, "//span[@id='user-name' and text()='alice']").await;
     assert_eq!(
         text(&client, "counter").await,
@@ -287,25 +285,13 @@ async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_o
     // Log out everywhere on node B; node A then shows the login form (once A has applied
     // B's announcement, which its event follows).
     let mut on_a = manager_a.subscribe_events();
-    client
-        .find(Locator::Id("logout-everywhere"))
-        .await
-        .expect("button")
-        .click()
-        .await
-        .expect("click");
+    click(&client, "logout-everywhere").await;
     wait_for(&client, "//button[@id='login']").await;
-    loop {
-        let e = tokio::time::timeout(Duration::from_secs(5), on_a.recv())
-            .await
-            .expect("A hears of the logout within 5 s")
-            .expect("no lag");
-        if e.kind == pgsession::SessionEventKind::UserLoggedOutEverywhere
-            && e.origin == pgsession::Origin::OtherNode
-        {
-            break;
-        }
-    }
+    heard_from_other_node(
+        &mut on_a,
+        pgsession::SessionEventKind::UserLoggedOutEverywhere,
+    )
+    .await;
     client.goto(&format!("{a}/")).await.expect("page");
     assert_eq!(text(&client, "node").await, "node A");
     assert!(

@@ -34,12 +34,6 @@ async fn next_remote(events: &mut Receiver<SessionEvent>) -> SessionEvent {
     }
 }
 
-/// Wait until this node has applied another node's write of `kind` (its event is reported
-/// after the cache is invalidated), skipping other events.
-async fn applied(events: &mut Receiver<SessionEvent>, kind: SessionEventKind) {
-    while next_remote(events).await.kind != kind {}
-}
-
 #[tokio::test]
 async fn other_nodes_writes_arrive_as_events_once_and_marked_as_theirs() {
     use SessionEventKind::*;
@@ -245,7 +239,7 @@ async fn bulk_writes_are_announced_in_one_message_whatever_their_size() {
     .await;
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert!(sent[0].len() < 8000);
-    applied(&mut on_b, SessionEventKind::UserSessionsUpdated).await;
+    heard_from_other_node(&mut on_b, SessionEventKind::UserSessionsUpdated).await;
     for t in &tokens {
         let s = b.get_session(t).await.unwrap().unwrap();
         assert_eq!(s.get("role"), None, "B serves the change, not its old copy");
@@ -258,7 +252,7 @@ async fn bulk_writes_are_announced_in_one_message_whatever_their_size() {
     .await;
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert!(sent[0].len() < 8000);
-    applied(&mut on_b, SessionEventKind::GroupDeleted).await;
+    heard_from_other_node(&mut on_b, SessionEventKind::GroupDeleted).await;
     for t in &tokens {
         assert!(b.get_session(t).await.unwrap().is_none());
     }
@@ -274,7 +268,7 @@ async fn bulk_writes_are_announced_in_one_message_whatever_their_size() {
     .await;
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert!(sent[0].len() < 8000);
-    applied(&mut on_b, SessionEventKind::AllDeleted).await;
+    heard_from_other_node(&mut on_b, SessionEventKind::AllDeleted).await;
     assert_eq!(b.stats().entries, 0, "B emptied its cache");
     assert_eq!(count_rows(&check).await, 1, "only the marker is left");
 }

@@ -5,7 +5,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use pgsession::{Config, Session, SessionId, SessionManager, SessionToken};
+use pgsession::{
+    Config, Origin, Session, SessionEvent, SessionEventKind, SessionId, SessionManager,
+    SessionToken,
+};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -202,4 +205,22 @@ pub async fn set_and_save(
 ) {
     session.set(key, value).expect("valid attribute");
     manager.update_session(session).await.expect("update");
+}
+
+/// Wait (at most 5 s) until the node behind `events` has applied another node's write of
+/// `kind`: the listener reports an event after it has invalidated the cache. Other events
+/// are skipped.
+pub async fn heard_from_other_node(
+    events: &mut tokio::sync::broadcast::Receiver<SessionEvent>,
+    kind: SessionEventKind,
+) {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("another node's {kind:?} within 5 s"))
+            .expect("no lag");
+        if e.kind == kind && e.origin == Origin::OtherNode {
+            return;
+        }
+    }
 }
