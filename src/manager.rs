@@ -753,18 +753,14 @@ impl SessionManager {
         let (fill, _timer) = {
             let _entered = span.enter();
             if let Some(record) = inner.cache.hit(id, now, inner.idle) {
-                let pending = inner.touches.record(id, now);
-                return Ok(Some(inner.served(record, now, pending)));
+                return Ok(Some(inner.cached(record, now)));
             }
             let timer = Timer::start("get");
             if !inner.verify(token) {
                 return Ok(None);
             }
             match inner.cache.lookup(id, now, inner.idle) {
-                Lookup::Hit(record) => {
-                    let pending = inner.touches.record(id, now);
-                    return Ok(Some(inner.served(record, now, pending)));
-                }
+                Lookup::Hit(record) => return Ok(Some(inner.cached(record, now))),
                 Lookup::Miss(fill) => (fill, timer),
             }
         };
@@ -1591,6 +1587,12 @@ impl Inner {
     /// attributes expired at `now`.
     fn session(&self, record: Record, now: DateTime<Utc>) -> Session {
         let pending = self.touches.pending_reads(record.id);
+        self.served(record, now, pending)
+    }
+
+    /// A session served from the cache at `now`, its read recorded.
+    fn cached(&self, record: Record, now: DateTime<Utc>) -> Session {
+        let pending = self.touches.record(record.id, now);
         self.served(record, now, pending)
     }
 
