@@ -47,7 +47,7 @@ use tokio::sync::Mutex;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::session::{decode, to_json, validate_attribute};
+use crate::session::decode;
 use crate::{
     Error, Result, Session, SessionId, SessionManager, SessionOptions, SessionToken, UserId,
 };
@@ -458,9 +458,8 @@ impl WebSession {
         match &mut state.session {
             Some(session) => session.set(key, value),
             None => {
-                let value = to_json(&key, value)?;
                 let limit = self.0.manager.config().max_attribute_size;
-                validate_attribute(&key, &value, limit)?;
+                let value = crate::json::encode(&key, value, limit)?;
                 state.pending.insert(key, value);
                 Ok(())
             }
@@ -668,7 +667,9 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSession {
 impl IntoResponse for Error {
     fn into_response(self) -> AxumResponse {
         let status = match &self {
-            Error::AttributeTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::AttributeTooLarge { .. } | Error::SessionTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Error::InvalidAttribute { .. }
             | Error::InvalidExpiry { .. }
             | Error::InvalidToken(_)

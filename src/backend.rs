@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::ids::UserId;
 use crate::memory::MemoryStore;
 use crate::record::Record;
-use crate::store::{Delta, NewSession, Queued, Rotated, Rotation, Store, Updated};
+use crate::store::{Delta, NewSession, Page, Queued, Rotated, Rotation, Store, UpdateOutcome};
 
 pub(crate) enum Backend {
     Pg(Arc<Store>),
@@ -53,11 +53,10 @@ impl Backend {
         }
     }
 
-    /// `None` when the session is gone, expired, or (with `expect_version`) changed.
-    pub(crate) async fn update(&self, d: &Delta<'_>) -> Result<Option<(Updated, Option<Queued>)>> {
+    pub(crate) async fn update(&self, d: &Delta<'_>) -> Result<UpdateOutcome> {
         match self {
-            Backend::Pg(s) => Ok(s.update(d).await?.map(|(u, q)| (u, Some(q)))),
-            Backend::Memory(m) => Ok(m.update(d).map(|u| (u, None))),
+            Backend::Pg(s) => s.update(d).await,
+            Backend::Memory(m) => Ok(m.update(d)),
         }
     }
 
@@ -148,17 +147,6 @@ impl Backend {
         }
     }
 
-    /// Version, absolute expiry and stored last access.
-    pub(crate) async fn current(
-        &self,
-        id: Uuid,
-    ) -> Result<Option<(i64, DateTime<Utc>, DateTime<Utc>)>> {
-        match self {
-            Backend::Pg(s) => s.current(id).await,
-            Backend::Memory(m) => Ok(m.current(id)),
-        }
-    }
-
     pub(crate) async fn count_active(
         &self,
         since: DateTime<Utc>,
@@ -175,7 +163,7 @@ impl Backend {
         after: Option<Uuid>,
         now: DateTime<Utc>,
         limit: usize,
-    ) -> Result<Vec<Record>> {
+    ) -> Result<Page> {
         match self {
             Backend::Pg(s) => s.page(after, now, limit).await,
             Backend::Memory(m) => Ok(m.page(after, now, limit)),

@@ -22,6 +22,11 @@
 //! * **Trust (G4).** While the listener is down or resynchronising the cache is *distrusted*:
 //!   lookups miss without a token (nothing is served, nothing is filled). Distrusting bumps
 //!   every shard's generation, so fills that started earlier are rejected too.
+//! * **Token verdicts.** An entry remembers the signature tag verified for it, if any. A signed
+//!   token is served from the cache only if its tag equals that one (a constant-time compare
+//!   of 16 bytes, no MAC); otherwise the caller computes the MAC, and a token that fails it is
+//!   refused whatever the cache holds. So a token opens its session on every node or on none,
+//!   however the session got into a cache (an update, a listing, another token's fill).
 //! * **Expiry (G5).** A lookup never serves an entry that is expired by its own timestamps
 //!   (absolute expiry, or idle by this node's last access) or older than `cache_max_age`; it
 //!   reports a miss and the caller re-reads the database, where another node may have recorded
@@ -39,11 +44,29 @@ use uuid::Uuid;
 use crate::ids::UserId;
 use crate::record::Record;
 use crate::shard::{Padded, ShardPicker, shard_count};
+use crate::token::{TAG_LEN, same_tag};
+
+/// A signature tag verified for an entry's session.
+pub(crate) type Tag = [u8; TAG_LEN];
 
 struct Entry {
     session: Record,
     /// After this instant the entry must be re-read (`cache_max_age`).
     stale_after: DateTime<Utc>,
+    /// The tag of the signed token verified for this session, if one was.
+    tag: Option<Tag>,
+}
+
+/// What a lookup's caller vouches for about the token it looks up with.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Proof<'a> {
+    /// The token opens the session whatever the entry holds (no signing keys, an external id,
+    /// an accepted legacy token).
+    Any,
+    /// A signed token not verified yet: served only if the entry holds this very tag.
+    Tag(&'a Tag),
+    /// A signed token whose tag the caller has verified: the entry remembers it.
+    Verified(Tag),
 }
 
 struct Shard {
@@ -89,10 +112,20 @@ impl Shard {
         id: Uuid,
         now: DateTime<Utc>,
         idle: Option<chrono::Duration>,
+        proof: Proof<'_>,
     ) -> Option<Record> {
         let entry = self.lru.get_mut(&id)?;
         if now >= entry.stale_after || entry.session.is_expired(now, idle) {
             return None;
+        }
+        match proof {
+            Proof::Any => {}
+            Proof::Tag(tag) => {
+                if !entry.tag.as_ref().is_some_and(|known| same_tag(known, tag)) {
+                    return None;
+                }
+            }
+            Proof::Verified(tag) => entry.tag = Some(tag),
         }
         if entry.session.last_accessed_at < now {
             entry.session.last_accessed_at = now;
@@ -102,9 +135,13 @@ impl Shard {
         Some(session)
     }
 
-    /// Install `entry`; a session pushed out by the capacity limit leaves its version as a
-    /// floor, so that an older copy of it being read right now cannot come back.
-    fn install(&mut self, id: Uuid, entry: Entry) {
+    /// Install `entry`, keeping the tag verified for the copy it replaces when it brings none;
+    /// a session pushed out by the capacity limit leaves its version as a floor, so that an
+    /// older copy of it being read right now cannot come back.
+    fn install(&mut self, id: Uuid, mut entry: Entry) {
+        if entry.tag.is_none() {
+            entry.tag = self.lru.peek(&id).and_then(|e| e.tag);
+        }
         if let Some((evicted, old)) = self.lru.push(id, entry)
             && evicted != id
         {
@@ -211,6 +248,7 @@ impl Cache {
         id: Uuid,
         now: DateTime<Utc>,
         idle: Option<chrono::Duration>,
+        proof: Proof<'_>,
     ) -> Lookup {
         if !self.enabled() {
             return Lookup::Miss(None);
@@ -222,7 +260,7 @@ impl Cache {
             shard.misses += 1;
             return Lookup::Miss(None);
         }
-        if let Some(session) = shard.serve(id, now, idle) {
+        if let Some(session) = shard.serve(id, now, idle, proof) {
             return Lookup::Hit(session);
         }
         shard.misses += 1;
@@ -232,13 +270,15 @@ impl Cache {
         }))
     }
 
-    /// The cached copy of `id` if it can be served now (as [`lookup`](Self::lookup) would
-    /// serve it); on anything else `None`, counting nothing, for the caller to look further.
+    /// The cached copy of `id` if it can be served now with `proof` (as
+    /// [`lookup`](Self::lookup) would serve it); on anything else `None`, counting nothing,
+    /// for the caller to look further.
     pub(crate) fn hit(
         &self,
         id: Uuid,
         now: DateTime<Utc>,
         idle: Option<chrono::Duration>,
+        proof: Proof<'_>,
     ) -> Option<Record> {
         if !self.enabled() {
             return None;
@@ -247,7 +287,7 @@ impl Cache {
         if !self.is_trusted() {
             return None;
         }
-        shard.serve(id, now, idle)
+        shard.serve(id, now, idle, proof)
     }
 
     /// A token for a write this node is about to make, taken before the write is sent.
@@ -271,7 +311,13 @@ impl Cache {
     /// older copies of it are evicted and its version becomes a floor for that session, so
     /// that a slower fill holding an older read cannot install it afterwards (reads on one
     /// node do not go back in version while the announcement of a write is on its way).
-    pub(crate) fn fill(&self, token: FillToken, session: &Record, now: DateTime<Utc>) -> bool {
+    pub(crate) fn fill(
+        &self,
+        token: FillToken,
+        session: &Record,
+        now: DateTime<Utc>,
+        tag: Option<Tag>,
+    ) -> bool {
         let mut guard = self.lock(token.shard);
         let shard = &mut *guard;
         let below_floor = shard
@@ -297,20 +343,23 @@ impl Cache {
         {
             return false;
         }
-        let entry = self.entry(session, now);
+        let entry = self.entry(session, now, tag);
         shard.install(session.id, entry);
         true
     }
 
     /// Note a write this node committed: install the new state if nothing was invalidated
     /// since `token`, otherwise (or for a deletion, `session == None`) evict. Always bumps the
-    /// generation so that fills that read the previous state are rejected.
+    /// generation so that fills that read the previous state are rejected. `tag` is that of the
+    /// token this node signed for the session (a create, a rotation); without one, the tag
+    /// verified for the previous copy stays.
     pub(crate) fn apply_own_write(
         &self,
         id: Uuid,
         token: Option<FillToken>,
         session: Option<&Record>,
         now: DateTime<Utc>,
+        tag: Option<Tag>,
     ) {
         if !self.enabled() {
             return;
@@ -327,7 +376,7 @@ impl Cache {
                     .peek(&id)
                     .is_some_and(|e| e.session.version > s.version);
                 if !newer_cached {
-                    let entry = self.entry(s, now);
+                    let entry = self.entry(s, now, tag);
                     shard.install(id, entry);
                 }
             }
@@ -466,9 +515,10 @@ impl Cache {
         c
     }
 
-    fn entry(&self, session: &Record, now: DateTime<Utc>) -> Entry {
+    fn entry(&self, session: &Record, now: DateTime<Utc>, tag: Option<Tag>) -> Entry {
         Entry {
             session: session.clone(),
+            tag,
             stale_after: self
                 .max_age
                 .and_then(|age| now.checked_add_signed(age))
@@ -492,7 +542,7 @@ mod tests {
     }
 
     fn token(cache: &Cache, id: Uuid) -> FillToken {
-        match cache.lookup(id, Utc::now(), None) {
+        match cache.lookup(id, Utc::now(), None, Proof::Any) {
             Lookup::Miss(Some(t)) => t,
             _ => panic!("expected a miss with a token"),
         }
@@ -504,9 +554,9 @@ mod tests {
         let s = session(1);
         let t = token(&cache, s.id);
         cache.invalidate_version(s.id, 2);
-        assert!(!cache.fill(t, &s, Utc::now()));
+        assert!(!cache.fill(t, &s, Utc::now(), None));
         assert!(matches!(
-            cache.lookup(s.id, Utc::now(), None),
+            cache.lookup(s.id, Utc::now(), None, Proof::Any),
             Lookup::Miss(_)
         ));
     }
@@ -524,13 +574,13 @@ mod tests {
         cache.invalidate_version(v1.id, 1);
         let y = token(&cache, v1.id);
         assert!(
-            !cache.fill(x, &v2, Utc::now()),
+            !cache.fill(x, &v2, Utc::now(), None),
             "X read before an invalidation"
         );
         // X's caller has seen version 2: Y must not install version 1 now.
-        assert!(!cache.fill(y, &v1, Utc::now()));
+        assert!(!cache.fill(y, &v1, Utc::now(), None));
         assert!(matches!(
-            cache.lookup(v1.id, Utc::now(), None),
+            cache.lookup(v1.id, Utc::now(), None, Proof::Any),
             Lookup::Miss(_)
         ));
     }
@@ -542,10 +592,10 @@ mod tests {
         let t = token(&cache, s.id);
         cache.distrust();
         cache.trust(std::time::Duration::from_secs(3600));
-        assert!(!cache.fill(t, &s, Utc::now()));
+        assert!(!cache.fill(t, &s, Utc::now(), None));
         cache.distrust();
         assert!(matches!(
-            cache.lookup(s.id, Utc::now(), None),
+            cache.lookup(s.id, Utc::now(), None, Proof::Any),
             Lookup::Miss(None)
         ));
     }
@@ -555,15 +605,18 @@ mod tests {
         let cache = trusted_cache();
         let mut s = session(3);
         let t = cache.token_for(s.id);
-        cache.apply_own_write(s.id, t, Some(&s), Utc::now());
+        cache.apply_own_write(s.id, t, Some(&s), Utc::now(), None);
         assert!(!cache.invalidate_version(s.id, 3));
         assert!(matches!(
-            cache.lookup(s.id, Utc::now(), None),
+            cache.lookup(s.id, Utc::now(), None, Proof::Any),
             Lookup::Hit(_)
         ));
         s.version = 2;
         let t = cache.token_for(s.id).unwrap();
-        assert!(!cache.fill(t, &s, Utc::now()), "older copy replaced newer");
+        assert!(
+            !cache.fill(t, &s, Utc::now(), None),
+            "older copy replaced newer"
+        );
     }
 
     #[test]
@@ -572,9 +625,9 @@ mod tests {
         let s = session(2);
         let t = cache.token_for(s.id);
         cache.invalidate_version(s.id, 3);
-        cache.apply_own_write(s.id, t, Some(&s), Utc::now());
+        cache.apply_own_write(s.id, t, Some(&s), Utc::now(), None);
         assert!(matches!(
-            cache.lookup(s.id, Utc::now(), None),
+            cache.lookup(s.id, Utc::now(), None, Proof::Any),
             Lookup::Miss(_)
         ));
     }
@@ -586,17 +639,20 @@ mod tests {
         let s = session(1);
         let t = token(&cache, s.id);
         let now = Utc::now();
-        assert!(cache.fill(t, &s, now));
-        assert!(matches!(cache.lookup(s.id, now, None), Lookup::Hit(_)));
+        assert!(cache.fill(t, &s, now, None));
+        assert!(matches!(
+            cache.lookup(s.id, now, None, Proof::Any),
+            Lookup::Hit(_)
+        ));
         let later = now + chrono::Duration::seconds(11);
         assert!(matches!(
-            cache.lookup(s.id, later, None),
+            cache.lookup(s.id, later, None, Proof::Any),
             Lookup::Miss(Some(_))
         ));
         let idle = Some(chrono::Duration::seconds(5));
         let idle_later = now + chrono::Duration::seconds(6);
         assert!(matches!(
-            cache.lookup(s.id, idle_later, idle),
+            cache.lookup(s.id, idle_later, idle, Proof::Any),
             Lookup::Miss(Some(_))
         ));
     }
@@ -610,7 +666,7 @@ mod tests {
         let other = session(1);
         for s in [&a, &b, &other] {
             let t = token(&cache, s.id);
-            assert!(cache.fill(t, s, Utc::now()));
+            assert!(cache.fill(t, s, Utc::now(), None));
         }
         assert_eq!(cache.invalidate_user(a.user_id.as_ref().unwrap()), 2);
         assert_eq!(cache.counters().entries, 1);
@@ -624,7 +680,7 @@ mod tests {
         let gone = session(1);
         for s in [&same, &changed, &gone] {
             let t = token(&cache, s.id);
-            assert!(cache.fill(t, s, Utc::now()));
+            assert!(cache.fill(t, s, Utc::now(), None));
         }
         let current = HashMap::from([(same.id, 4), (changed.id, 2)]);
         assert_eq!(cache.resync(&current), 2);
@@ -638,14 +694,14 @@ mod tests {
         cache.trust(std::time::Duration::ZERO);
         assert!(!cache.trusted());
         assert!(matches!(
-            cache.lookup(s.id, Utc::now(), None),
+            cache.lookup(s.id, Utc::now(), None, Proof::Any),
             Lookup::Miss(None)
         ));
         cache.renew(std::time::Duration::from_secs(3600));
         let t = token(&cache, s.id);
-        assert!(cache.fill(t, &s, Utc::now()));
+        assert!(cache.fill(t, &s, Utc::now(), None));
         assert!(matches!(
-            cache.lookup(s.id, Utc::now(), None),
+            cache.lookup(s.id, Utc::now(), None, Proof::Any),
             Lookup::Hit(_)
         ));
     }

@@ -36,6 +36,17 @@ pub struct Config {
     /// Largest size of one attribute, in bytes: its compact JSON encoding as an object member,
     /// key included (`"key":value`). Default 16 KiB (16384).
     pub max_attribute_size: usize,
+    /// Largest size of a session's attributes together, in bytes, as PostgreSQL's `jsonb`
+    /// prints them (`octet_length(attributes::text)`: the compact JSON text with a space after
+    /// every `:` and `,`). Checked on the merged result of every create, update and login
+    /// (so other writers' keys count), refusing with [`Error::SessionTooLarge`] and writing
+    /// nothing; only growth is refused, so a session over a lowered limit can still shrink.
+    /// Default 1 MiB (1048576): far above what sessions hold (a login, a cart, flash messages:
+    /// kilobytes), yet it bounds what one session costs. A session is copied whole into the
+    /// cache of every node that reads it (`cache_capacity` × this is the cache's worst case),
+    /// and PostgreSQL rewrites the whole row on every update: 1 MiB costs an update tens of
+    /// milliseconds, where 64 MiB took seconds and a gigabyte of the writer's memory.
+    pub max_session_size: usize,
     /// Absolute lifetime of a session from its creation. Default 30 days.
     /// [`Session::set_expires_at`](crate::Session::set_expires_at) can move it.
     pub session_ttl: Duration,
@@ -100,17 +111,28 @@ pub struct Config {
     /// Reconnection never gives up while the manager runs. Default 5 seconds.
     pub listener_max_backoff: Duration,
     /// How long [`SessionManager::shutdown`](crate::SessionManager::shutdown) waits for the
-    /// final flush and the background tasks before aborting them. Default 10 seconds.
+    /// calls under way, the final flush and the background tasks before aborting them.
+    /// Default 10 seconds.
     pub shutdown_timeout: Duration,
+    /// Longest wait for a new connection to the server: the first one at start-up (a server
+    /// that refuses connections, or cannot be reached, fails `connect` at once with the cause;
+    /// one that does not answer, after this) and the probes that find out whether a server
+    /// that stopped answering is back. Default 5 seconds.
+    pub connect_timeout: Duration,
     /// Keys that sign session tokens; empty by default. The first signs new tokens, every one
     /// verifies, so keys can be rotated (new key first, old key removed once the sessions it
-    /// signed have expired). With keys, a token whose signature does not verify is refused
-    /// before any cache lookup or database read, so forged tokens cost nothing. All nodes need
+    /// signed have expired). With keys, a token whose signature does not verify opens nothing
+    /// on any node, whatever its cache holds, and costs no database read; it is counted in
+    /// [`Stats::forged_tokens`](crate::Stats). A cache hit compares the token's tag with the
+    /// one verified for that session (16 bytes) instead of recomputing the MAC. All nodes need
     /// the same keys.
     pub signing_keys: Vec<SigningKey>,
-    /// Whether tokens made before pgsession hashed them (hyphenated UUIDs) still open their
-    /// sessions. Default true, so that an upgrade keeps users logged in; such tokens carry no
-    /// signature, so turn this off once `session_ttl` has passed since the upgrade.
+    /// Whether tokens made before pgsession hashed them (hyphenated UUIDs, unsigned) open their
+    /// sessions whatever the database holds. Default false: they are accepted only while
+    /// sessions converted by migration 3 may still be alive (recorded by migration 5: until the
+    /// last of them expires), so an upgrade keeps users logged in and the door closes by
+    /// itself. Refused ones are counted in [`Stats::forged_tokens`](crate::Stats). Set it for
+    /// sessions inserted with such ids by another tool.
     pub accept_legacy_tokens: bool,
     /// Whether creates are announced to the other nodes, so that their
     /// [`subscribe_events`](crate::SessionManager::subscribe_events) receivers see
@@ -127,6 +149,7 @@ impl Default for Config {
             max_sessions_per_user: Some(5),
             max_sessions_policy: MaxSessionsPolicy::EvictOldest,
             max_attribute_size: 16 * 1024,
+            max_session_size: 1024 * 1024,
             session_ttl: Duration::from_secs(30 * 86_400),
             idle_timeout: Some(Duration::from_secs(48 * 3600)),
             cleanup_interval: Duration::from_secs(3600),
@@ -145,8 +168,9 @@ impl Default for Config {
             listener_timeout: Duration::from_secs(2),
             listener_max_backoff: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
             signing_keys: Vec::new(),
-            accept_legacy_tokens: true,
+            accept_legacy_tokens: false,
             announce_creates: false,
         }
     }
@@ -176,6 +200,10 @@ impl Config {
         if self.max_attribute_size == 0 {
             return bad("max_attribute_size must be at least 1 byte".into());
         }
+        // "{}", the empty attributes, must fit; PostgreSQL's octet_length is an i32.
+        if self.max_session_size < 2 || self.max_session_size > i32::MAX as usize {
+            return bad("max_session_size must be from 2 bytes to 2 GiB".into());
+        }
         for (name, d) in [
             ("session_ttl", Some(self.session_ttl)),
             ("idle_timeout", self.idle_timeout),
@@ -192,6 +220,7 @@ impl Config {
             ("listener_timeout", Some(self.listener_timeout)),
             ("listener_max_backoff", Some(self.listener_max_backoff)),
             ("shutdown_timeout", Some(self.shutdown_timeout)),
+            ("connect_timeout", Some(self.connect_timeout)),
         ] {
             if let Some(d) = d {
                 if d.is_zero() {

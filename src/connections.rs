@@ -35,9 +35,14 @@ use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 use tokio::time::Instant;
 
 use crate::error::is_connection_lost;
+use crate::reachability::Reachability;
 
 /// Connections unused this long go back to the pool.
 pub(crate) const IDLE_RETURN: Duration = Duration::from_millis(500);
+
+/// A lease waiting this long for a connection has the server probed (see
+/// [`crate::reachability`]): a server that is gone then fails the wait at once.
+const SUSPECT_AFTER: Duration = Duration::from_millis(100);
 
 /// Where connections come from: the pool, or a fake in tests.
 pub(crate) trait Source: Clone + Send + Sync + 'static {
@@ -72,6 +77,8 @@ pub(crate) fn lease_limit(max: usize) -> usize {
 
 pub(crate) struct Connections<S: Source = PgPool> {
     shared: Arc<Shared<S>>,
+    /// Whether the server can be reached, if known (not for the fake pool of the tests).
+    reach: Option<Arc<Reachability>>,
 }
 
 struct Shared<S: Source> {
@@ -186,16 +193,57 @@ impl<S: Source> Connections<S> {
                 }),
                 source,
             }),
+            reach: None,
+        }
+    }
+
+    /// Fail at once while `reach` knows the server cannot be reached, and have it probed when
+    /// a connection is lost or a lease waits.
+    pub(crate) fn with_reachability(mut self, reach: Arc<Reachability>) -> Connections<S> {
+        self.reach = Some(reach);
+        self
+    }
+
+    /// Have the server probed: something suggests it is gone.
+    pub(crate) fn suspect(&self) {
+        if let Some(reach) = &self.reach {
+            reach.suspect();
         }
     }
 
     /// The most recently used kept connection, or else the first available one. Fails with
     /// `PoolTimedOut` after the pool's `acquire_timeout`, like the pool itself.
     pub(crate) async fn acquire(&self) -> Result<Lease<'_, S>, sqlx::Error> {
+        if let Some(reach) = &self.reach {
+            reach.check()?;
+        }
         let limit = self.shared.source.acquire_timeout();
         tokio::time::timeout(limit, self.lease())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
+    }
+
+    /// Wait for `handed`, giving up when the server is marked down (having it probed if the
+    /// wait lasts).
+    async fn wait_for(
+        &self,
+        handed: oneshot::Receiver<Result<S::Conn, sqlx::Error>>,
+    ) -> Result<Result<S::Conn, sqlx::Error>, oneshot::error::RecvError> {
+        let Some(reach) = &self.reach else {
+            return handed.await;
+        };
+        tokio::pin!(handed);
+        let mut suspected = false;
+        loop {
+            tokio::select! {
+                conn = &mut handed => return conn,
+                down = reach.went_down() => return Ok(Err(down)),
+                _ = tokio::time::sleep(SUSPECT_AFTER), if !suspected => {
+                    suspected = true;
+                    reach.suspect();
+                }
+            }
+        }
     }
 
     async fn lease(&self) -> Result<Lease<'_, S>, sqlx::Error> {
@@ -229,7 +277,7 @@ impl<S: Source> Connections<S> {
             }
         };
         match handed {
-            Some(rx) => match rx.await {
+            Some(rx) => match self.wait_for(rx).await {
                 Ok(Ok(conn)) => Ok(lease(conn)),
                 Ok(Err(e)) => Err(e),
                 // Shutdown dropped the queue: the pool alone serves from then on.
@@ -287,8 +335,10 @@ impl<S: Source> Lease<'_, S> {
             // Shutdown or termination notices arrive as database errors too.
             Err(e) if is_connection_lost(e) => {
                 // The connection failed, not the statement: the database may have restarted,
-                // and then every kept connection is dead too. Let the pool check them all.
+                // and then every kept connection is dead too. Let the pool check them all,
+                // and find out whether the server is there at all.
                 self.owner.return_idle(true);
+                self.owner.suspect();
                 return;
             }
             Err(sqlx::Error::Database(_) | sqlx::Error::RowNotFound) => {}

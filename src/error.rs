@@ -3,7 +3,7 @@
 /// Everything that can go wrong in pgsession.
 ///
 /// Variants are stable and meant to be matched on: input errors (`AttributeTooLarge`,
-/// `InvalidAttribute`, `AttributeType`, `InvalidConfig`, `InvalidToken`, `InvalidSessionId`,
+/// `SessionTooLarge`, `InvalidAttribute`, `AttributeType`, `InvalidConfig`, `InvalidToken`, `InvalidSessionId`,
 /// `InvalidUserId`) are the caller's to fix and nothing was
 /// written when they are returned; `NotFound` and `MaxSessionsReached` are outcomes a web handler
 /// maps to a response; `Database` is infrastructure (see [`Error::is_transient`]).
@@ -16,6 +16,17 @@ pub enum Error {
         /// The attribute's key.
         key: String,
         /// Size of the attribute's JSON encoding, in bytes.
+        size: usize,
+        /// The configured limit, in bytes.
+        limit: usize,
+    },
+
+    /// A create or update would make the session's attributes larger than
+    /// [`Config::max_session_size`](crate::Config::max_session_size): measured on the merged
+    /// result, so other writers' keys count. Nothing was written.
+    #[error("the session's attributes would be {size} bytes, over the limit of {limit} bytes")]
+    SessionTooLarge {
+        /// Size the attributes would have had, in bytes (see `Config::max_session_size`).
         size: usize,
         /// The configured limit, in bytes.
         limit: usize,
@@ -102,7 +113,8 @@ pub enum Error {
     #[error("schema migration problem: {0}")]
     Migration(String),
 
-    /// [`SessionManager::shutdown`](crate::SessionManager::shutdown) has been called.
+    /// [`SessionManager::shutdown`](crate::SessionManager::shutdown) has been called (or the
+    /// pool given to [`SessionManager::new`](crate::SessionManager::new) was closed).
     #[error("the session manager has been shut down")]
     ShutDown,
 
@@ -110,9 +122,21 @@ pub enum Error {
     #[error("timed out: {0}")]
     Timeout(String),
 
-    /// The database failed or could not be reached.
+    /// The database failed or could not be reached. The message includes the cause (for
+    /// example "Connection refused").
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for Error {
+    /// A closed pool means this manager is shutting down (or its owner closed the pool it was
+    /// given): [`Error::ShutDown`], never a database failure.
+    fn from(e: sqlx::Error) -> Error {
+        match e {
+            sqlx::Error::PoolClosed => Error::ShutDown,
+            e => Error::Database(e),
+        }
+    }
 }
 
 impl Error {
@@ -148,6 +172,8 @@ pub(crate) fn is_transient_db(e: &sqlx::Error) -> bool {
 /// retried once on another connection.
 pub(crate) fn is_connection_lost(e: &sqlx::Error) -> bool {
     match e {
+        // Refused before anything was sent: the server is known to be gone.
+        e if crate::reachability::is_unreachable(e) => false,
         sqlx::Error::Io(_) => true,
         sqlx::Error::Database(db) => {
             // FATAL and PANIC end the session whatever the code.
@@ -173,6 +199,7 @@ pub(crate) fn is_connection_lost(e: &sqlx::Error) -> bool {
 /// connection above all, leaves the outcome unknown.
 pub(crate) fn proves_nothing_written(e: &sqlx::Error) -> bool {
     match e {
+        e if crate::reachability::is_unreachable(e) => true,
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         sqlx::Error::Database(_) => !is_connection_lost(e),
         _ => false,

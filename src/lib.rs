@@ -132,6 +132,7 @@ mod connections;
 mod error;
 mod events;
 mod ids;
+mod json;
 mod listener;
 mod manager;
 mod memory;
@@ -142,6 +143,7 @@ mod names;
 mod notify;
 mod options;
 mod outbox;
+mod reachability;
 mod record;
 mod session;
 mod shard;
@@ -181,7 +183,8 @@ pub fn schema_sql(config: &Config) -> Result<String> {
 /// [`Error::InvalidConfig`], [`Error::Migration`] when an applied migration differs from this
 /// build's, [`Error::Database`].
 pub async fn migrate(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
-    migrate::run(pool, &config.validate()?, true).await
+    let names = config.validate()?;
+    migrate::run(&mut *pool.acquire().await?, &names, true).await
 }
 
 /// Check that `config`'s schema on `pool` is exactly what this build expects, changing
@@ -192,7 +195,8 @@ pub async fn migrate(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
 /// [`Error::Migration`] naming the migrations missing or changed, [`Error::InvalidConfig`],
 /// [`Error::Database`].
 pub async fn check_schema(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
-    migrate::run(pool, &config.validate()?, false).await
+    let names = config.validate()?;
+    migrate::run(&mut *pool.acquire().await?, &names, false).await
 }
 
 /// The SQL statements a manager with `config` sends, by name (`select_one`, `insert`,

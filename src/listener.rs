@@ -506,9 +506,14 @@ impl Connect for PgConnect {
             .idle_timeout(None)
             // The application name is the manager's (see `Names::listener_application_prefix`).
             .connect_lazy_with(self.options.clone());
-        let mut listener = PgListener::connect_with(&pool)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                // The server may be gone: find out, so that calls fail fast meanwhile.
+                self.store.connections().suspect();
+                return Err(e.to_string());
+            }
+        };
         listener.eager_reconnect(false);
         listener.ignore_pool_close_event(true);
         listener

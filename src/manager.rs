@@ -3,22 +3,24 @@
 //! the public operations over them.
 
 use chrono::{DateTime, Utc};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Map;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::announcer::{self, Announcer};
 use crate::backend::Backend;
 use crate::background::{self, Cleanup};
-use crate::cache::{Cache, Lookup};
+use crate::cache::{Cache, Lookup, Proof, Tag};
 use crate::config::{Config, MaxSessionsPolicy};
 use crate::error::{Error, Result};
 use crate::events::{Events, Origin, SessionEvent, SessionEventKind};
@@ -30,11 +32,12 @@ use crate::names::Names;
 use crate::notify::new_tag;
 use crate::options::{SessionOptions, validate_group};
 use crate::outbox::Outbox;
+use crate::reachability::Reachability;
 use crate::record::Record;
-use crate::session::{Session, build_attributes, storable_expiry, validate_attribute};
-use crate::store::{Delta, NewSession, Rotation, Store};
+use crate::session::{Session, build_attributes, storable_expiry};
+use crate::store::{Delta, NewSession, Rotation, Store, UpdateOutcome};
 use crate::time::{chrono_duration, now};
-use crate::token::SessionToken;
+use crate::token::{Precheck, SessionToken};
 use crate::touch::Touches;
 
 #[cfg(feature = "metrics")]
@@ -85,8 +88,13 @@ struct Inner {
     cleanup_deleted: Arc<AtomicU64>,
     /// Tokens refused because their signature did not verify.
     forged: AtomicU64,
+    /// Until when (microseconds since 1970) legacy tokens are accepted without
+    /// `accept_legacy_tokens`: while sessions converted by migration 3 may be alive.
+    legacy_until: AtomicI64,
     /// Sessions deleted for the per-user cap.
     cap_evictions: AtomicU64,
+    /// Calls under way that may do I/O; closed when shutdown begins.
+    calls: TaskTracker,
     /// Cancelled at shutdown, or when this is dropped (the guard below).
     cancel: CancellationToken,
     _cancel_on_drop: DropGuard,
@@ -104,6 +112,21 @@ struct PgParts {
     store: Arc<Store>,
     listen_options: PgConnectOptions,
     tag: String,
+    /// When the last session converted by migration 3 expires, if any is left.
+    legacy_until: Option<DateTime<Utc>>,
+}
+
+/// A public call under way (see [`SessionManager::enter`]).
+struct Call<'a> {
+    inner: &'a Inner,
+    _token: TaskTrackerToken,
+}
+
+impl std::ops::Deref for Call<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        self.inner
+    }
 }
 
 /// The background tasks, each ending with its name and outcome.
@@ -140,7 +163,7 @@ impl std::fmt::Debug for SessionManager {
             .field("prefix", &inner.names.prefix)
             .field("cache_capacity", &inner.config.cache_capacity)
             .field("cache_trusted", &self.cache_trusted())
-            .field("shut_down", &inner.cancel.is_cancelled())
+            .field("shut_down", &inner.calls.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -198,6 +221,13 @@ pub struct Stats {
     pub cap_evictions: u64,
     /// Invalidations queued for announcement now.
     pub outbox_backlog: usize,
+    /// Calls under way that may do I/O (what shutdown waits for).
+    pub calls_in_flight: usize,
+    /// Stored sessions left out of listings (`list_sessions`, `list_user_sessions`) because
+    /// they could not be read back: values written by hand-written SQL that serde_json cannot
+    /// parse, such as a number beyond the range of `f64`. Each is also logged as a warning
+    /// with its id.
+    pub unreadable_sessions: u64,
 }
 
 /// What `pgsession status` shows: the state of the table and of the nodes using it, read from
@@ -339,7 +369,8 @@ impl SessionManager {
             .max_connections(1)
             .connect_lazy_with(PgConnectOptions::new().socket("/nonexistent/pgsession-in-memory"));
         let backend = Arc::new(Backend::Memory(MemoryStore::default()));
-        Ok(Self::assemble(config, names, backend, pool, false, None).await)
+        let cancel = CancellationToken::new();
+        Ok(Self::assemble(config, names, backend, pool, false, None, cancel).await)
     }
 
     async fn start(config: Config, pool: PgPool, owns_pool: bool) -> Result<SessionManager> {
@@ -350,7 +381,17 @@ impl SessionManager {
                 .map_err(|e| Error::InvalidConfig(format!("listen_url: {e}")))?,
             None => (*pool.connect_options()).clone(),
         };
-        migrate::run(&pool, &names, config.run_migrations).await?;
+        // One direct connection first: a server that cannot be reached is reported at once,
+        // with its cause ("Connection refused"), not as the pool's timeout.
+        let mut first = connect_directly(&pool.connect_options(), config.connect_timeout).await?;
+        migrate::run(&mut first, &names, config.run_migrations).await?;
+        let _ = first.close().await;
+        let cancel = CancellationToken::new();
+        let reach = Arc::new(Reachability::new(
+            (*pool.connect_options()).clone(),
+            config.connect_timeout,
+            cancel.clone(),
+        ));
 
         let tag = new_tag();
         // So that `status` can list the nodes listening on this table.
@@ -359,7 +400,7 @@ impl SessionManager {
             names.listener_application_prefix(),
             &tag[2..]
         ));
-        let store = Arc::new(Store::new(pool.clone(), &names, &tag));
+        let store = Arc::new(Store::new(pool.clone(), &names, &tag, reach));
         let isolation = store.default_isolation().await?;
         if isolation != "read committed" {
             return Err(Error::InvalidConfig(format!(
@@ -367,13 +408,15 @@ impl SessionManager {
                  \"read committed\" (set default_transaction_isolation on the connections)"
             )));
         }
+        let legacy_until = store.legacy_until().await?;
         let backend = Arc::new(Backend::Pg(store.clone()));
         let pg = PgParts {
             store,
             listen_options,
             tag,
+            legacy_until,
         };
-        Ok(Self::assemble(config, names, backend, pool, owns_pool, Some(pg)).await)
+        Ok(Self::assemble(config, names, backend, pool, owns_pool, Some(pg), cancel).await)
     }
 
     /// Build the parts and start the tasks: with `pg`, those of coherence too.
@@ -384,6 +427,7 @@ impl SessionManager {
         pool: PgPool,
         owns_pool: bool,
         pg: Option<PgParts>,
+        cancel: CancellationToken,
     ) -> SessionManager {
         let capacity = if pg.is_some() {
             config.cache_capacity
@@ -408,8 +452,8 @@ impl SessionManager {
             batch: config.cleanup_batch_size,
             events: events.clone(),
         };
-        let cancel = CancellationToken::new();
         let cleanup_deleted = Arc::new(AtomicU64::new(0));
+        let legacy_until = pg.as_ref().and_then(|pg| pg.legacy_until);
 
         let mut tasks = JoinSet::new();
         tasks.spawn(named(
@@ -486,9 +530,11 @@ impl SessionManager {
             cleanup,
             cleanup_deleted,
             forged: AtomicU64::new(0),
+            legacy_until: AtomicI64::new(legacy_until.map_or(i64::MIN, |t| t.timestamp_micros())),
             cap_evictions: AtomicU64::new(0),
             _cancel_on_drop: cancel.clone().drop_guard(),
             cancel,
+            calls: TaskTracker::new(),
             tasks: Mutex::new(Some(tasks)),
             shutdown: ShutdownState {
                 started: AtomicBool::new(false),
@@ -532,12 +578,28 @@ impl SessionManager {
         SessionManager { inner }
     }
 
+    /// The shared state, unless shutdown has begun: for calls that do no I/O.
     fn open(&self) -> Result<&Inner> {
-        if self.inner.cancel.is_cancelled() {
+        if self.inner.calls.is_closed() {
             Err(Error::ShutDown)
         } else {
             Ok(&self.inner)
         }
+    }
+
+    /// Start a call that may do I/O: shutdown waits for it to finish (within
+    /// `shutdown_timeout`) before it closes anything; once shutdown has begun, none starts.
+    fn enter(&self) -> Result<Call<'_>> {
+        // Counted first, then checked: shutdown closes first, then waits for the count, so
+        // either this call sees the close or shutdown waits for it (one atomic holds both).
+        let token = self.inner.calls.token();
+        if self.inner.calls.is_closed() {
+            return Err(Error::ShutDown);
+        }
+        Ok(Call {
+            inner: &self.inner,
+            _token: token,
+        })
     }
 
     /// Create a session for `user_id` (a login) with initial `attributes`, in one round trip,
@@ -553,8 +615,8 @@ impl SessionManager {
     /// # Errors
     ///
     /// [`Error::AttributeTooLarge`] or [`Error::InvalidAttribute`] for an attribute that cannot
-    /// be stored, [`Error::InvalidUserId`] (both checked before any SQL runs: nothing is
-    /// written), [`Error::MaxSessionsReached`] with the reject policy, [`Error::Database`],
+    /// be stored, [`Error::SessionTooLarge`] past [`Config::max_session_size`],
+    /// [`Error::InvalidUserId`] (all checked before any SQL runs: nothing is written), [`Error::MaxSessionsReached`] with the reject policy, [`Error::Database`],
     /// [`Error::ShutDown`].
     ///
     /// # Example
@@ -622,6 +684,7 @@ impl SessionManager {
         options: SessionOptions,
         attributes: impl IntoIterator<Item = (K, V)>,
     ) -> Result<(Session, SessionToken)> {
+        // `create_with` enters the call.
         let inner = self.open()?;
         let _timer = Timer::start("create");
         options.validate()?;
@@ -640,9 +703,16 @@ impl SessionManager {
         attributes: impl IntoIterator<Item = (K, V)>,
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<Session> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let limit = inner.config.max_attribute_size;
         let attributes = build_attributes(attributes, limit)?;
+        let size = crate::json::stored_size(&attributes);
+        if size > inner.config.max_session_size {
+            return Err(Error::SessionTooLarge {
+                size,
+                limit: inner.config.max_session_size,
+            });
+        }
         let now = now();
         let expires_at = match expires_at {
             Some(at) => storable_expiry(at)?,
@@ -670,24 +740,14 @@ impl SessionManager {
         if let Some(queued) = queued {
             inner.outbox.push(queued);
         }
-        let expires_at = new.expires_at;
-        // Other nodes learn of the evictions by notification; this node must not serve them
-        // even for the moment until its own notification arrives.
-        inner
-            .cap_evictions
-            .fetch_add(evicted.len() as u64, Ordering::Relaxed);
-        for gone in evicted {
-            inner.cache.apply_own_write(gone, None, None, now);
-            inner.report(SessionEventKind::Deleted, gone, user.clone(), None);
-        }
         let record = Record {
             id,
-            user_id: user,
+            user_id: user.clone(),
             version: 1,
             created_at: now,
             updated_at: now,
             last_accessed_at: now,
-            expires_at,
+            expires_at: new.expires_at,
             attributes: Arc::new(attributes),
             attribute_expiry: Arc::default(),
             group_id: options.group.as_deref().map(Arc::from),
@@ -695,7 +755,20 @@ impl SessionManager {
             reads: 0,
             writes: 0,
         };
-        inner.cache.apply_own_write(id, fill, Some(&record), now);
+        // Installed before the evictions below, which move shard generations: one of them
+        // sharing this session's shard would otherwise turn this install into an eviction.
+        inner
+            .cache
+            .apply_own_write(id, fill, Some(&record), now, token.tag().copied());
+        // Other nodes learn of the evictions by notification; this node must not serve them
+        // even for the moment until its own notification arrives.
+        inner
+            .cap_evictions
+            .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        for gone in evicted {
+            inner.cache.apply_own_write(gone, None, None, now, None);
+            inner.report(SessionEventKind::Deleted, gone, user.clone(), None);
+        }
         inner.report(
             SessionEventKind::Created,
             id,
@@ -710,10 +783,10 @@ impl SessionManager {
     /// [`Config::signing_keys`]; counted in [`Stats::forged_tokens`]: no database read, no
     /// cache entry touched). Records the access; a cache hit does no database I/O.
     ///
-    /// A cache hit skips the signature: the cache is keyed by the hash of the token's secret,
-    /// and holds only sessions whose token this node verified or signed, so finding the hash
-    /// proves the secret (only its holder could have the tag anyway). Everything else is
-    /// verified before the database is asked.
+    /// The verdict on a token never depends on the cache: a token opens its session on every
+    /// node or on none. A cache hit does not recompute the MAC when the token's tag is the one
+    /// this node already verified (or signed) for that session, a 16-byte comparison;
+    /// otherwise the MAC is computed before anything is served or read.
     ///
     /// # Errors
     ///
@@ -750,21 +823,34 @@ impl SessionManager {
         let inner = self.open()?;
         let id = token.id().as_uuid();
         let now = now();
-        let (fill, _timer) = {
+        let (fill, tag, _timer) = {
             let _entered = span.enter();
-            if let Some(record) = inner.cache.hit(id, now, inner.idle) {
+            let check = inner.precheck(token, now);
+            let proof = match &check {
+                Precheck::Refused => return Ok(inner.forged()),
+                Precheck::Accepted => Proof::Any,
+                Precheck::IfSigned(tag) => Proof::Tag(tag),
+            };
+            if let Some(record) = inner.cache.hit(id, now, inner.idle, proof) {
                 return Ok(Some(inner.cached(record, now)));
             }
             let timer = Timer::start("get");
-            if !inner.verify(token) {
-                return Ok(None);
-            }
-            match inner.cache.lookup(id, now, inner.idle) {
+            let (proof, tag) = match check {
+                Precheck::IfSigned(tag) if !token.signed_by(&inner.config.signing_keys, &tag) => {
+                    return Ok(inner.forged());
+                }
+                Precheck::IfSigned(tag) => (Proof::Verified(tag), Some(tag)),
+                _ => (Proof::Any, None),
+            };
+            match inner.cache.lookup(id, now, inner.idle, proof) {
                 Lookup::Hit(record) => return Ok(Some(inner.cached(record, now))),
-                Lookup::Miss(fill) => (fill, timer),
+                Lookup::Miss(fill) => (fill, tag, timer),
             }
         };
-        inner.read_through(id, fill, now).instrument(span).await
+        inner
+            .read_through(id, fill, now, tag)
+            .instrument(span)
+            .await
     }
 
     /// [`get_session`](Self::get_session) from the database whatever the cache holds, for
@@ -777,14 +863,17 @@ impl SessionManager {
     /// As [`get_session`](Self::get_session).
     #[tracing::instrument(level = "debug", skip_all, fields(session.id = %token.id()))]
     pub async fn get_session_fresh(&self, token: &SessionToken) -> Result<Option<Session>> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("get_fresh");
-        if !inner.verify(token) {
-            return Ok(None);
+        let now = now();
+        if !inner.verify(token, now) {
+            return Ok(inner.forged());
         }
         let id = token.id().as_uuid();
         let fill = inner.cache.token_for(id);
-        inner.read_through(id, fill, now()).await
+        inner
+            .read_through(id, fill, now, token.tag().copied())
+            .await
     }
 
     /// Persist the attributes set or removed on `session` (and a new expiry, if set) in one
@@ -796,7 +885,8 @@ impl SessionManager {
     ///
     /// [`Error::NotFound`] when the session was deleted or expired meanwhile (it is not
     /// recreated), [`Error::AttributeTooLarge`] or [`Error::InvalidAttribute`] (nothing is
-    /// written), [`Error::Database`] (a transient one when the connection was lost: the update
+    /// written), [`Error::SessionTooLarge`] when the merged attributes (other writers' keys
+    /// included) would grow past [`Config::max_session_size`] (nothing is written), [`Error::Database`] (a transient one when the connection was lost: the update
     /// may or may not have been applied, and if it was, every node learns of it),
     /// [`Error::ShutDown`].
     ///
@@ -850,7 +940,7 @@ impl SessionManager {
     }
 
     async fn update(&self, session: &mut Session, if_unchanged: bool) -> Result<()> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start(if if_unchanged {
             "update_if_unchanged"
         } else {
@@ -866,10 +956,10 @@ impl SessionManager {
         }
         let id = delta.id;
         let token = inner.cache.token_for(id);
-        let outcome = InDoubt::arm(inner, id);
+        let outcome = InDoubt::arm(&inner, id);
         let updated = inner.store.update(&delta).await;
         match outcome.settle(updated)? {
-            Some((updated, queued)) => {
+            UpdateOutcome::Updated(updated, queued) => {
                 if let Some(queued) = queued {
                     inner.outbox.push(queued);
                 }
@@ -879,7 +969,9 @@ impl SessionManager {
                 // The write is an access; the flush stores it, as it stores reads.
                 record.last_accessed_at = record.last_accessed_at.max(now);
                 inner.touches.keep_alive(id, now);
-                inner.cache.apply_own_write(id, token, Some(&record), now);
+                inner
+                    .cache
+                    .apply_own_write(id, token, Some(&record), now, None);
                 inner.report(
                     SessionEventKind::Updated,
                     id,
@@ -889,14 +981,20 @@ impl SessionManager {
                 *session = inner.session(record, now);
                 Ok(())
             }
-            None => {
-                // Gone, or (with the lock) changed: either way this node's copy may be behind,
-                // and a retry must read the database.
-                inner.cache.apply_own_write(id, token, None, now);
-                if if_unchanged && let Some(current_version) = inner.conflict(&delta).await? {
-                    return Err(Error::Conflict { current_version });
-                }
+            // Nothing was written, and this node's copy is as good as it was.
+            UpdateOutcome::TooLarge { size } => Err(Error::SessionTooLarge {
+                size,
+                limit: delta.max_size,
+            }),
+            // Gone, or (with the lock) changed: either way this node's copy may be behind,
+            // and a retry must read the database.
+            UpdateOutcome::Gone => {
+                inner.cache.apply_own_write(id, token, None, now, None);
                 Err(Error::NotFound)
+            }
+            UpdateOutcome::Conflict { current_version } => {
+                inner.cache.apply_own_write(id, token, None, now, None);
+                Err(Error::Conflict { current_version })
             }
         }
     }
@@ -957,7 +1055,7 @@ impl SessionManager {
     }
 
     fn new_token(&self) -> Result<SessionToken> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         Ok(SessionToken::generate(inner.config.signing_keys.first()))
     }
 
@@ -1002,21 +1100,28 @@ impl SessionManager {
         let outcome = InDoubt::arm(inner, old);
         let rotated = inner.store.rotate(&rotation).await;
         let rotated = outcome.settle(rotated)?;
-        if new_id != old {
-            inner.cache.apply_own_write(old, None, None, now);
-        }
         let Some(rotated) = rotated else {
+            if new_id != old {
+                inner.cache.apply_own_write(old, None, None, now, None);
+            }
             return Err(Error::NotFound);
         };
         if let Some(queued) = rotated.queued {
             inner.outbox.push(queued);
         }
         let record = rotated.updated.into_record(&session.record);
+        // The new state first: the evictions below move shard generations (see create).
+        inner
+            .cache
+            .apply_own_write(new_id, fill, Some(&record), now, token.tag().copied());
+        if new_id != old {
+            inner.cache.apply_own_write(old, None, None, now, None);
+        }
         inner
             .cap_evictions
             .fetch_add(rotated.evicted.len() as u64, Ordering::Relaxed);
         for gone in rotated.evicted {
-            inner.cache.apply_own_write(gone, None, None, now);
+            inner.cache.apply_own_write(gone, None, None, now, None);
             inner.report(
                 SessionEventKind::Deleted,
                 gone,
@@ -1024,9 +1129,6 @@ impl SessionManager {
                 None,
             );
         }
-        inner
-            .cache
-            .apply_own_write(new_id, fill, Some(&record), now);
         inner.events.emit(|| {
             let mut e = SessionEvent::new(SessionEventKind::Rotated, Origin::ThisNode)
                 .session(new_id)
@@ -1049,16 +1151,16 @@ impl SessionManager {
     /// [`Error::Database`], [`Error::ShutDown`].
     #[tracing::instrument(level = "debug", skip_all, fields(session.id = %id))]
     pub async fn delete_session(&self, id: SessionId) -> Result<bool> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("delete");
         let id = id.as_uuid();
-        let outcome = InDoubt::arm(inner, id);
+        let outcome = InDoubt::arm(&inner, id);
         let deleted = inner.store.delete(id).await;
         let (deleted, queued, retried) = outcome.settle(deleted)?;
         if retried {
             inner.outbox.in_doubt();
         }
-        inner.cache.apply_own_write(id, None, None, now());
+        inner.cache.apply_own_write(id, None, None, now(), None);
         if let Some(queued) = queued {
             inner.outbox.push(queued);
         }
@@ -1091,7 +1193,7 @@ impl SessionManager {
     /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
     #[tracing::instrument(level = "debug", skip_all, fields(user.id = tracing::field::Empty))]
     pub async fn delete_all_user_sessions(&self, user_id: impl Into<UserId>) -> Result<u64> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("delete_user");
         let user = user_id.into();
         user.validate()?;
@@ -1114,7 +1216,7 @@ impl SessionManager {
         user_id: impl Into<UserId>,
         keep: SessionId,
     ) -> Result<u64> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("delete_other_user");
         let user = user_id.into();
         user.validate()?;
@@ -1138,10 +1240,11 @@ impl SessionManager {
         user_id: impl Into<UserId>,
         key: &str,
     ) -> Result<u64> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("remove_user_attribute");
         let user = user_id.into();
         user.validate()?;
+        crate::json::check_key(key)?;
         tracing::Span::current().record("user.id", user.as_str());
         let n = inner.store.remove_user_attribute(&user, key, now()).await?;
         inner.cache.invalidate_user(&user);
@@ -1158,7 +1261,7 @@ impl SessionManager {
     /// [`Error::InvalidGroupId`], [`Error::Database`], [`Error::ShutDown`].
     #[tracing::instrument(level = "debug", skip_all, fields(group.id = group_id))]
     pub async fn delete_group_sessions(&self, group_id: &str) -> Result<u64> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("delete_group");
         validate_group(group_id)?;
         let n = inner.store.delete_group(group_id).await?;
@@ -1185,7 +1288,7 @@ impl SessionManager {
     /// [`Error::Database`], [`Error::ShutDown`].
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn delete_all_sessions(&self) -> Result<u64> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("delete_all");
         let (n, epoch) = inner.store.delete_all().await?;
         inner.listener.see_epoch(epoch);
@@ -1206,7 +1309,7 @@ impl SessionManager {
     /// [`Error::Database`], [`Error::ShutDown`].
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn count_active_sessions(&self, within: Duration) -> Result<u64> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("count_active");
         let now = now();
         let since = now - chrono_duration(within.min(Duration::from_secs(100 * 365 * 86_400)));
@@ -1217,7 +1320,9 @@ impl SessionManager {
     /// (`None`: the first page); at most `limit` sessions (1 to 10 000). Pass the last id of
     /// a page to get the next; an empty page is the end. Keyset pages: a session that exists
     /// from the first page to the last is listed exactly once, whatever is written meanwhile.
-    /// Always read from the database; not an access.
+    /// Always read from the database; not an access. A stored session that cannot be read back
+    /// (written by hand with a value serde_json cannot parse) is left out, logged and counted
+    /// in [`Stats::unreadable_sessions`], rather than failing the page.
     ///
     /// # Errors
     ///
@@ -1245,7 +1350,7 @@ impl SessionManager {
         after: Option<SessionId>,
         limit: usize,
     ) -> Result<Vec<Session>> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("list");
         let limit = limit.clamp(1, 10_000);
         let now = now();
@@ -1254,10 +1359,10 @@ impl SessionManager {
         // Rows expired by inactivity are skipped here, not in SQL (an unflushed access may
         // keep them alive): keep reading until the page is full or the table ends.
         loop {
-            let rows = inner.store.page(cursor, now, limit - out.len()).await?;
-            let full = rows.len() == limit - out.len();
-            cursor = rows.last().map(|r| r.id).or(cursor);
-            out.extend(inner.live(rows, now).map(|r| inner.session(r, now)));
+            let page = inner.store.page(cursor, now, limit - out.len()).await?;
+            let full = page.scanned == limit - out.len();
+            cursor = page.last.or(cursor);
+            out.extend(inner.live(page.records, now).map(|r| inner.session(r, now)));
             if !full || out.len() == limit {
                 return Ok(out);
             }
@@ -1265,14 +1370,15 @@ impl SessionManager {
     }
 
     /// The live sessions of `user_id`, most recently used first (for a "where you are logged
-    /// in" page). Always read from the database; does not count as an access.
+    /// in" page). Always read from the database; does not count as an access. Sessions that
+    /// cannot be read back are left out as in [`list_sessions`](Self::list_sessions).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
     #[tracing::instrument(level = "debug", skip_all, fields(user.id = tracing::field::Empty))]
     pub async fn list_user_sessions(&self, user_id: impl Into<UserId>) -> Result<Vec<Session>> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("list_user");
         let user = user_id.into();
         user.validate()?;
@@ -1292,7 +1398,7 @@ impl SessionManager {
     /// [`Error::Database`], [`Error::ShutDown`].
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn clear_cache(&self) -> Result<()> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("clear_cache");
         let epoch = inner.store.broadcast_clear().await?;
         inner.listener.see_epoch(epoch);
@@ -1309,7 +1415,7 @@ impl SessionManager {
     /// [`Error::ShutDown`].
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn flush_last_access(&self) -> Result<u64> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("flush");
         inner
             .touches
@@ -1325,7 +1431,7 @@ impl SessionManager {
     /// [`Error::Database`], [`Error::ShutDown`].
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn cleanup_expired(&self) -> Result<u64> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("cleanup");
         inner.cleanup.run_once(&inner.store, &inner.cancel).await
     }
@@ -1399,7 +1505,7 @@ impl SessionManager {
     /// [`Error::Database`], [`Error::ShutDown`].
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn status(&self) -> Result<Status> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         match &*inner.store {
             Backend::Pg(store) => {
                 let prefix = inner.names.listener_application_prefix();
@@ -1478,6 +1584,8 @@ impl SessionManager {
             announce_failures: inner.outbox.failures.load(Ordering::Relaxed),
             cap_evictions: inner.cap_evictions.load(Ordering::Relaxed),
             outbox_backlog: inner.outbox.len(),
+            calls_in_flight: inner.calls.len(),
+            unreadable_sessions: inner.store.pg().map_or(0, |s| s.unreadable()),
         }
     }
 
@@ -1492,8 +1600,10 @@ impl SessionManager {
         &self.inner.pool
     }
 
-    /// Stop: refuse new calls, write pending accesses, stop every background task and close
-    /// the pool if [`connect`](Self::connect) created it, all within `shutdown_timeout`.
+    /// Stop: refuse new calls ([`Error::ShutDown`]), let the calls already under way finish,
+    /// write pending accesses, stop every background task and close the pool if
+    /// [`connect`](Self::connect) created it, all within `shutdown_timeout` (a call still
+    /// running at that deadline fails with [`Error::ShutDown`]).
     ///
     /// Idempotent: later calls wait for the first to finish and return `Ok(())`. The work runs
     /// in its own task, so it completes even if this future is dropped.
@@ -1505,7 +1615,7 @@ impl SessionManager {
     pub async fn shutdown(&self) -> Result<()> {
         let inner = self.inner.clone();
         if !inner.shutdown.started.swap(true, Ordering::AcqRel) {
-            inner.cancel.cancel();
+            inner.calls.close();
             let work = tokio::spawn(async move {
                 let result = inner.stop().await;
                 *inner
@@ -1532,6 +1642,18 @@ impl SessionManager {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .unwrap_or(Ok(()))
+    }
+}
+
+/// A connection straight to the server (not through the pool), within `limit`: its error is
+/// the cause, where the pool would only report that it timed out.
+async fn connect_directly(options: &PgConnectOptions, limit: Duration) -> Result<PgConnection> {
+    match tokio::time::timeout(limit, PgConnection::connect_with(options)).await {
+        Ok(conn) => Ok(conn?),
+        Err(_) => Err(Error::Database(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connecting to the database timed out after {limit:?}"),
+        )))),
     }
 }
 
@@ -1576,7 +1698,9 @@ impl<'a> InDoubt<'a> {
 impl Drop for InDoubt<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.inner.cache.apply_own_write(self.id, None, None, now());
+            self.inner
+                .cache
+                .apply_own_write(self.id, None, None, now(), None);
             self.inner.outbox.in_doubt();
         }
     }
@@ -1603,13 +1727,27 @@ impl Inner {
         Session::from_record(record, self.config.max_attribute_size, self.idle, now)
     }
 
-    /// Whether the token's signature verifies (counting the ones that do not).
-    fn verify(&self, token: &SessionToken) -> bool {
-        let ok = token.verify(&self.config.signing_keys, self.config.accept_legacy_tokens);
-        if !ok {
-            self.forged.fetch_add(1, Ordering::Relaxed);
-        }
-        ok
+    /// Whether legacy tokens open sessions at `now`: when configured to, or while sessions
+    /// converted by migration 3 may still be alive.
+    fn legacy_accepted(&self, now: DateTime<Utc>) -> bool {
+        self.config.accept_legacy_tokens
+            || now.timestamp_micros() < self.legacy_until.load(Ordering::Relaxed)
+    }
+
+    /// The verdict on `token` as far as it goes without a MAC.
+    fn precheck(&self, token: &SessionToken, now: DateTime<Utc>) -> Precheck {
+        token.precheck(&self.config.signing_keys, self.legacy_accepted(now))
+    }
+
+    /// The whole verdict on `token` (computing its MAC if it is signed).
+    fn verify(&self, token: &SessionToken, now: DateTime<Utc>) -> bool {
+        token.verify(&self.config.signing_keys, self.legacy_accepted(now))
+    }
+
+    /// A refused token: counted, and no session.
+    fn forged(&self) -> Option<Session> {
+        self.forged.fetch_add(1, Ordering::Relaxed);
+        None
     }
 
     /// Read a session from the database, with this node's pending access; fill the cache
@@ -1619,6 +1757,7 @@ impl Inner {
         id: Uuid,
         fill: Option<crate::cache::FillToken>,
         now: DateTime<Utc>,
+        tag: Option<Tag>,
     ) -> Result<Option<Session>> {
         let Some(mut record) = self.store.fetch(id).await? else {
             self.cache.remove(id, None);
@@ -1635,7 +1774,7 @@ impl Inner {
         record.last_accessed_at = now;
         let pending = self.touches.record(id, now);
         if let Some(fill) = fill {
-            self.cache.fill(fill, &record, now);
+            self.cache.fill(fill, &record, now, tag);
         }
         Ok(Some(self.served(record, now, pending)))
     }
@@ -1648,17 +1787,6 @@ impl Inner {
             }
             (!r.is_expired(now, self.idle)).then_some(r)
         })
-    }
-
-    /// After an optimistic update changed nothing: the version now stored, if the session is
-    /// still there and live (so another write came first); `None` if it is gone.
-    async fn conflict(&self, delta: &Delta<'_>) -> Result<Option<i64>> {
-        let Some((version, expires_at, last)) = self.store.current(delta.id).await? else {
-            return Ok(None);
-        };
-        let last = delta.pending_access.map_or(last, |p| p.max(last));
-        let live = expires_at > delta.now && delta.idle_cutoff.is_none_or(|cutoff| last > cutoff);
-        Ok(live.then_some(version))
     }
 
     /// Report this node's change of one session.
@@ -1706,16 +1834,13 @@ impl Inner {
         for key in &session.changes.keys {
             match session.record.attributes.get(key) {
                 Some(value) => {
-                    validate_attribute(key, value, limit)?;
+                    crate::json::check(key, value, limit)?;
                     set.insert(key.clone(), value.clone());
                 }
-                None if key.contains('\0') => {
-                    return Err(Error::InvalidAttribute {
-                        key: key.clone(),
-                        reason: "keys cannot contain the NUL character (\\u0000)".into(),
-                    });
+                None => {
+                    crate::json::check_key(key)?;
+                    removed.push(key.as_str());
                 }
-                None => removed.push(key.as_str()),
             }
         }
         let id = session.record.id;
@@ -1731,13 +1856,26 @@ impl Inner {
             pending_access: self.touches.pending(id),
             set_expiry: session.changes.expiry.clone(),
             expect_version: None,
+            max_size: self.config.max_session_size,
         })
     }
 
-    /// The body of shutdown: wait for the tasks (the flush task makes the final flush when it
-    /// is cancelled), abort what misses the deadline, close an owned pool.
+    /// The body of shutdown: let the calls under way finish, then stop the tasks (the flush
+    /// task makes the final flush when it is cancelled, the announcer announces what those
+    /// calls queued), abort what misses the deadline, close an owned pool.
     async fn stop(&self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
+        let unfinished = match tokio::time::timeout_at(deadline, self.calls.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.calls.len(),
+        };
+        if unfinished > 0 {
+            tracing::warn!(
+                unfinished,
+                "pgsession: calls still under way at shutdown_timeout; they will fail with ShutDown"
+            );
+        }
+        self.cancel.cancel();
         let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut failure = None;
         let mut aborted = Vec::new();

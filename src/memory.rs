@@ -10,8 +10,9 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::ids::UserId;
+use crate::json::stored_size;
 use crate::record::Record;
-use crate::store::{Delta, NewSession, Rotated, Rotation, Updated};
+use crate::store::{Delta, NewSession, Page, Rotated, Rotation, Stored, UpdateOutcome, Updated};
 
 #[derive(Default)]
 struct Db {
@@ -78,22 +79,34 @@ impl MemoryStore {
         Ok(evicted)
     }
 
-    pub(crate) fn update(&self, d: &Delta<'_>) -> Option<Updated> {
+    pub(crate) fn update(&self, d: &Delta<'_>) -> UpdateOutcome {
         let mut db = self.lock();
-        let row = db.sessions.get_mut(&d.id)?;
-        if !writable(row, d) || d.expect_version.is_some_and(|v| v != row.version) {
-            return None;
+        let Some(row) = db.sessions.get_mut(&d.id) else {
+            return UpdateOutcome::Gone;
+        };
+        if let Some(refusal) = d.refusal(&stored(row, d)) {
+            return refusal;
         }
         apply(row, d);
-        Some(updated(row, d.base_version))
+        UpdateOutcome::Updated(Box::new(updated(row, d.base_version)), None)
     }
 
     pub(crate) fn rotate(&self, r: &Rotation<'_>) -> Result<Option<Rotated>> {
         let mut db = self.lock();
         let d = r.delta;
-        match db.sessions.get(&d.id) {
-            Some(row) if writable(row, d) => {}
-            _ => return Ok(None),
+        let Some(row) = db.sessions.get(&d.id) else {
+            return Ok(None);
+        };
+        // A rotation has no expected version: the refusals are expiry and size.
+        match d.refusal(&stored(row, d)) {
+            None => {}
+            Some(UpdateOutcome::TooLarge { size }) => {
+                return Err(Error::SessionTooLarge {
+                    size,
+                    limit: d.max_size,
+                });
+            }
+            Some(_) => return Ok(None),
         }
         let mut evicted = Vec::new();
         if let (Some(Some(user)), Some((cap, reject))) = (r.user, r.cap) {
@@ -238,13 +251,6 @@ impl MemoryStore {
         )
     }
 
-    pub(crate) fn current(&self, id: Uuid) -> Option<(i64, DateTime<Utc>, DateTime<Utc>)> {
-        self.lock()
-            .sessions
-            .get(&id)
-            .map(|r| (r.version, r.expires_at, r.last_accessed_at))
-    }
-
     pub(crate) fn count_active(&self, since: DateTime<Utc>, now: DateTime<Utc>) -> u64 {
         self.lock()
             .sessions
@@ -253,12 +259,7 @@ impl MemoryStore {
             .count() as u64
     }
 
-    pub(crate) fn page(
-        &self,
-        after: Option<Uuid>,
-        now: DateTime<Utc>,
-        limit: usize,
-    ) -> Vec<Record> {
+    pub(crate) fn page(&self, after: Option<Uuid>, now: DateTime<Utc>, limit: usize) -> Page {
         let db = self.lock();
         let mut page: Vec<&Record> = db
             .sessions
@@ -266,17 +267,35 @@ impl MemoryStore {
             .filter(|r| after.is_none_or(|a| r.id > a) && r.expires_at > now)
             .collect();
         page.sort_unstable_by_key(|r| r.id);
-        page.into_iter().take(limit).cloned().collect()
+        let records: Vec<Record> = page.into_iter().take(limit).cloned().collect();
+        Page {
+            scanned: records.len(),
+            last: records.last().map(|r| r.id),
+            records,
+        }
     }
 }
 
-/// Whether the delta's session may be written: not expired, absolutely or by inactivity (with
-/// the caller's unflushed access).
-fn writable(row: &Record, d: &Delta<'_>) -> bool {
-    let last = d
-        .pending_access
-        .map_or(row.last_accessed_at, |p| p.max(row.last_accessed_at));
-    row.expires_at > d.now && d.idle_cutoff.is_none_or(|cutoff| last > cutoff)
+/// What an update's refusal is decided on: the row, and the sizes of its attributes before
+/// and after the delta (only computed when the delta sets something).
+fn stored(row: &Record, d: &Delta<'_>) -> Stored {
+    let (merged_size, size) = if d.set.is_empty() {
+        (0, 0)
+    } else {
+        let mut merged = (*row.attributes).clone();
+        for key in &d.removed {
+            merged.remove(*key);
+        }
+        merged.extend(d.set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        (stored_size(&merged), stored_size(&row.attributes))
+    };
+    Stored {
+        version: row.version,
+        expires_at: row.expires_at,
+        last_accessed_at: row.last_accessed_at,
+        merged_size,
+        size,
+    }
 }
 
 /// The update statement's SET clause.

@@ -5,7 +5,8 @@
 //! recorded with a checksum of the template in `<prefix>sessions_migrations`; an applied
 //! migration whose file has since changed is an error, never silently re-run.
 
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::postgres::PgConnection;
+use sqlx::{AssertSqlSafe, Connection};
 
 use crate::error::{Error, Result};
 use crate::names::Names;
@@ -39,22 +40,27 @@ const MIGRATIONS: &[Migration] = &[
         name: "activity_groups_client",
         template: include_str!("../migrations/0004_activity_groups_client.sql"),
     },
+    Migration {
+        version: 5,
+        name: "session_size_legacy_window",
+        template: include_str!("../migrations/0005_session_size_legacy_window.sql"),
+    },
 ];
 
 /// Apply pending migrations, or with `apply == false` only check that none is pending.
-pub(crate) async fn run(pool: &PgPool, names: &Names, apply: bool) -> Result<()> {
-    run_these(pool, names, apply, MIGRATIONS).await
+pub(crate) async fn run(conn: &mut PgConnection, names: &Names, apply: bool) -> Result<()> {
+    run_these(conn, names, apply, MIGRATIONS).await
 }
 
 /// [`run`] with `migrations` as the complete list (tests bring a database to an earlier
 /// version with a prefix of [`MIGRATIONS`]).
 async fn run_these(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     names: &Names,
     apply: bool,
     migrations: &[Migration],
 ) -> Result<()> {
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     // Nodes starting together queue here; the second finds the work done. One bigint key: a
     // different lock space from the two-key per-user locks of the create function.
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -222,9 +228,10 @@ mod tests {
     #[tokio::test]
     async fn upgrading_from_version_1_numbers_the_outbox_above_every_number_handed_out() {
         let db = pgsession_testkit::TestDatabase::create().await;
-        let pool = PgPool::connect(db.url()).await.unwrap();
+        let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
         let names = Config::default().validate().unwrap();
-        run_these(&pool, &names, true, &MIGRATIONS[..1])
+        let mut conn = pool.acquire().await.unwrap();
+        run_these(&mut conn, &names, true, &MIGRATIONS[..1])
             .await
             .unwrap();
         // Writers that are not the owner, here everyone.
@@ -257,11 +264,11 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(
-            run(&pool, &names, false).await,
-            Err(Error::Migration(msg)) if msg.contains("[2, 3, 4]")
+            run(&mut conn, &names, false).await,
+            Err(Error::Migration(msg)) if msg.contains("[2, 3, 4, 5]")
         ));
 
-        run(&pool, &names, true).await.unwrap();
+        run(&mut conn, &names, true).await.unwrap();
         let next: i64 = sqlx::query_scalar(AssertSqlSafe(insert))
             .fetch_one(&pool)
             .await
@@ -287,7 +294,8 @@ mod tests {
         .await
         .unwrap();
         assert!(public_usage, "writers lost the right to number outbox rows");
-        run(&pool, &names, false).await.unwrap();
+        run(&mut conn, &names, false).await.unwrap();
+        drop(conn);
         pool.close().await;
     }
 

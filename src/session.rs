@@ -1,7 +1,6 @@
 //! The `Session` value handed to callers, and attribute validation.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -11,10 +10,6 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
-
-/// Deepest nesting accepted in an attribute value. serde_json refuses to parse documents nested
-/// deeper than 128 levels, so a deeper value would be stored and then be unreadable.
-pub(crate) const MAX_DEPTH: usize = 100;
 
 /// A session: identity, timestamps, and JSON attributes.
 ///
@@ -159,8 +154,7 @@ impl Session {
     /// [`Error::InvalidAttribute`]; on error the session is unchanged.
     pub fn set(&mut self, key: impl Into<String>, value: impl Serialize) -> Result<()> {
         let key = key.into();
-        let value = to_json(&key, value)?;
-        validate_attribute(&key, &value, self.max_attribute_size)?;
+        let value = crate::json::encode(&key, value, self.max_attribute_size)?;
         Arc::make_mut(&mut self.record.attributes).insert(key.clone(), value);
         if self.record.attribute_expiry.contains_key(&key) {
             Arc::make_mut(&mut self.record.attribute_expiry).remove(&key);
@@ -255,8 +249,7 @@ pub(crate) fn build_attributes<K: Into<String>, V: Serialize>(
     let mut map = Map::new();
     for (key, value) in attributes {
         let key = key.into();
-        let value = to_json(&key, value)?;
-        validate_attribute(&key, &value, max_size)?;
+        let value = crate::json::encode(&key, value, max_size)?;
         map.insert(key, value);
     }
     Ok(map)
@@ -282,83 +275,6 @@ pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: Option<&Value>) -> R
             })
         })
         .transpose()
-}
-
-/// `value` as JSON, or [`Error::InvalidAttribute`].
-pub(crate) fn to_json(key: &str, value: impl Serialize) -> Result<Value> {
-    serde_json::to_value(value).map_err(|e| Error::InvalidAttribute {
-        key: key.to_owned(),
-        reason: format!("cannot serialize to JSON: {e}"),
-    })
-}
-
-/// Reject values `jsonb` cannot store, values too deep to read back, and attributes over the
-/// size limit (the compact JSON encoding of `"key":value`).
-pub(crate) fn validate_attribute(key: &str, value: &Value, max_size: usize) -> Result<()> {
-    if key.contains('\0') {
-        return Err(Error::InvalidAttribute {
-            key: key.to_owned(),
-            reason:
-                "keys cannot contain the NUL character (\\u0000): PostgreSQL's jsonb rejects it"
-                    .into(),
-        });
-    }
-    check_value(key, value, 1)?;
-    // The member as stored: "key":value.
-    let size = json_size(&Value::String(key.to_owned())) + 1 + json_size(value);
-    if size > max_size {
-        return Err(Error::AttributeTooLarge {
-            key: key.to_owned(),
-            size,
-            limit: max_size,
-        });
-    }
-    Ok(())
-}
-
-fn check_value(key: &str, value: &Value, depth: usize) -> Result<()> {
-    if depth > MAX_DEPTH {
-        return Err(Error::InvalidAttribute {
-            key: key.to_owned(),
-            reason: format!("nested deeper than {MAX_DEPTH} levels"),
-        });
-    }
-    let nul = || Error::InvalidAttribute {
-        key: key.to_owned(),
-        reason: "strings cannot contain the NUL character (\\u0000): PostgreSQL's jsonb rejects it"
-            .into(),
-    };
-    match value {
-        Value::String(s) if s.contains('\0') => Err(nul()),
-        Value::Array(items) => items
-            .iter()
-            .try_for_each(|v| check_value(key, v, depth + 1)),
-        Value::Object(map) => map.iter().try_for_each(|(k, v)| {
-            if k.contains('\0') {
-                return Err(nul());
-            }
-            check_value(key, v, depth + 1)
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// Length of the compact JSON encoding, computed without allocating it.
-fn json_size(value: &Value) -> usize {
-    struct Counter(usize);
-    impl io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    // Writing a Value to an infallible writer cannot fail.
-    let _ = serde_json::to_writer(&mut counter, value);
-    counter.0
 }
 
 /// A fresh session for unit tests, valid for an hour.
@@ -422,21 +338,6 @@ mod tests {
     }
 
     #[test]
-    fn set_rejects_values_too_deep_to_read_back() {
-        let mut value = json!(1);
-        for _ in 0..MAX_DEPTH {
-            value = json!([value]);
-        }
-        let err = validate_attribute("deep", &value, usize::MAX).unwrap_err();
-        assert!(matches!(err, Error::InvalidAttribute { .. }));
-        let mut ok = json!(1);
-        for _ in 0..MAX_DEPTH - 1 {
-            ok = json!([ok]);
-        }
-        validate_attribute("deep", &ok, usize::MAX).unwrap();
-    }
-
-    #[test]
     fn get_as_reports_type_mismatch() {
         let mut s = session();
         s.set("n", 5).unwrap();
@@ -457,10 +358,5 @@ mod tests {
         b.set("k", 2).unwrap();
         assert_eq!(a.get("k"), Some(&json!(1)));
         assert_eq!(b.get("k"), Some(&json!(2)));
-    }
-
-    #[test]
-    fn size_is_the_compact_json_length() {
-        assert_eq!(json_size(&json!({"a": [1, "b"]})), r#"{"a":[1,"b"]}"#.len());
     }
 }

@@ -89,6 +89,8 @@ fn is_deadlock(e: &sqlx::Error) -> bool {
 const MAX_SESSIONS_SQLSTATE: &str = "PS001";
 /// SQLSTATE raised by the create function outside READ COMMITTED.
 const ISOLATION_SQLSTATE: &str = "PS002";
+/// SQLSTATE raised by the rotate function when the merge would exceed `max_session_size`.
+const TOO_LARGE_SQLSTATE: &str = "PS003";
 
 /// Session ids per deletion message: 200 ids of 33 bytes keep a payload near 6.6 kB, under
 /// NOTIFY's limit of 8000 bytes.
@@ -145,6 +147,7 @@ struct Sql {
     versions: Arc<str>,
     clear: Arc<str>,
     epoch: Arc<str>,
+    legacy_until: Arc<str>,
 }
 
 /// Every statement by name, rendered for `names`: see [`crate::statements`].
@@ -178,6 +181,7 @@ pub(crate) fn statements(names: &Names) -> Vec<(&'static str, String)> {
         ("versions", &sql.versions),
         ("clear", &sql.clear),
         ("epoch", &sql.epoch),
+        ("legacy_until", &sql.legacy_until),
     ]
     .into_iter()
     .map(|(name, text)| (name, text.to_string()))
@@ -221,7 +225,7 @@ impl Sql {
             ),
             rotate: render(
                 "SELECT * FROM {{rotate_fn}}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-                 $13, $14, $15, '{{tag}}')",
+                 $13, $14, $15, '{{tag}}', $16)",
             ),
             // Delta: remove the removed keys, merge the set ones, never touch the others. The
             // WHERE clause makes an update of a deleted or expired session a no-op (NotFound),
@@ -232,7 +236,9 @@ impl Sql {
             // last-access flush, as a read's is: no indexed column changes, so the row can be
             // updated in place (a HOT update). A set key loses its expiry unless $9
             // gives it one ($10: the earliest there). With $11, only version $11 is updated
-            // (optimistic locking).
+            // (optimistic locking). $12 bounds the merged attributes' jsonb text, evaluated on
+            // the row as locked (a concurrent writer's keys count): only growth past it is
+            // refused, so a session over a lowered limit may still shrink.
             update: render(
                 "WITH updated AS ( \
                      UPDATE {{sessions}} SET \
@@ -249,6 +255,10 @@ impl Sql {
                      WHERE id = $1 AND expires_at > $5 \
                        AND ($6::timestamptz IS NULL OR greatest(last_accessed_at, $7) > $6) \
                        AND ($11::int8 IS NULL OR version = $11) \
+                       AND ($3::jsonb = '{}' \
+                            OR octet_length(((attributes - $2::text[]) || $3::jsonb)::text) <= $12 \
+                            OR octet_length(((attributes - $2::text[]) || $3::jsonb)::text) \
+                               <= octet_length(attributes::text)) \
                      RETURNING id, user_id, version, created_at, updated_at, last_accessed_at, \
                          expires_at, group_id, ip, user_agent, reads, writes, \
                          CASE WHEN version = $8 + 1 THEN NULL ELSE attributes END AS attributes, \
@@ -356,8 +366,13 @@ impl Sql {
                  SELECT (SELECT count(*) FROM deleted), epoch, \
                      pg_notify('{{channel}}', 'A ' || epoch || '{{tag}}')::text FROM bumped",
             ),
+            // Why an update ($2 removed, $3 set) changed nothing: the stored version and
+            // liveness, and the size its merge would have had.
             current: render(
-                "SELECT version, expires_at, last_accessed_at FROM {{sessions}} WHERE id = $1",
+                "SELECT version, expires_at, last_accessed_at, \
+                     octet_length(((attributes - $2::text[]) || $3::jsonb)::text)::int8, \
+                     octet_length(attributes::text)::int8 \
+                 FROM {{sessions}} WHERE id = $1",
             ),
             cleanup_done: render("UPDATE {{cache_epoch}} SET last_cleanup_at = $1"),
             // For operators; $1 the inactivity timeout in seconds (NULL: none). Sequential
@@ -454,6 +469,7 @@ impl Sql {
                 "SELECT epoch, (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8 \
                  FROM {{cache_epoch}}",
             ),
+            legacy_until: render("SELECT legacy_tokens_until FROM {{cache_epoch}}"),
         }
     }
 }
@@ -545,6 +561,59 @@ pub(crate) struct Delta<'a> {
     pub set_expiry: BTreeMap<String, DateTime<Utc>>,
     /// Update only if the stored version is this one (optimistic locking).
     pub expect_version: Option<i64>,
+    /// `Config::max_session_size`: the merge may not grow the attributes past it.
+    pub max_size: usize,
+}
+
+/// What an update did.
+pub(crate) enum UpdateOutcome {
+    /// Written; with the outbox entry announcing it (`None` in memory).
+    Updated(Box<Updated>, Option<Queued>),
+    /// The session is gone or expired: nothing written.
+    Gone,
+    /// With `expect_version`: another write came first, leaving this version.
+    Conflict { current_version: i64 },
+    /// The merge would have grown the attributes to `size` bytes, past `max_size`.
+    TooLarge { size: usize },
+}
+
+/// Version, absolute expiry, last access, merged size, size (see [`Stored`]).
+type StoredRow = (i64, DateTime<Utc>, DateTime<Utc>, i64, i64);
+
+/// What a refused update found stored.
+pub(crate) struct Stored {
+    pub version: i64,
+    pub expires_at: DateTime<Utc>,
+    pub last_accessed_at: DateTime<Utc>,
+    /// Size of the attributes with the delta merged, and as they are (jsonb text bytes).
+    pub merged_size: usize,
+    pub size: usize,
+}
+
+impl Delta<'_> {
+    /// Why this delta may not be applied to `stored` (both backends decide alike), or `None`.
+    pub(crate) fn refusal(&self, stored: &Stored) -> Option<UpdateOutcome> {
+        let last = self
+            .pending_access
+            .map_or(stored.last_accessed_at, |p| p.max(stored.last_accessed_at));
+        let live = stored.expires_at > self.now && self.idle_cutoff.is_none_or(|c| last > c);
+        if !live {
+            return Some(UpdateOutcome::Gone);
+        }
+        if let Some(expected) = self.expect_version
+            && expected != stored.version
+        {
+            return Some(UpdateOutcome::Conflict {
+                current_version: stored.version,
+            });
+        }
+        let grows_past = !self.set.is_empty()
+            && stored.merged_size > self.max_size
+            && stored.merged_size > stored.size;
+        grows_past.then_some(UpdateOutcome::TooLarge {
+            size: stored.merged_size,
+        })
+    }
 }
 
 /// Arguments of a rotation or login.
@@ -568,9 +637,19 @@ pub(crate) struct Rotated {
     pub queued: Option<Queued>,
 }
 
+/// One keyset page: the sessions that could be read, how many rows were scanned, and the last
+/// id scanned (the next page starts after it).
+pub(crate) struct Page {
+    pub records: Vec<Record>,
+    pub scanned: usize,
+    pub last: Option<Uuid>,
+}
+
 /// The PostgreSQL side: a pool and the rendered statements.
 pub(crate) struct Store {
     pool: PgPool,
+    /// Rows left out of listings because they could not be decoded.
+    unreadable: std::sync::atomic::AtomicU64,
     /// Connections kept between statements (every statement but the resynchronisation's).
     conns: Connections,
     sql: Sql,
@@ -578,9 +657,15 @@ pub(crate) struct Store {
 
 impl Store {
     /// `tag` ends every invalidation this node sends (see [`crate::notify`]).
-    pub(crate) fn new(pool: PgPool, names: &Names, tag: &str) -> Store {
+    pub(crate) fn new(
+        pool: PgPool,
+        names: &Names,
+        tag: &str,
+        reach: Arc<crate::reachability::Reachability>,
+    ) -> Store {
         Store {
-            conns: Connections::new(pool.clone()),
+            conns: Connections::new(pool.clone()).with_reachability(reach),
+            unreadable: Default::default(),
             pool,
             sql: Sql::new(names, tag),
         }
@@ -624,7 +709,34 @@ impl Store {
             )
         })
         .await?;
-        rows.iter().map(record_from_row).collect()
+        Ok(self.readable(&rows))
+    }
+
+    /// The rows that decode; the others are skipped, logged and counted
+    /// ([`Store::unreadable`]): a value written by hand that PostgreSQL stores but cannot be
+    /// read back (a number beyond `f64`) must not fail a whole listing.
+    fn readable(&self, rows: &[PgRow]) -> Vec<Record> {
+        rows.iter()
+            .filter_map(|row| match record_from_row(row) {
+                Ok(record) => Some(record),
+                Err(error) => {
+                    self.unreadable
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let id: Option<Uuid> = row.try_get("id").ok();
+                    tracing::warn!(
+                        session.id = %id.map(|id| id.simple().to_string()).unwrap_or_default(),
+                        %error,
+                        "pgsession: a stored session cannot be read and was left out of a listing"
+                    );
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Stored sessions left out of listings because they could not be read.
+    pub(crate) fn unreadable(&self) -> u64 {
+        self.unreadable.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Insert a session, enforcing the per-user cap in the same transaction. Returns the ids of
@@ -717,33 +829,62 @@ impl Store {
         }
     }
 
-    /// Apply a delta. `None` when the session is gone or expired; otherwise the new row, whose
-    /// `attributes` are `None` when they equal the caller's copy with the delta applied, and
-    /// the outbox entry of its invalidation.
-    pub(crate) async fn update(&self, delta: &Delta<'_>) -> Result<Option<(Updated, Queued)>> {
-        let row = on_conn!(
-            self,
-            sqlx::query(AssertSqlSafe(self.sql.update.clone()))
-                .bind(delta.id)
-                .bind(&delta.removed)
-                .bind(Json(&delta.set))
-                .bind(delta.expires_at)
-                .bind(delta.now)
-                .bind(delta.idle_cutoff)
-                .bind(delta.pending_access)
-                .bind(delta.base_version)
-                .bind(Json(expiry_json(&delta.set_expiry)))
-                .bind(delta.set_expiry.values().min().copied())
-                .bind(delta.expect_version),
-            fetch_optional
-        )?;
-        let Some(row) = row else { return Ok(None) };
-        let updated = updated_from_row(&row)?;
-        let queued = Queued {
-            seq: row.try_get("seq")?,
-            payload: row.try_get("payload")?,
-        };
-        Ok(Some((updated, queued)))
+    /// Apply a delta, in one round trip; when it changes nothing, a second read tells why.
+    pub(crate) async fn update(&self, delta: &Delta<'_>) -> Result<UpdateOutcome> {
+        // A refusal diagnosed on a row that changed again meanwhile (the merge fits now, the
+        // version matches): try once more.
+        for _ in 0..3 {
+            let row = on_conn!(
+                self,
+                sqlx::query(AssertSqlSafe(self.sql.update.clone()))
+                    .bind(delta.id)
+                    .bind(&delta.removed)
+                    .bind(Json(&delta.set))
+                    .bind(delta.expires_at)
+                    .bind(delta.now)
+                    .bind(delta.idle_cutoff)
+                    .bind(delta.pending_access)
+                    .bind(delta.base_version)
+                    .bind(Json(expiry_json(&delta.set_expiry)))
+                    .bind(delta.set_expiry.values().min().copied())
+                    .bind(delta.expect_version)
+                    .bind(delta.max_size as i64),
+                fetch_optional
+            )?;
+            if let Some(row) = row {
+                let updated = updated_from_row(&row)?;
+                let queued = Queued {
+                    seq: row.try_get("seq")?,
+                    payload: row.try_get("payload")?,
+                };
+                return Ok(UpdateOutcome::Updated(Box::new(updated), Some(queued)));
+            }
+            let current: Option<StoredRow> = again_if_lost(|_| async {
+                on_conn!(
+                    self,
+                    sqlx::query_as(AssertSqlSafe(self.sql.current.clone()))
+                        .bind(delta.id)
+                        .bind(&delta.removed)
+                        .bind(Json(&delta.set)),
+                    fetch_optional
+                )
+            })
+            .await?;
+            let Some((version, expires_at, last, size, before)) = current else {
+                return Ok(UpdateOutcome::Gone);
+            };
+            let stored = Stored {
+                version,
+                expires_at,
+                last_accessed_at: last,
+                merged_size: size as usize,
+                size: before as usize,
+            };
+            if let Some(refusal) = delta.refusal(&stored) {
+                return Ok(refusal);
+            }
+        }
+        Ok(UpdateOutcome::Gone)
     }
 
     /// Move a session to a new id, writing `delta` (and binding `user`, under the cap, for a
@@ -782,15 +923,26 @@ impl Store {
                     .bind(cap)
                     .bind(reject)
                     .bind(&expiry)
-                    .bind(d.set_expiry.values().min().copied()),
+                    .bind(d.set_expiry.values().min().copied())
+                    .bind(d.max_size as i64),
                 fetch_optional
             )
         })
         .await;
         let row = match row {
             Ok(row) => row,
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(MAX_SESSIONS_SQLSTATE) => {
-                return Err(Error::MaxSessionsReached);
+            Err(sqlx::Error::Database(e)) => {
+                return Err(match e.code().as_deref() {
+                    Some(MAX_SESSIONS_SQLSTATE) => Error::MaxSessionsReached,
+                    Some(TOO_LARGE_SQLSTATE) => Error::SessionTooLarge {
+                        size: e
+                            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                            .and_then(|pg| pg.detail()?.parse().ok())
+                            .unwrap_or(0),
+                        limit: d.max_size,
+                    },
+                    _ => sqlx::Error::Database(e).into(),
+                });
             }
             Err(e) => return Err(e.into()),
         };
@@ -939,21 +1091,6 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// A session's version, absolute expiry and stored last access, if it exists.
-    pub(crate) async fn current(
-        &self,
-        id: Uuid,
-    ) -> Result<Option<(i64, DateTime<Utc>, DateTime<Utc>)>> {
-        Ok(again_if_lost(|_| async {
-            on_conn!(
-                self,
-                sqlx::query_as(AssertSqlSafe(self.sql.current.clone())).bind(id),
-                fetch_optional
-            )
-        })
-        .await?)
-    }
-
     /// Sessions not past their absolute expiry and accessed after `since` (as stored).
     pub(crate) async fn count_active(
         &self,
@@ -980,7 +1117,7 @@ impl Store {
         after: Option<Uuid>,
         now: DateTime<Utc>,
         limit: usize,
-    ) -> Result<Vec<Record>> {
+    ) -> Result<Page> {
         let rows = again_if_lost(|_| async {
             on_conn!(
                 self,
@@ -992,7 +1129,11 @@ impl Store {
             )
         })
         .await?;
-        rows.iter().map(record_from_row).collect()
+        Ok(Page {
+            scanned: rows.len(),
+            last: rows.last().map(|row| row.try_get("id")).transpose()?,
+            records: self.readable(&rows),
+        })
     }
 
     /// Delete every session; how many, and the new cache epoch.
@@ -1079,6 +1220,15 @@ impl Store {
         Ok(sqlx::query_as(AssertSqlSafe(self.sql.epoch.clone()))
             .fetch_one(conn)
             .await?)
+    }
+
+    /// Until when sessions converted by migration 3 (opened by legacy tokens) may be alive.
+    pub(crate) async fn legacy_until(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(on_conn!(
+            self,
+            sqlx::query_scalar(AssertSqlSafe(self.sql.legacy_until.clone())),
+            fetch_one
+        )?)
     }
 
     /// Record that a cleanup run finished at `at`.

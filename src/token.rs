@@ -26,7 +26,7 @@ use crate::ids::SessionId;
 /// Random bytes in a token: 256 bits.
 const SECRET_LEN: usize = 32;
 /// Bytes of the MAC tag kept (128 bits).
-const TAG_LEN: usize = 16;
+pub(crate) const TAG_LEN: usize = 16;
 /// Text length of an unsigned and of a signed token.
 const UNSIGNED_LEN: usize = 43;
 const SIGNED_LEN: usize = 64;
@@ -41,9 +41,13 @@ pub const MIN_KEY_LEN: usize = 32;
 ///
 /// 256 bits from the operating system's random generator. [`Display`](fmt::Display) writes the
 /// cookie text and [`FromStr`] parses exactly that back; `Debug` shows only the public
-/// [`id`](Self::id). Comparisons run in constant time.
+/// [`id`](Self::id). Comparisons run in constant time. The id is hashed once, when the token
+/// is made or parsed, so looking a session up hashes nothing.
 #[derive(Clone)]
-pub struct SessionToken(Repr);
+pub struct SessionToken {
+    repr: Repr,
+    id: SessionId,
+}
 
 #[derive(Clone)]
 enum Repr {
@@ -68,40 +72,97 @@ impl SessionToken {
         // Without the OS generator there can be no secure token at all.
         getrandom::fill(&mut secret).expect("the operating system's random generator failed");
         let tag = key.map(|k| k.tag(&secret));
-        SessionToken(Repr::Secret { secret, tag })
+        SessionToken::new(Repr::Secret { secret, tag })
     }
 
-    /// The session this token opens: a one-way hash, computed locally (no I/O).
+    fn new(repr: Repr) -> SessionToken {
+        let id = hash(&repr);
+        SessionToken { repr, id }
+    }
+
+    /// The session this token opens: a one-way hash of it (computed when the token was made).
     pub fn id(&self) -> SessionId {
-        let digest: [u8; 32] = match &self.0 {
-            Repr::Secret { secret, .. } => Sha256::digest(secret).into(),
-            Repr::Legacy(uuid) => Sha256::digest(uuid.as_bytes()).into(),
-            Repr::External(bytes) => {
-                let mut hash = Sha256::new();
-                hash.update(EXTERNAL_CONTEXT);
-                hash.update(bytes);
-                hash.finalize().into()
-            }
-        };
-        SessionId::from_digest(&digest)
+        self.id
     }
 
+    /// The signature tag, for a signed token.
+    pub(crate) fn tag(&self) -> Option<&[u8; TAG_LEN]> {
+        match &self.repr {
+            Repr::Secret { tag, .. } => tag.as_ref(),
+            Repr::Legacy(_) | Repr::External(_) => None,
+        }
+    }
+
+    /// What can be decided about this token without computing a MAC, given the verifying
+    /// `keys` and whether legacy tokens are accepted now.
+    pub(crate) fn precheck(&self, keys: &[SigningKey], accept_legacy: bool) -> Precheck {
+        match &self.repr {
+            // The other library vouches for its ids; there is no tag to check.
+            Repr::External(_) => Precheck::Accepted,
+            Repr::Legacy(_) if accept_legacy => Precheck::Accepted,
+            Repr::Legacy(_) => Precheck::Refused,
+            Repr::Secret { .. } if keys.is_empty() => Precheck::Accepted,
+            Repr::Secret { tag: None, .. } => Precheck::Refused,
+            Repr::Secret { tag: Some(tag), .. } => Precheck::IfSigned(*tag),
+        }
+    }
+}
+
+/// A token's verdict as far as it can be decided without a MAC (see
+/// [`SessionToken::precheck`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Precheck {
+    /// Opens its session whatever the cache holds.
+    Accepted,
+    /// Opens nothing (unsigned while keys are configured, or a legacy token refused).
+    Refused,
+    /// Opens its session if this tag is the MAC of its secret under a configured key: true
+    /// when a tag verified before matches, or after computing the MAC.
+    IfSigned([u8; TAG_LEN]),
+}
+
+/// Constant-time equality of two tags.
+pub(crate) fn same_tag(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The id a token's representation hashes to.
+fn hash(repr: &Repr) -> SessionId {
+    let digest: [u8; 32] = match repr {
+        Repr::Secret { secret, .. } => Sha256::digest(secret).into(),
+        Repr::Legacy(uuid) => Sha256::digest(uuid.as_bytes()).into(),
+        Repr::External(bytes) => {
+            let mut hash = Sha256::new();
+            hash.update(EXTERNAL_CONTEXT);
+            hash.update(bytes);
+            hash.finalize().into()
+        }
+    };
+    SessionId::from_digest(&digest)
+}
+
+impl SessionToken {
     /// Whether the token may be looked up: its tag verifies with one of `keys` (any token
     /// when there are none), or it is a legacy token and those are accepted.
     pub(crate) fn verify(&self, keys: &[SigningKey], accept_legacy: bool) -> bool {
-        match &self.0 {
-            // The other library vouches for its ids; there is no tag to check.
-            Repr::External(_) => true,
-            Repr::Legacy(_) => accept_legacy,
-            Repr::Secret { .. } if keys.is_empty() => true,
-            Repr::Secret { secret, tag } => {
-                tag.is_some_and(|tag| keys.iter().any(|key| key.verify(secret, &tag)))
-            }
+        match self.precheck(keys, accept_legacy) {
+            Precheck::Accepted => true,
+            Precheck::Refused => false,
+            Precheck::IfSigned(tag) => self.signed_by(keys, &tag),
+        }
+    }
+
+    /// Whether `tag` is the MAC of this token's secret under one of `keys` (a full HMAC per
+    /// key tried).
+    pub(crate) fn signed_by(&self, keys: &[SigningKey], tag: &[u8; TAG_LEN]) -> bool {
+        match &self.repr {
+            Repr::Secret { secret, .. } => keys.iter().any(|key| key.verify(secret, tag)),
+            Repr::Legacy(_) | Repr::External(_) => false,
         }
     }
 
     fn bytes(&self) -> Vec<u8> {
-        match &self.0 {
+        match &self.repr {
             Repr::Secret { secret, tag } => {
                 let mut bytes = secret.to_vec();
                 bytes.extend(tag.iter().flatten());
@@ -115,13 +176,13 @@ impl SessionToken {
     /// The token for an id another library picked and keeps in its own cookie.
     #[cfg_attr(not(feature = "tower-sessions"), allow(dead_code))]
     pub(crate) fn external(id: [u8; 16]) -> SessionToken {
-        SessionToken(Repr::External(id))
+        SessionToken::new(Repr::External(id))
     }
 }
 
 impl fmt::Display for SessionToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
+        match &self.repr {
             Repr::Legacy(uuid) => fmt::Display::fmt(&uuid.hyphenated(), f),
             Repr::Secret { .. } | Repr::External(_) => {
                 f.write_str(&URL_SAFE_NO_PAD.encode(self.bytes()))
@@ -167,19 +228,20 @@ impl FromStr for SessionToken {
                     tag.copy_from_slice(&bytes[SECRET_LEN..]);
                     tag
                 });
-                let token = SessionToken(Repr::Secret { secret, tag });
+                let repr = Repr::Secret { secret, tag };
                 // Non-canonical encodings (stray low bits in the last character) would give
                 // two texts for one token.
-                if token.to_string() != text {
+                if URL_SAFE_NO_PAD.encode(&bytes) != text {
                     return Err(invalid("not a canonical encoding"));
                 }
-                Ok(token)
+                Ok(SessionToken::new(repr))
             }
+            // Exactly as printed (lower case): one text per token.
             36 => Uuid::try_parse(text)
                 .ok()
-                .filter(|u| u.hyphenated().to_string() == text.to_ascii_lowercase())
-                .map(|u| SessionToken(Repr::Legacy(u)))
-                .ok_or_else(|| invalid("not a hyphenated UUID")),
+                .filter(|u| u.hyphenated().to_string() == text)
+                .map(|u| SessionToken::new(Repr::Legacy(u)))
+                .ok_or_else(|| invalid("not a hyphenated lower-case UUID")),
             _ => Err(invalid("wrong length")),
         }
     }
@@ -318,14 +380,14 @@ mod tests {
         assert!(legacy.verify(&keys, true));
         assert!(!legacy.verify(&keys, false));
         // A tag moved to another secret does not verify.
-        let tagged = |t: &SessionToken| match &t.0 {
+        let tagged = |t: &SessionToken| match &t.repr {
             Repr::Secret { tag, .. } => tag.unwrap(),
             Repr::Legacy(_) | Repr::External(_) => unreachable!(),
         };
         let a = SessionToken::generate(Some(&new));
         let b = SessionToken::generate(Some(&new));
-        let spliced = match a.0 {
-            Repr::Secret { secret, .. } => SessionToken(Repr::Secret {
+        let spliced = match a.repr {
+            Repr::Secret { secret, .. } => SessionToken::new(Repr::Secret {
                 secret,
                 tag: Some(tagged(&b)),
             }),
@@ -340,7 +402,7 @@ mod tests {
         let external = SessionToken::external(bytes);
         let mut secret = [0u8; SECRET_LEN];
         secret[..16].copy_from_slice(&bytes);
-        let native = SessionToken(Repr::Secret { secret, tag: None });
+        let native = SessionToken::new(Repr::Secret { secret, tag: None });
         assert_ne!(external.id(), native.id());
         assert_ne!(external.id(), SessionToken::external([8u8; 16]).id());
         assert!(external.verify(&[SigningKey::generate()], false));

@@ -117,6 +117,7 @@ fn to_offset(at: DateTime<Utc>) -> session_store::Result<OffsetDateTime> {
 fn store_error(error: Error) -> session_store::Error {
     match error {
         Error::AttributeTooLarge { .. }
+        | Error::SessionTooLarge { .. }
         | Error::InvalidAttribute { .. }
         | Error::InvalidExpiry { .. }
         | Error::InvalidUserId(_) => session_store::Error::Encode(error.to_string()),

@@ -86,6 +86,11 @@ macro_rules! all_backend_tests {
             get_session_fresh_reads_the_stored_state,
             login_rotates_the_token_and_keeps_the_data,
             shutdown_refuses_further_calls,
+            every_call_taking_a_key_refuses_nul_before_writing,
+            values_nested_past_the_limit_are_refused_without_overflowing_the_stack,
+            numbers_read_back_exactly_as_they_were_set,
+            a_session_cannot_grow_past_max_session_size,
+            a_tampered_token_opens_nothing_whether_or_not_its_session_is_cached,
         );
     };
 }
@@ -784,5 +789,193 @@ mod suite {
             m.delete_all_sessions().await,
             Err(Error::ShutDown)
         ));
+    }
+
+    pub async fn every_call_taking_a_key_refuses_nul_before_writing<F, Fut>(make: F)
+    where
+        F: Fn(Config) -> Fut,
+        Fut: Future<Output = Backend>,
+    {
+        let m = make(config()).await;
+        let (mut s, token) = m.create_session("alice", [("k", 1)]).await.unwrap();
+        let bad = "a\0b";
+        assert!(matches!(
+            m.remove_attribute_from_user_sessions("alice", bad).await,
+            Err(Error::InvalidAttribute { .. })
+        ));
+        assert!(matches!(s.set(bad, 1), Err(Error::InvalidAttribute { .. })));
+        assert!(matches!(
+            m.create_session("alice", [(bad, 1)]).await,
+            Err(Error::InvalidAttribute { .. })
+        ));
+        s.remove(bad);
+        assert!(matches!(
+            m.update_session(&mut s).await,
+            Err(Error::InvalidAttribute { .. })
+        ));
+        let stored = m.get_session_fresh(&token).await.unwrap().unwrap();
+        assert_eq!(stored.version(), 1, "nothing written");
+        assert_eq!(m.list_user_sessions("alice").await.unwrap().len(), 1);
+    }
+
+    pub async fn values_nested_past_the_limit_are_refused_without_overflowing_the_stack<F, Fut>(
+        make: F,
+    ) where
+        F: Fn(Config) -> Fut,
+        Fut: Future<Output = Backend>,
+    {
+        let m = make(config()).await;
+        // Built in code (a parser would refuse it): far deeper than any stack can recurse.
+        let deep = || {
+            let mut v = json!(1);
+            for _ in 0..20_000 {
+                v = serde_json::Value::Array(vec![v]);
+            }
+            v
+        };
+        assert!(matches!(
+            m.create_session("alice", [("deep", deep())]).await,
+            Err(Error::InvalidAttribute { .. })
+        ));
+        let (mut s, token) = m.create_session("alice", [("k", 1)]).await.unwrap();
+        assert!(matches!(
+            s.set("deep", deep()),
+            Err(Error::InvalidAttribute { .. })
+        ));
+        assert!(!s.is_modified());
+        let stored = m.get_session(&token).await.unwrap().unwrap();
+        assert_eq!(stored.get("deep"), None);
+    }
+
+    pub async fn numbers_read_back_exactly_as_they_were_set<F, Fut>(make: F)
+    where
+        F: Fn(Config) -> Fut,
+        Fut: Future<Output = Backend>,
+    {
+        let m = make(config()).await;
+        let (mut s, token) = m.create_session("alice", [("k", 1)]).await.unwrap();
+        s.set("max", f64::MAX).unwrap();
+        s.set("tiny", 5e-324).unwrap();
+        s.set("big_int", u64::MAX).unwrap();
+        s.set("min_int", i64::MIN).unwrap();
+        s.set("e16", 1e16).unwrap();
+        s.set("neg_e16", -1e16).unwrap();
+        s.set("huge", 1.5e300).unwrap();
+        s.set("f32", 0.1f32).unwrap();
+        s.set("neg_zero", -0.0).unwrap();
+        s.set("list", vec![0.1, 1e-7, 123.456]).unwrap();
+        m.update_session(&mut s).await.unwrap();
+        let written = s.attributes().clone();
+        // What this node hands out (its cache), what the database gives back, and every
+        // listing agree, value for value and character for character.
+        let cached = m.get_session(&token).await.unwrap().unwrap();
+        let stored = m.get_session_fresh(&token).await.unwrap().unwrap();
+        let listed = m.list_user_sessions("alice").await.unwrap();
+        let paged = m.list_sessions(None, 10).await.unwrap();
+        for copy in [
+            cached.attributes(),
+            stored.attributes(),
+            listed[0].attributes(),
+            paged[0].attributes(),
+        ] {
+            assert_eq!(copy, &written);
+            assert_eq!(
+                serde_json::to_string(copy).unwrap(),
+                serde_json::to_string(&written).unwrap()
+            );
+        }
+        assert_eq!(stored.get_as::<f64>("max").unwrap(), Some(f64::MAX));
+        assert_eq!(stored.get_as::<f64>("tiny").unwrap(), Some(5e-324));
+        assert_eq!(stored.get_as::<u64>("big_int").unwrap(), Some(u64::MAX));
+        assert_eq!(stored.get_as::<f64>("huge").unwrap(), Some(1.5e300));
+        assert_eq!(stored.get_as::<f64>("e16").unwrap(), Some(1e16));
+    }
+
+    pub async fn a_session_cannot_grow_past_max_session_size<F, Fut>(make: F)
+    where
+        F: Fn(Config) -> Fut,
+        Fut: Future<Output = Backend>,
+    {
+        // Attributes are measured as jsonb prints them: {"a": "xx…"} is 9 + the string.
+        let m = make(Config {
+            max_session_size: 1000,
+            ..config()
+        })
+        .await;
+        let text = |n: usize| "x".repeat(n);
+        match m.create_session("alice", [("a", text(992))]).await {
+            Err(Error::SessionTooLarge { size, limit }) => {
+                assert_eq!((size, limit), (1001, 1000));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(m.list_user_sessions("alice").await.unwrap().is_empty());
+        let (mut one, token) = m.create_session("alice", [("a", text(600))]).await.unwrap();
+        let mut other = one.clone();
+        // Each change fits on its own; merged with the other's, it would not.
+        other.set("b", text(300)).unwrap();
+        m.update_session(&mut other).await.unwrap();
+        one.set("c", text(300)).unwrap();
+        assert!(matches!(
+            m.update_session(&mut one).await,
+            Err(Error::SessionTooLarge { limit: 1000, .. })
+        ));
+        let stored = m.get_session_fresh(&token).await.unwrap().unwrap();
+        assert_eq!(stored.get("c"), None, "nothing written");
+        assert_eq!(stored.version(), 2);
+        // Shrinking is always allowed, and so is a login carrying changes that fit.
+        let mut shrink = stored.clone();
+        shrink.remove("b");
+        shrink.set("a", text(10)).unwrap();
+        m.update_session(&mut shrink).await.unwrap();
+        let mut login = shrink.clone();
+        login.set("d", text(2000)).unwrap();
+        assert!(matches!(
+            m.log_in(&mut login, "bob").await,
+            Err(Error::SessionTooLarge { .. })
+        ));
+        let mut login = shrink.clone();
+        login.set("d", text(100)).unwrap();
+        m.log_in(&mut login, "bob").await.unwrap();
+    }
+
+    pub async fn a_tampered_token_opens_nothing_whether_or_not_its_session_is_cached<F, Fut>(
+        make: F,
+    ) where
+        F: Fn(Config) -> Fut,
+        Fut: Future<Output = Backend>,
+    {
+        let m = make(Config {
+            signing_keys: vec![SigningKey::generate()],
+            ..config()
+        })
+        .await;
+        // The last character carries the tag's last 6 bits: every other one is a forgery.
+        let tampered = |token: &pgsession::SessionToken| -> Vec<pgsession::SessionToken> {
+            let text = token.to_string();
+            let (head, last) = text.split_at(text.len() - 1);
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+                .chars()
+                .filter(|c| c.to_string() != last)
+                .map(|c| format!("{head}{c}").parse().unwrap())
+                .collect()
+        };
+        let (_, token) = m.create_session("alice", [("k", 1)]).await.unwrap();
+        assert!(m.get_session(&token).await.unwrap().is_some(), "cached now");
+        let forged = tampered(&token);
+        for t in &forged {
+            assert!(m.get_session(t).await.unwrap().is_none());
+        }
+        assert_eq!(m.stats().forged_tokens, forged.len() as u64);
+        assert!(m.get_session(&token).await.unwrap().is_some());
+        // A session cached by an update (no token involved) asks as much of a token.
+        let (_, other) = m.create_session("bob", [("k", 1)]).await.unwrap();
+        let mut listed = m.list_user_sessions("bob").await.unwrap().remove(0);
+        listed.set("k", 2).unwrap();
+        m.update_session(&mut listed).await.unwrap();
+        for t in tampered(&other) {
+            assert!(m.get_session(&t).await.unwrap().is_none());
+        }
+        assert!(m.get_session(&other).await.unwrap().is_some());
     }
 }

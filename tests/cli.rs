@@ -61,7 +61,7 @@ async fn migrate_check_and_schema() {
         .fetch_one(&check)
         .await
         .unwrap();
-    assert_eq!(applied, 4);
+    assert_eq!(applied, migration_count());
     let sql = assert_ok(&pgsession(db.url(), &["schema", "--schema", "x"]));
     assert!(sql.contains("CREATE TABLE \"x\".\"sessions\""), "{sql}");
     assert!(sql.trim_end().ends_with("COMMIT;"));
@@ -86,7 +86,10 @@ async fn status_sessions_revoke_cleanup_and_clear_cache() {
     let (bob, _) = m.create_session("bob", [("k", 1)]).await.unwrap();
 
     let status = assert_ok(&pgsession(db.url(), &["status"]));
-    assert!(status.contains("schema version   4"), "{status}");
+    assert!(
+        status.contains(&format!("schema version   {}", migration_count())),
+        "{status}"
+    );
     assert!(
         status.contains("sessions         4 (4 live, 1 anonymous)"),
         "{status}"
@@ -154,7 +157,7 @@ async fn status_sessions_revoke_cleanup_and_clear_cache() {
         async move { seen }
     })
     .await;
-    let out = assert_ok(&pgsession(db.url(), &["revoke", "--all"]));
+    let out = assert_ok(&pgsession(db.url(), &["revoke", "--all", "--yes"]));
     assert!(out.contains("revoked 1 session(s) (all of them)"), "{out}");
     assert_eq!(count_rows(&pool(&db).await).await, 0);
 }
@@ -185,9 +188,194 @@ async fn every_failure_is_one_line_and_a_non_zero_exit() {
         &pgsession(db.url(), &["status", "--schema", "Bad-Name"]),
         "schema",
     );
-    // A malformed command line is clap's: exit status 2.
+    // A malformed command line is clap's: exit status 2, and one line too.
     let o = pgsession(db.url(), &["revoke"]);
     assert_eq!(o.status.code(), Some(2));
+    assert_fails(&o, "--all");
+}
+
+/// What an application stored, shown by the human form with its control characters escaped.
+const EVIL_AGENT: &str = "evil\u{1b}[2J\u{1b}]0;pwned\u{7}\u{9b}31m";
+const EVIL_AGENT_SHOWN: &str = r"evil\x1b[2J\x1b]0;pwned\x07\u{9b}31m";
+const EVIL_USER: &str = "bob\u{1b}[31m";
+const EVIL_USER_SHOWN: &str = r"bob\x1b[31m";
+
+/// No ESC, BEL, DEL or C1 character (U+009B is CSI on terminals that read C1 as 8-bit codes).
+fn assert_no_raw_controls(out: &[u8]) {
+    let text = String::from_utf8(out.to_vec()).expect("UTF-8");
+    let raw: Vec<char> = text
+        .chars()
+        .filter(|&c| c.is_control() && c != '\n')
+        .collect();
+    assert!(raw.is_empty(), "raw control characters {raw:?} in {text:?}");
+    assert!(!out.contains(&0x1b) && !out.contains(&0x07));
+    assert!(!out.windows(2).any(|w| w == [0xc2, 0x9b]), "{text:?}");
+}
+
+#[tokio::test]
+async fn sessions_lists_user_agents_and_user_ids_with_control_characters_escaped() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let (alice, _) = m
+        .create_session_with(
+            SessionOptions::new().user("alice").user_agent(EVIL_AGENT),
+            [("k", 1)],
+        )
+        .await
+        .unwrap();
+    let (bob, _) = m
+        .create_session_with(
+            SessionOptions::new()
+                .user(EVIL_USER)
+                .group("acme\u{7f}\u{85}")
+                .user_agent(r"C:\agent"),
+            [("k", 1)],
+        )
+        .await
+        .unwrap();
+
+    let o = pgsession(db.url(), &["sessions", "--user", "alice"]);
+    let table = assert_ok(&o);
+    assert_no_raw_controls(&o.stdout);
+    assert!(table.contains(&alice.id().to_string()), "{table}");
+    assert!(table.contains(EVIL_AGENT_SHOWN), "{table}");
+    let o = pgsession(db.url(), &["sessions", "--user", EVIL_USER]);
+    let table = assert_ok(&o);
+    assert_no_raw_controls(&o.stdout);
+    assert!(table.contains(&bob.id().to_string()), "{table}");
+    assert!(
+        table.contains(r"C:\\agent"),
+        "a backslash is doubled: {table}"
+    );
+
+    // JSON: the same strings, without a raw control character (DEL and C1 included).
+    for (user, agent, group) in [
+        ("alice", EVIL_AGENT, None),
+        (EVIL_USER, r"C:\agent", Some("acme\u{7f}\u{85}")),
+    ] {
+        let o = pgsession(db.url(), &["sessions", "--user", user, "--json"]);
+        let out = assert_ok(&o);
+        assert_no_raw_controls(&o.stdout);
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(json[0]["user_agent"], agent, "{out}");
+        assert_eq!(json[0]["group_id"].as_str(), group, "{out}");
+    }
+    let out = assert_ok(&pgsession(
+        db.url(),
+        &["sessions", "--user", "alice", "--json"],
+    ));
+    assert!(
+        out.contains(r"\u001b[2J") && out.contains(r"\u009b31m"),
+        "{out}"
+    );
+
+    // The user id echoed by revoke.
+    let o = pgsession(db.url(), &["revoke", "--user", EVIL_USER]);
+    let out = assert_ok(&o);
+    assert_no_raw_controls(&o.stdout);
+    assert!(
+        out.contains(&format!(
+            "revoked 1 session(s) of user \"{EVIL_USER_SHOWN}\""
+        )),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn errors_echoing_the_command_line_escape_its_control_characters() {
+    let o = pgsession("postgres://unused", &["sessions", "--usr\u{1b}[2J\u{9b}"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_no_raw_controls(&o.stderr);
+    // (clap drops the complete escape sequence; the lone C1 character is left to us.)
+    assert_fails(&o, r"unexpected argument '--usr\u{9b}'");
+}
+
+#[tokio::test]
+async fn watch_shows_user_and_group_ids_with_control_characters_escaped() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    m.create_session_with(
+        SessionOptions::new().user(EVIL_USER).group("acme\u{9b}"),
+        [("k", 1)],
+    )
+    .await
+    .unwrap();
+    m.create_session_with(SessionOptions::new().group("acme\u{9b}"), [("k", 1)])
+        .await
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgsession"))
+        .arg("watch")
+        .env("DATABASE_URL", db.url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        let mut out = BufReader::new(stdout);
+        loop {
+            let mut line = Vec::new();
+            match out.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if tx.send(line).is_err() => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    let mut next = async || {
+        let line = tokio::time::timeout(Duration::from_secs(15), rx.recv())
+            .await
+            .expect("a line")
+            .unwrap();
+        assert_no_raw_controls(&line);
+        String::from_utf8(line).unwrap()
+    };
+    let first = next().await;
+    assert!(first.contains("listening; cache trusted"), "{first}");
+
+    m.delete_all_user_sessions(EVIL_USER).await.unwrap();
+    m.delete_group_sessions("acme\u{9b}").await.unwrap();
+    let user_line = format!("UserLoggedOutEverywhere user=\"{EVIL_USER_SHOWN}\"");
+    let group_line = r#"GroupDeleted group="acme\u{9b}""#;
+    let (mut user_seen, mut group_seen) = (false, false);
+    while !(user_seen && group_seen) {
+        let line = next().await;
+        user_seen |= line.contains(&user_line);
+        group_seen |= line.contains(group_line);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn revoke_all_deletes_nothing_without_yes() {
+    let db = TestDatabase::create().await;
+    let m = node(&db, config()).await;
+    let (s, _) = m.create_session("alice", [("k", 1)]).await.unwrap();
+
+    let o = pgsession(db.url(), &["revoke", "--all"]);
+    assert_eq!(o.status.code(), Some(2), "a usage error: {o:?}");
+    assert_fails(&o, "deletes every session of the application");
+    assert_fails(&o, "add --yes");
+    assert_eq!(count_rows(&pool(&db).await).await, 1);
+    assert_eq!(m.list_user_sessions("alice").await.unwrap()[0].id(), s.id());
+    // Nor with --json, which changes only how a success is printed.
+    assert_fails(
+        &pgsession(db.url(), &["revoke", "--all", "--json"]),
+        "add --yes",
+    );
+    assert_eq!(count_rows(&pool(&db).await).await, 1);
+
+    let out = assert_ok(&pgsession(
+        db.url(),
+        &["revoke", "--all", "--yes", "--json"],
+    ));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["revoked"],
+        1
+    );
+    assert_eq!(count_rows(&pool(&db).await).await, 0);
 }
 
 #[tokio::test]

@@ -182,8 +182,12 @@ async fn cap_eviction_of_hundreds_of_sessions_reaches_other_nodes() {
 #[tokio::test]
 async fn cleanup_of_thousands_of_expired_sessions_evicts_them_on_other_nodes() {
     let db = TestDatabase::create().await;
-    let a = node(&db, unlimited()).await;
-    let b = node(&db, unlimited()).await;
+    let legacy = || Config {
+        accept_legacy_tokens: true,
+        ..unlimited()
+    };
+    let a = node(&db, legacy()).await;
+    let b = node(&db, legacy()).await;
     let check = pool(&db).await;
     let ids = insert_sessions_directly(&check, 2500).await;
     for id in &ids {

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::*;
 use pgsession::{Config, Error, MaxSessionsPolicy, SessionToken, SigningKey, UserId};
 use serde_json::json;
@@ -509,14 +510,94 @@ async fn upgrading_a_database_of_the_previous_release_keeps_users_logged_in() {
     let other: SessionToken = old_b.to_string().parse().unwrap();
     assert!(m.get_session(&other).await.unwrap().is_some());
 
-    // With legacy tokens turned off, they open nothing.
-    let strict = node(
+    // Without accept_legacy_tokens they still open the converted sessions, until the last of
+    // those expires (as recorded by migration 5); then they open nothing and count as forged.
+    let auto = node(&db, config()).await;
+    assert!(auto.get_session(&other).await.unwrap().is_some());
+    sqlx::query("UPDATE sessions_cache_epoch SET legacy_tokens_until = now()")
+        .execute(&check)
+        .await
+        .unwrap();
+    let later = node(&db, config()).await;
+    assert!(later.get_session(&other).await.unwrap().is_none());
+    assert_eq!(later.stats().forged_tokens, 1);
+    assert_eq!(later.stats().misses, 0, "refused without a read");
+    // Unless forced on.
+    let forced = node(
         &db,
         Config {
-            accept_legacy_tokens: false,
+            accept_legacy_tokens: true,
             ..config()
         },
     )
     .await;
-    assert!(strict.get_session(&other).await.unwrap().is_none());
+    assert!(forced.get_session(&other).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn legacy_tokens_open_nothing_on_a_database_that_never_converted_any() {
+    let db = TestDatabase::create().await;
+    let check = pool(&db).await;
+    let m = node(&db, config()).await;
+    // A session with a legacy token's id, written by another tool after the upgrade.
+    let tokens = insert_sessions_directly(&check, 1).await;
+    let shouted: Result<SessionToken, _> = tokens[0].to_string().to_uppercase().parse();
+    assert!(
+        matches!(shouted, Err(Error::InvalidToken(_))),
+        "one text per token: upper case is not what was printed"
+    );
+    for _ in 0..50 {
+        assert!(m.get_session(&tokens[0]).await.unwrap().is_none());
+        assert!(m.get_session_fresh(&tokens[0]).await.unwrap().is_none());
+    }
+    let stats = m.stats();
+    assert_eq!(stats.forged_tokens, 100, "every refusal counted");
+    assert_eq!(stats.misses, 0, "and none cost a read");
+    let forced = node(
+        &db,
+        Config {
+            accept_legacy_tokens: true,
+            ..config()
+        },
+    )
+    .await;
+    assert!(forced.get_session(&tokens[0]).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_opens_its_session_on_every_node_or_on_none_whatever_they_cache() {
+    let db = TestDatabase::create().await;
+    let key = SigningKey::generate();
+    let a = node(&db, signed(vec![key.clone()])).await;
+    let b = node(&db, signed(vec![key])).await;
+    let (_, token) = a.create_session("alice", [("k", 1)]).await.unwrap();
+    assert!(
+        a.get_session(&token).await.unwrap().is_some(),
+        "A caches it"
+    );
+    // 20 000 tokens with the same secret and a tampered tag (every bit pattern but the real
+    // one is a forgery): A, which caches the session, refuses them as B, which does not.
+    let bytes = URL_SAFE_NO_PAD.decode(token.to_string()).unwrap();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for _ in 0..20_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let mut forged = bytes.clone();
+        let bit = (x % 128) as usize;
+        forged[32 + bit / 8] ^= 1 << (bit % 8);
+        forged[32 + (x as usize >> 8) % 16] ^= (x >> 16) as u8;
+        let forged: SessionToken = URL_SAFE_NO_PAD.encode(&forged).parse().unwrap();
+        if forged == token {
+            continue;
+        }
+        assert!(a.get_session(&forged).await.unwrap().is_none());
+        assert!(b.get_session(&forged).await.unwrap().is_none());
+    }
+    assert!(a.stats().forged_tokens >= 19_900);
+    assert_eq!(a.stats().forged_tokens, b.stats().forged_tokens);
+    assert_eq!(b.stats().misses, 0, "no forgery cost B a read");
+    // The real token still opens it on both.
+    assert!(a.get_session(&token).await.unwrap().is_some());
+    assert!(b.get_session(&token).await.unwrap().is_some());
 }

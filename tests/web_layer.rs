@@ -498,12 +498,18 @@ async fn a_save_the_database_refuses_is_a_500_and_writes_nothing() {
     assert_eq!(stored, serde_json::json!("limes"), "nothing written");
 
     proxy.refuse_new(false);
-    let retried = send("POST", &format!("{url}/set/cart/lemons"), Some(&jar)).await;
-    assert_eq!(
-        retried.status,
-        StatusCode::OK,
-        "works again once the database is back"
-    );
+    // The node learns within a probe interval (250 ms at most) that the server is back.
+    eventually(
+        Duration::from_secs(5),
+        "works again once the database is back",
+        || async {
+            send("POST", &format!("{url}/set/cart/lemons"), Some(&jar))
+                .await
+                .status
+                == StatusCode::OK
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -4,15 +4,34 @@
 //! DATABASE_URL=postgres://... pgsession status
 //! pgsession sessions --user alice --json
 //! pgsession revoke --user alice
+//! pgsession revoke --all --yes
 //! ```
 //!
-//! Every failure is one line on stderr and exit status 1 (2 for a malformed command line).
+//! Every failure is one line on stderr and exit status 1 (2 for a malformed command line,
+//! including `revoke --all` without `--yes`: it deletes every session of the application).
+//!
+//! # What is printed is what is stored, made visible
+//!
+//! User agents, user ids, group ids and node names are written by applications and clients,
+//! not by the operator, and may hold terminal escape sequences. The human (table, line) form
+//! therefore shows every control character (C0 `U+0000`..`U+001F`, DEL `U+007F`, C1
+//! `U+0080`..`U+009F`) escaped, as in a Rust string literal: `\xNN` (two lower-case hex
+//! digits) below `U+0080`, `\u{NN}` for C1; and a backslash as `\\`, so every backslash printed
+//! starts an escape. ESC is `\x1b`, CSI `\u{9b}`, a newline `\x0a`. Error messages are folded
+//! onto one line, then escaped the same way. Other characters are printed as they are.
+//!
+//! `--json` output is JSON: serde_json escapes C0 (`\u001b`); DEL and C1, which it would write
+//! raw, are written as `\u007f`..`\u009f`, so the JSON holds the same strings and no string
+//! in it holds a raw control character.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use pgsession::sqlx::Connection;
 use pgsession::sqlx::postgres::PgPoolOptions;
 use pgsession::{Config, Error, Session, SessionEvent, SessionId, SessionManager, Status};
 use serde::Serialize;
@@ -55,7 +74,7 @@ enum Command {
         #[arg(long)]
         user: String,
     },
-    /// Delete sessions: a user's, one, or all.
+    /// Delete sessions: a user's, one, or all (`--all --yes`).
     Revoke(Revoke),
     /// Delete expired sessions and attributes now.
     Cleanup,
@@ -66,39 +85,123 @@ enum Command {
 }
 
 #[derive(Args)]
-#[group(required = true, multiple = false)]
 struct Revoke {
+    #[command(flatten)]
+    which: Which,
+    /// Confirm --all (deleting every session of the application).
+    #[arg(long)]
+    yes: bool,
+}
+
+/// What `revoke` deletes: exactly one of these.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct Which {
     /// Every session of this user ("log out everywhere").
     #[arg(long)]
     user: Option<String>,
     /// One session, by its id (32 hex digits, as `sessions` lists them).
     #[arg(long)]
     session: Option<String>,
-    /// Every session of the application.
+    /// Every session of the application: everybody is logged out. Needs --yes.
     #[arg(long)]
     all: bool,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version: clap prints them, to stdout, with status 0.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // A malformed command line: clap's message (plain, without colours) on one line.
+        Err(e) => {
+            let message = e.render().to_string();
+            return fail(message.trim_start().trim_start_matches("error:"), USAGE);
+        }
+    };
+    if let Command::Revoke(Revoke {
+        which: Which { all: true, .. },
+        yes: false,
+    }) = cli.command
+    {
+        return fail(
+            "revoke --all deletes every session of the application (everybody is logged out); \
+             add --yes to do it",
+            USAGE,
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
-        Err(e) => return fail(&format!("cannot start: {e}")),
+        Err(e) => return fail(&format!("cannot start: {e}"), FAILED),
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => fail(&message),
+        Err(message) => fail(&message, FAILED),
     }
 }
 
-fn fail(message: &str) -> ExitCode {
-    // One line, whatever the error says.
+/// The exit status of a failure.
+const FAILED: u8 = 1;
+/// The exit status of a malformed command line.
+const USAGE: u8 = 2;
+
+fn fail(message: &str, status: u8) -> ExitCode {
+    // One line, whatever the error says (newlines and tabs become spaces), and no control
+    // character from an echoed input.
     let line: String = message.split_whitespace().collect::<Vec<_>>().join(" ");
-    eprintln!("pgsession: error: {line}");
-    ExitCode::FAILURE
+    eprintln!("pgsession: error: {}", escaped(&line));
+    ExitCode::from(status)
+}
+
+/// `text` with every control character (C0, DEL, C1) escaped, `\xNN` below U+0080 and
+/// `\u{NN}` above, and every backslash doubled: what the human form prints of any text it did
+/// not write itself (see the module documentation).
+fn escaped(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(|c| c == '\\' || c.is_control()) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() && c.is_ascii() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `value` as JSON (pretty or on one line) with DEL and C1 escaped too: serde_json escapes
+/// only C0. Outside strings JSON is ASCII without DEL, so these characters can only be inside
+/// strings, where `\u00NN` means the same character.
+fn json<T: Serialize>(value: &T, pretty: bool) -> String {
+    let text = if pretty {
+        serde_json::to_string_pretty(value)
+    } else {
+        serde_json::to_string(value)
+    }
+    .unwrap_or_default();
+    let raw = |c: char| ('\u{7f}'..='\u{9f}').contains(&c);
+    if !text.contains(raw) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if raw(c) {
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl Cli {
@@ -146,10 +249,17 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Migrate { check } => {
+            let url = cli.url()?;
+            // A direct connection first: its error names the cause ("Connection refused"),
+            // where the pool would only report its timeout.
+            let probe = pgsession::sqlx::postgres::PgConnection::connect(url)
+                .await
+                .map_err(|e| describe(e.into()))?;
+            let _ = probe.close().await;
             let pool = PgPoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(5))
-                .connect(cli.url()?)
+                .connect(url)
                 .await
                 .map_err(|e| describe(e.into()))?;
             let outcome = if *check {
@@ -167,7 +277,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             say(
                 &cli,
                 &serde_json::json!({ "ok": true, "schema": schema_name(&config) }),
-                || format!("the schema {} {verb}", schema_name(&config)),
+                || format!("the schema {} {verb}", escaped(&schema_name(&config))),
             );
             Ok(())
         }
@@ -222,14 +332,14 @@ async fn run(cli: Cli) -> Result<(), String> {
 }
 
 async fn revoke_with(m: &SessionManager, revoke: &Revoke) -> Result<(u64, String), String> {
-    if let Some(user) = &revoke.user {
+    if let Some(user) = &revoke.which.user {
         let n = m
             .delete_all_user_sessions(user.as_str())
             .await
             .map_err(describe)?;
-        return Ok((n, format!("of user {user:?}")));
+        return Ok((n, format!("of user \"{}\"", escaped(user))));
     }
-    if let Some(id) = &revoke.session {
+    if let Some(id) = &revoke.which.session {
         let id: SessionId = id.parse().map_err(describe)?;
         if !m.delete_session(id).await.map_err(describe)? {
             return Err(format!("no session with id {id}"));
@@ -309,7 +419,7 @@ fn event_json<S: serde::Serializer>(e: &&SessionEvent, s: S) -> Result<S::Ok, S:
 
 fn line(cli: &Cli, l: &Line<'_>) -> String {
     if cli.json {
-        return serde_json::to_string(l).unwrap_or_default();
+        return json(l, false);
     }
     let now = chrono::Utc::now().format("%H:%M:%S%.3f");
     match l {
@@ -325,10 +435,10 @@ fn line(cli: &Cli, l: &Line<'_>) -> String {
                 text.push_str(&format!(" previous={id}"));
             }
             if let Some(user) = &e.user_id {
-                text.push_str(&format!(" user={user:?}"));
+                text.push_str(&format!(" user=\"{}\"", escaped(&user.to_string())));
             }
             if let Some(group) = &e.group_id {
-                text.push_str(&format!(" group={group:?}"));
+                text.push_str(&format!(" group=\"{}\"", escaped(group)));
             }
             if let Some(v) = e.version {
                 text.push_str(&format!(" version={v}"));
@@ -340,10 +450,7 @@ fn line(cli: &Cli, l: &Line<'_>) -> String {
 
 fn say<T: Serialize>(cli: &Cli, value: &T, human: impl FnOnce() -> String) {
     if cli.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).unwrap_or_default()
-        );
+        println!("{}", json(value, true));
     } else {
         println!("{}", human());
     }
@@ -387,10 +494,14 @@ impl From<&Session> for SessionRow {
     }
 }
 
-/// Columns padded to their widest cell.
+/// Columns padded to their widest cell, every cell [`escaped`].
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| escaped(cell).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -470,9 +581,9 @@ fn status_table(s: &Status) -> String {
         lines.push(format!(
             "  pid {:<7} {:<22} since {}  {}",
             node.pid,
-            node.client_addr.as_deref().unwrap_or("local socket"),
+            escaped(node.client_addr.as_deref().unwrap_or("local socket")),
             time(node.connected_since),
-            node.application_name
+            escaped(&node.application_name)
         ));
     }
     lines.join("\n")

@@ -153,6 +153,7 @@ pub async fn socket_addr(url: &str) -> SocketAddr {
 
 /// `n` sessions inserted by hand-written SQL, as an older release or another tool would, with
 /// legacy tokens (their ids hashed as migration 3 does): a day to live, no user attributes.
+/// Created after migration 3, so only a node with `accept_legacy_tokens` opens them.
 pub async fn insert_sessions_directly(pool: &PgPool, n: i64) -> Vec<SessionToken> {
     let uuids: Vec<Uuid> = sqlx::query_scalar(
         "WITH t AS (SELECT gen_random_uuid() AS u FROM generate_series(1, $1)), \
@@ -174,9 +175,17 @@ pub async fn insert_sessions_directly(pool: &PgPool, n: i64) -> Vec<SessionToken
         .collect()
 }
 
-/// A well-formed token of no session.
+/// A well-formed (unsigned) token of no session: looked up like any other when no signing
+/// keys are configured.
 pub fn unknown_token() -> SessionToken {
-    Uuid::new_v4().to_string().parse().expect("a legacy token")
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(Uuid::new_v4().as_bytes());
+    bytes[16..].copy_from_slice(Uuid::new_v4().as_bytes());
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(bytes)
+        .parse()
+        .expect("a token")
 }
 
 /// The version stored in the database, `None` when the row is gone.
@@ -223,4 +232,15 @@ pub async fn heard_from_other_node(
             return;
         }
     }
+}
+
+/// How many migrations this build applies: the files in `migrations/`.
+pub fn migration_count() -> i64 {
+    std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .expect("migrations/ is readable")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        })
+        .count() as i64
 }
