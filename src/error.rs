@@ -125,7 +125,7 @@ pub enum Error {
     /// The database failed or could not be reached. The message includes the cause (for
     /// example "Connection refused").
     #[error("database error: {0}")]
-    Database(sqlx::Error),
+    Database(#[source] sqlx::Error),
 }
 
 impl From<sqlx::Error> for Error {

@@ -32,13 +32,23 @@ pub(crate) const MAX_DEPTH: usize = 100;
 #[derive(Debug)]
 enum Problem {
     TooDeep,
+    /// Deeper than [`ABYSS`]: serialization stopped there.
+    Abyss,
     Nul,
 }
+
+/// Depth at which serialization stops: below it a value refused for its depth is still
+/// serialized (and so dropped) to the end without danger to the stack, past it the value is
+/// leaked rather than dropped. serde_json's parser stops at 128 levels, so only values built
+/// in code get that deep.
+const ABYSS: usize = 256;
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Problem::TooDeep => write!(f, "nested deeper than {MAX_DEPTH} levels"),
+            Problem::TooDeep | Problem::Abyss => {
+                write!(f, "nested deeper than {MAX_DEPTH} levels")
+            }
             Problem::Nul => f.write_str(
                 "strings cannot contain the NUL character (\\u0000): PostgreSQL's jsonb rejects it",
             ),
@@ -54,15 +64,26 @@ impl std::error::Error for Problem {}
 struct Checked {
     /// Containers open.
     depth: usize,
+    /// A container opened past the limit: refused once the value is closed.
+    too_deep: bool,
 }
 
 impl Checked {
     fn open(&mut self) -> io::Result<()> {
+        self.depth += 1;
+        if self.depth >= ABYSS {
+            return Err(io::Error::other(Problem::Abyss));
+        }
         // The value inside the deepest container sits one level below it.
-        if self.depth + 1 >= MAX_DEPTH {
+        self.too_deep |= self.depth >= MAX_DEPTH;
+        Ok(())
+    }
+
+    fn close(&mut self) -> io::Result<()> {
+        self.depth -= 1;
+        if self.depth == 0 && self.too_deep {
             return Err(io::Error::other(Problem::TooDeep));
         }
-        self.depth += 1;
         Ok(())
     }
 }
@@ -74,8 +95,8 @@ impl Formatter for Checked {
     }
 
     fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.depth -= 1;
-        w.write_all(b"]")
+        w.write_all(b"]")?;
+        self.close()
     }
 
     fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
@@ -84,8 +105,8 @@ impl Formatter for Checked {
     }
 
     fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.depth -= 1;
-        w.write_all(b"}")
+        w.write_all(b"}")?;
+        self.close()
     }
 
     fn write_char_escape<W: ?Sized + Write>(
@@ -210,14 +231,15 @@ fn too_large(key: &str, size: usize, max_size: usize) -> Result<()> {
 /// `value` for attribute `key`, checked (key, depth, NUL, `max_size` bytes of `"key":value`)
 /// and in the form every read will return.
 ///
-/// A value refused for its depth is not dropped: dropping a value nested thousands of levels
-/// deep recurses as deeply and can overflow the stack. It is leaked instead.
+/// A value nested deeper than [`ABYSS`] levels is not dropped (dropping it would recurse as
+/// deeply, and could overflow the stack): it is leaked. Only values built in code get that
+/// deep; anything parsed by serde_json is dropped as usual.
 pub(crate) fn encode(key: &str, value: impl Serialize, max_size: usize) -> Result<Value> {
     check_key(key)?;
     let value = std::mem::ManuallyDrop::new(value);
     let mut text = Vec::with_capacity(64);
     if let Err((problem, error)) = write_checked(key, &*value, &mut text) {
-        if !matches!(problem, Some(Problem::TooDeep)) {
+        if !matches!(problem, Some(Problem::Abyss)) {
             drop(std::mem::ManuallyDrop::into_inner(value));
         }
         return Err(error);
@@ -327,6 +349,12 @@ mod tests {
             encode("deep", &deeper, usize::MAX),
             Err(Error::InvalidAttribute { reason, .. }) if reason.contains("deeper")
         ));
+        // Deeper than serde_json parses, yet dropped normally.
+        let mut parsed_depth = json!(1);
+        for _ in 0..200 {
+            parsed_depth = wrap(parsed_depth);
+        }
+        assert!(encode("deep", parsed_depth, usize::MAX).is_err());
         // Far deeper than any stack could recurse through: refused at the limit.
         let mut abyss = json!(1);
         for _ in 0..50_000 {

@@ -184,7 +184,8 @@ pub fn schema_sql(config: &Config) -> Result<String> {
 /// build's, [`Error::Database`].
 pub async fn migrate(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
     let names = config.validate()?;
-    migrate::run(&mut *pool.acquire().await?, &names, true).await
+    let mut conn = pool.acquire().await.map_err(Error::Database)?;
+    migrate::run(&mut conn, &names, true).await
 }
 
 /// Check that `config`'s schema on `pool` is exactly what this build expects, changing
@@ -196,7 +197,8 @@ pub async fn migrate(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
 /// [`Error::Database`].
 pub async fn check_schema(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
     let names = config.validate()?;
-    migrate::run(&mut *pool.acquire().await?, &names, false).await
+    let mut conn = pool.acquire().await.map_err(Error::Database)?;
+    migrate::run(&mut conn, &names, false).await
 }
 
 /// The SQL statements a manager with `config` sends, by name (`select_one`, `insert`,

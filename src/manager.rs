@@ -381,11 +381,26 @@ impl SessionManager {
                 .map_err(|e| Error::InvalidConfig(format!("listen_url: {e}")))?,
             None => (*pool.connect_options()).clone(),
         };
-        // One direct connection first: a server that cannot be reached is reported at once,
-        // with its cause ("Connection refused"), not as the pool's timeout.
-        let mut first = connect_directly(&pool.connect_options(), config.connect_timeout).await?;
-        migrate::run(&mut first, &names, config.run_migrations).await?;
-        let _ = first.close().await;
+        if owns_pool {
+            // One direct connection first: a server that cannot be reached is reported at
+            // once, with its cause ("Connection refused"), not as the pool's timeout.
+            let mut first =
+                connect_directly(&pool.connect_options(), config.connect_timeout).await?;
+            migrate::run(&mut first, &names, config.run_migrations).await?;
+            let _ = first.close().await;
+        } else {
+            // The caller's pool, with its hooks and its limit; if it cannot connect, a direct
+            // attempt finds out why.
+            let mut conn = match pool.acquire().await {
+                Ok(conn) => conn,
+                Err(sqlx::Error::PoolTimedOut) => {
+                    connect_directly(&pool.connect_options(), config.connect_timeout).await?;
+                    return Err(Error::Database(sqlx::Error::PoolTimedOut));
+                }
+                Err(e) => return Err(Error::Database(e)),
+            };
+            migrate::run(&mut conn, &names, config.run_migrations).await?;
+        }
         let cancel = CancellationToken::new();
         let reach = Arc::new(Reachability::new(
             (*pool.connect_options()).clone(),
@@ -847,10 +862,9 @@ impl SessionManager {
                 Lookup::Miss(fill) => (fill, tag, timer),
             }
         };
-        inner
-            .read_through(id, fill, now, tag)
-            .instrument(span)
-            .await
+        // A read from the database: shutdown waits for it.
+        let call = self.enter()?;
+        call.read_through(id, fill, now, tag).instrument(span).await
     }
 
     /// [`get_session`](Self::get_session) from the database whatever the cache holds, for
@@ -1055,7 +1069,7 @@ impl SessionManager {
     }
 
     fn new_token(&self) -> Result<SessionToken> {
-        let inner = self.enter()?;
+        let inner = self.open()?;
         Ok(SessionToken::generate(inner.config.signing_keys.first()))
     }
 
@@ -1082,7 +1096,7 @@ impl SessionManager {
         user: Option<Option<UserId>>,
         token: &SessionToken,
     ) -> Result<()> {
-        let inner = self.open()?;
+        let inner = self.enter()?;
         let _timer = Timer::start("rotate");
         let now = now();
         let delta = inner.delta(session, now)?;
@@ -1097,7 +1111,7 @@ impl SessionManager {
             cap_cutoff: inner.idle.map(|idle| now - idle - inner.cleanup.grace),
         };
         let fill = inner.cache.token_for(new_id);
-        let outcome = InDoubt::arm(inner, old);
+        let outcome = InDoubt::arm(&inner, old);
         let rotated = inner.store.rotate(&rotation).await;
         let rotated = outcome.settle(rotated)?;
         let Some(rotated) = rotated else {
@@ -1689,7 +1703,8 @@ impl<'a> InDoubt<'a> {
         self.armed = match &result {
             Ok(_) => false,
             Err(Error::Database(e)) => !crate::error::proves_nothing_written(e),
-            Err(_) => true,
+            // A refusal (too large, over the cap, a closed pool): rolled back or never sent.
+            Err(_) => false,
         };
         result
     }

@@ -4,10 +4,13 @@
 //!
 //! Anything that suggests the server is gone (a connection lost under a statement, the
 //! listener unable to connect, a call left waiting for a connection) asks for a probe: one
-//! direct connection attempt, never more than one at a time. A probe that cannot connect marks
-//! the server down with its error, and probes again (every 100 ms, backing off to 250 ms) until
-//! one connects, which marks it up again. Calls check the mark before they take a connection,
-//! and calls already waiting for one give up when the server is marked down.
+//! direct connection attempt, never more than one at a time, and while the server answers, at
+//! most one a second. A probe refused (nothing listening, no route, a server shutting down or
+//! starting up) marks the server down with that error, and probes again (every 100 ms, backing
+//! off to 250 ms) until one connects, which marks it up again. A probe that merely times out
+//! marks nothing: a slow server is not a gone one, and calls keep their own timeouts. Calls
+//! check the mark before they take a connection, and calls already waiting for one give up
+//! when the server is marked down.
 
 use std::fmt;
 use std::io;
@@ -54,12 +57,21 @@ struct Down {
     cause: Arc<str>,
 }
 
+/// Shortest time between two probes while the server answers: suspicions come with load
+/// (calls waiting for a busy pool), and each probe opens a connection.
+const PROBE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+
 /// The reachability of one database (the pool's), shared by its connections and tasks.
 pub(crate) struct Reachability {
     options: PgConnectOptions,
     connect_timeout: Duration,
     down: watch::Sender<Option<Down>>,
+    /// A probe task is running.
     probing: AtomicBool,
+    /// A suspicion arrived since the running probe's last attempt began.
+    pending: AtomicBool,
+    /// When a probe last found the server answering.
+    answered: std::sync::Mutex<Option<Instant>>,
     cancel: CancellationToken,
 }
 
@@ -75,6 +87,8 @@ impl Reachability {
             connect_timeout,
             down: watch::channel(None).0,
             probing: AtomicBool::new(false),
+            pending: AtomicBool::new(false),
+            answered: std::sync::Mutex::new(None),
             cancel,
         }
     }
@@ -102,22 +116,47 @@ impl Reachability {
         }
     }
 
-    /// Something suggests the server may be gone: probe it, unless a probe is under way.
+    /// Something suggests the server may be gone: probe it, unless a probe is under way (it
+    /// then tries once more) or one found it answering less than a second ago.
     pub(crate) fn suspect(self: &Arc<Self>) {
-        if self.cancel.is_cancelled() || self.probing.swap(true, Ordering::AcqRel) {
+        if self.cancel.is_cancelled() {
+            return;
+        }
+        let recently_answered = self
+            .answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < PROBE_AT_MOST_EVERY);
+        if recently_answered && self.down.borrow().is_none() {
+            return;
+        }
+        self.pending.store(true, Ordering::Release);
+        if self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
         tokio::spawn(async move {
-            this.probe().await;
-            this.probing.store(false, Ordering::Release);
+            loop {
+                this.probe().await;
+                this.probing.store(false, Ordering::Release);
+                // A suspicion that arrived during the last attempt gets an attempt of its own,
+                // unless another task took over the probing meanwhile.
+                if !this.pending.load(Ordering::Acquire)
+                    || this.cancel.is_cancelled()
+                    || this.probing.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
         });
     }
 
-    /// Connect until a connection succeeds (or `cancel`), marking the server down meanwhile.
+    /// Connect until a connection succeeds or the server proves slow rather than gone (or
+    /// `cancel`), marking the server down while it refuses.
     async fn probe(&self) {
         let mut backoff = Backoff::new(0, Duration::from_millis(100), MAX_PROBE_PAUSE);
         loop {
+            self.pending.store(false, Ordering::Release);
             let attempt = tokio::time::timeout(
                 self.connect_timeout,
                 PgConnection::connect_with(&self.options),
@@ -130,13 +169,12 @@ impl Reachability {
                         None
                     }
                     Ok(Err(e)) => unreachable_cause(&e),
-                    Err(_) => Some((
-                        io::ErrorKind::TimedOut,
-                        format!("connecting timed out after {:?}", self.connect_timeout),
-                    )),
+                    // Slow, not gone: the calls' own timeouts apply.
+                    Err(_) => None,
                 }
             };
             let Some((kind, cause)) = failure else {
+                *self.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 if self.down.send_replace(None).is_some() {
                     tracing::warn!("pgsession: the database can be reached again");
                 }
@@ -175,10 +213,12 @@ impl Down {
 }
 
 /// The kind and text of a connection error that means the server cannot be reached (nothing
-/// listening, no route, a server shutting down or starting up); `None` for one that proves a
-/// server answered (a wrong password is not an outage).
+/// listening, no route, a connection closed at once, a server shutting down or starting up);
+/// `None` for one that proves a server answered (a wrong password is not an outage) or only
+/// that it is slow.
 fn unreachable_cause(e: &sqlx::Error) -> Option<(io::ErrorKind, String)> {
     match e {
+        sqlx::Error::Io(io) if io.kind() == io::ErrorKind::TimedOut => None,
         sqlx::Error::Io(io) => Some((io.kind(), io.to_string())),
         sqlx::Error::Tls(_) => None,
         sqlx::Error::Database(db)

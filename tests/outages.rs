@@ -112,18 +112,34 @@ async fn calls_fail_at_once_while_the_server_is_down_and_recover_when_it_returns
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_calls_under_way_finish_and_refuses_later_ones() {
     let db = TestDatabase::create().await;
-    let m = node(
-        &db,
-        Config {
-            max_sessions_per_user: None,
-            shutdown_timeout: Duration::from_secs(20),
-            ..config()
-        },
+    // Calls queue for this pool's connections while the test holds the table: give them as
+    // long as the test may take on a slow machine.
+    let queue = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_secs(60))
+        .connect(db.url())
+        .await
+        .unwrap();
+    let m = listening(
+        SessionManager::new(
+            Config {
+                max_sessions_per_user: None,
+                shutdown_timeout: Duration::from_secs(60),
+                ..config()
+            },
+            queue,
+        )
+        .await
+        .unwrap(),
     )
     .await;
     let check = pool(&db).await;
     let (s, token) = m.create_session("alice", small()).await.unwrap();
 
+    let mut visitors = Vec::new();
+    for _ in 0..20 {
+        visitors.push(m.create_anonymous_session(small()).await.unwrap().0);
+    }
     // Writes to the table block until the test lets them through.
     let mut gate = check.begin().await.unwrap();
     sqlx::query("LOCK TABLE sessions IN SHARE MODE")
@@ -144,9 +160,15 @@ async fn shutdown_lets_calls_under_way_finish_and_refuses_later_ones() {
             m.create_session("bob", small()).await.map(|_| ())
         }));
     }
-    eventually(Duration::from_secs(5), "150 calls under way", || {
+    for mut visitor in visitors {
+        let m = m.clone();
+        calls.push(tokio::spawn(async move {
+            m.log_in(&mut visitor, "dave").await.map(|_| ())
+        }));
+    }
+    eventually(Duration::from_secs(5), "170 calls under way", || {
         let n = m.stats().calls_in_flight;
-        async move { n == 150 }
+        async move { n == 170 }
     })
     .await;
 
@@ -167,7 +189,7 @@ async fn shutdown_lets_calls_under_way_finish_and_refuses_later_ones() {
     ));
     assert!(matches!(m.get_session(&token).await, Err(Error::ShutDown)));
     // ...while the ones under way wait for the database, shutdown waiting for them.
-    assert_eq!(m.stats().calls_in_flight, 150);
+    assert_eq!(m.stats().calls_in_flight, 170);
     assert!(!stopping.is_finished());
 
     gate.rollback().await.unwrap();
@@ -188,4 +210,9 @@ async fn shutdown_lets_calls_under_way_finish_and_refuses_later_ones() {
         .await
         .unwrap();
     assert_eq!(created, 50, "every create landed");
+    let logged_in: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = 'dave'")
+        .fetch_one(&check)
+        .await
+        .unwrap();
+    assert_eq!(logged_in, 20, "every login landed");
 }
