@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::names::Names;
-use crate::token::SigningKey;
+use crate::model::clock::Clock;
+use crate::model::token::SigningKey;
+use crate::storage::postgres::names::{self, Names};
 
 /// What [`SessionManager::create_session`](crate::SessionManager::create_session) does when the
 /// user already has [`Config::max_sessions_per_user`] live sessions.
@@ -141,6 +142,9 @@ pub struct Config {
     /// and a share of a NOTIFY (see BENCHMARKS.md for the measured cost). This node's own
     /// receivers see its creates either way.
     pub announce_creates: bool,
+    /// Where expiry decisions read the time: [`Clock::system`] (the default), or a
+    /// [`Clock::manual`] that tests move by hand instead of waiting.
+    pub clock: Clock,
 }
 
 impl Default for Config {
@@ -172,6 +176,7 @@ impl Default for Config {
             signing_keys: Vec::new(),
             accept_legacy_tokens: false,
             announce_creates: false,
+            clock: Clock::system(),
         }
     }
 }
@@ -266,7 +271,7 @@ impl Config {
             check_identifier("table_prefix", &self.table_prefix, MAX_PREFIX_LEN)?;
         }
         let prefix = self.table_prefix.as_str();
-        let channel = crate::names::channel(schema, prefix);
+        let channel = names::channel(schema, prefix);
         if channel.len() > MAX_IDENT_LEN {
             return bad(format!(
                 "schema and table_prefix together are too long: the notification channel \

@@ -173,7 +173,7 @@ pub(crate) fn is_transient_db(e: &sqlx::Error) -> bool {
 pub(crate) fn is_connection_lost(e: &sqlx::Error) -> bool {
     match e {
         // Refused before anything was sent: the server is known to be gone.
-        e if crate::reachability::is_unreachable(e) => false,
+        e if crate::storage::postgres::reachability::is_unreachable(e) => false,
         sqlx::Error::Io(_) => true,
         sqlx::Error::Database(db) => {
             // FATAL and PANIC end the session whatever the code.
@@ -199,7 +199,7 @@ pub(crate) fn is_connection_lost(e: &sqlx::Error) -> bool {
 /// connection above all, leaves the outcome unknown.
 pub(crate) fn proves_nothing_written(e: &sqlx::Error) -> bool {
     match e {
-        e if crate::reachability::is_unreachable(e) => true,
+        e if crate::storage::postgres::reachability::is_unreachable(e) => true,
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         sqlx::Error::Database(_) => !is_connection_lost(e),
         _ => false,

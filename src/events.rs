@@ -4,7 +4,7 @@
 
 use tokio::sync::broadcast;
 
-use crate::ids::{SessionId, UserId};
+use crate::model::ids::{SessionId, UserId};
 
 /// Events buffered per receiver; a receiver further behind than this loses the oldest and is
 /// told how many with [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged).

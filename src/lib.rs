@@ -120,50 +120,36 @@
 //! | server restart, failover | nothing stale: reads go to the database until the cache is emptied |
 //! | writes outside pgsession | `cache_max_age` (5 min by default) |
 
-mod announcer;
-#[cfg(feature = "axum")]
-pub mod axum;
-mod backend;
 mod background;
 mod backoff;
-mod cache;
+mod coherence;
 mod config;
-mod connections;
 mod error;
 mod events;
-mod ids;
-mod json;
-mod listener;
 mod manager;
-mod memory;
 #[cfg(feature = "metrics")]
 mod metrics;
-mod migrate;
-mod names;
-mod notify;
-mod options;
-mod outbox;
-mod reachability;
-mod record;
-mod session;
+mod model;
 mod shard;
-mod store;
-mod time;
-mod token;
-mod touch;
+mod storage;
+mod web;
+
+#[cfg(feature = "axum")]
+pub use web::axum;
 #[cfg(feature = "tower-sessions")]
-pub mod tower_sessions;
+pub use web::tower_sessions;
 
 pub use config::{Config, MaxSessionsPolicy};
 pub use error::{Error, Result};
 pub use events::{EVENT_BUFFER, Origin, SessionEvent, SessionEventKind};
-pub use ids::{MAX_USER_ID_LEN, SessionId, UserId};
 pub use manager::{ListeningNode, SessionManager, Stats, Status};
-pub use options::{MAX_GROUP_ID_LEN, MAX_USER_AGENT_LEN, SessionOptions};
-pub use session::Session;
+pub use model::clock::Clock;
+pub use model::ids::{MAX_USER_ID_LEN, SessionId, UserId};
+pub use model::options::{MAX_GROUP_ID_LEN, MAX_USER_AGENT_LEN, SessionOptions};
+pub use model::session::Session;
+pub use model::token::{MIN_KEY_LEN, SessionToken, SigningKey};
 /// The sqlx version pgsession is built on: [`SessionManager::new`] takes its [`PgPool`](sqlx::PgPool).
 pub use sqlx;
-pub use token::{MIN_KEY_LEN, SessionToken, SigningKey};
 
 /// The complete schema for `config` (its schema name and table prefix) as one SQL script, for
 /// deployments that manage schemas with their own migration tool and run the manager with
@@ -171,7 +157,7 @@ pub use token::{MIN_KEY_LEN, SessionToken, SigningKey};
 /// [`SessionManager`] would have created, bookkeeping included, so the manager's start-up check
 /// passes. Returns [`Error::InvalidConfig`] for an invalid configuration.
 pub fn schema_sql(config: &Config) -> Result<String> {
-    Ok(migrate::script(&config.validate()?))
+    Ok(storage::postgres::migrate::script(&config.validate()?))
 }
 
 /// Apply the migrations `config`'s schema lacks, on `pool`: what [`SessionManager::connect`]
@@ -185,7 +171,7 @@ pub fn schema_sql(config: &Config) -> Result<String> {
 pub async fn migrate(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
     let names = config.validate()?;
     let mut conn = pool.acquire().await.map_err(Error::Database)?;
-    migrate::run(&mut conn, &names, true).await
+    storage::postgres::migrate::run(&mut conn, &names, true).await
 }
 
 /// Check that `config`'s schema on `pool` is exactly what this build expects, changing
@@ -198,7 +184,7 @@ pub async fn migrate(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
 pub async fn check_schema(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
     let names = config.validate()?;
     let mut conn = pool.acquire().await.map_err(Error::Database)?;
-    migrate::run(&mut conn, &names, false).await
+    storage::postgres::migrate::run(&mut conn, &names, false).await
 }
 
 /// The SQL statements a manager with `config` sends, by name (`select_one`, `insert`,
@@ -207,5 +193,5 @@ pub async fn check_schema(config: &Config, pool: &sqlx::PgPool) -> Result<()> {
 /// stable API. Returns [`Error::InvalidConfig`] for an invalid configuration.
 #[doc(hidden)]
 pub fn statements(config: &Config) -> Result<Vec<(&'static str, String)>> {
-    Ok(store::statements(&config.validate()?))
+    Ok(storage::postgres::sql::statements(&config.validate()?))
 }

@@ -27,7 +27,7 @@
 
 use uuid::Uuid;
 
-use crate::ids::UserId;
+use crate::model::ids::UserId;
 
 /// A decoded invalidation.
 #[derive(Debug, PartialEq, Eq)]

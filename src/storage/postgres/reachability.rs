@@ -1,16 +1,19 @@
 //! Whether the database can be reached: so that while it cannot, calls fail at once with the
 //! cause ("Connection refused") instead of each waiting out the pool's acquire timeout to
-//! report `PoolTimedOut`, and recover by themselves when it is back.
+//! report `PoolTimedOut`, and recover by themselves as soon as it is back.
 //!
 //! Anything that suggests the server is gone (a connection lost under a statement, the
 //! listener unable to connect, a call left waiting for a connection) asks for a probe: one
 //! direct connection attempt, never more than one at a time, and while the server answers, at
-//! most one a second. A probe refused (nothing listening, no route, a server shutting down or
-//! starting up) marks the server down with that error, and probes again (every 100 ms, backing
-//! off to 250 ms) until one connects, which marks it up again. A probe that merely times out
-//! marks nothing: a slow server is not a gone one, and calls keep their own timeouts. Calls
-//! check the mark before they take a connection, and calls already waiting for one give up
-//! when the server is marked down.
+//! most one a second. A probe refused (nothing listening, no route, a connection closed at
+//! once, a server shutting down or starting up) marks the server down with that error; one
+//! that merely times out marks nothing (a slow server is not a gone one, and calls keep their
+//! own timeouts). While the server is down the probe tries again every 100 ms, backing off to
+//! 250 ms, until one connects, which marks it up. A call meanwhile fails at once with the
+//! cause, unless the last attempt is more than [`RECHECK_AFTER`] old: then it has an attempt
+//! made now and waits for it (a refused connection takes well under a millisecond), so the
+//! first call after the server's return goes through. Calls already waiting for a pool
+//! connection give up when the server is marked down.
 
 use std::fmt;
 use std::io;
@@ -20,14 +23,21 @@ use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 
-/// The longest pause between probes while the server is down: recovery is noticed within it
-/// (a refused attempt costs the server nothing, so probing often is cheap).
+/// The longest pause between probes while the server is down.
 const MAX_PROBE_PAUSE: Duration = Duration::from_millis(250);
+
+/// Shortest time between two probes while the server answers: suspicions come with load
+/// (calls waiting for a busy pool), and each probe opens a connection.
+const PROBE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+
+/// While the server is down, a call finding the last attempt older than this has another made
+/// (and waits for it) rather than fail on the old verdict.
+const RECHECK_AFTER: Duration = Duration::from_millis(20);
 
 /// Why the server is considered unreachable; carried as the source of the `io::Error` that
 /// calls fail with meanwhile.
@@ -53,23 +63,24 @@ impl std::error::Error for Unreachable {}
 #[derive(Clone, Debug)]
 struct Down {
     since: Instant,
+    /// When the last attempt failed.
+    checked: Instant,
     kind: io::ErrorKind,
     cause: Arc<str>,
 }
-
-/// Shortest time between two probes while the server answers: suspicions come with load
-/// (calls waiting for a busy pool), and each probe opens a connection.
-const PROBE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
 /// The reachability of one database (the pool's), shared by its connections and tasks.
 pub(crate) struct Reachability {
     options: PgConnectOptions,
     connect_timeout: Duration,
+    /// `None` while the server answers; every attempt while it does not sends a new value.
     down: watch::Sender<Option<Down>>,
     /// A probe task is running.
     probing: AtomicBool,
     /// A suspicion arrived since the running probe's last attempt began.
     pending: AtomicBool,
+    /// Cuts the probe's pause short: a call wants an attempt now.
+    hurry: Notify,
     /// When a probe last found the server answering.
     answered: std::sync::Mutex<Option<Instant>>,
     cancel: CancellationToken,
@@ -88,14 +99,27 @@ impl Reachability {
             down: watch::channel(None).0,
             probing: AtomicBool::new(false),
             pending: AtomicBool::new(false),
+            hurry: Notify::new(),
             answered: std::sync::Mutex::new(None),
             cancel,
         }
     }
 
-    /// `Err` at once while the server is marked down: the error says why and since when.
-    pub(crate) fn check(&self) -> Result<(), sqlx::Error> {
-        match &*self.down.borrow() {
+    /// `Ok` while the server is not known to be down; otherwise an error saying why and since
+    /// when, at once if the last attempt is recent, or after an attempt made now.
+    pub(crate) async fn check(self: &Arc<Self>) -> Result<(), sqlx::Error> {
+        let mut rx = self.down.subscribe();
+        match &*rx.borrow_and_update() {
+            None => return Ok(()),
+            Some(down) if down.checked.elapsed() < RECHECK_AFTER => return Err(down.error()),
+            Some(_) => {}
+        }
+        self.pending.store(true, Ordering::Release);
+        self.hurry.notify_one();
+        self.start_probing();
+        let limit = self.connect_timeout + Duration::from_millis(100);
+        let _ = tokio::time::timeout(limit, rx.changed()).await;
+        match &*rx.borrow() {
             None => Ok(()),
             Some(down) => Err(down.error()),
         }
@@ -119,9 +143,6 @@ impl Reachability {
     /// Something suggests the server may be gone: probe it, unless a probe is under way (it
     /// then tries once more) or one found it answering less than a second ago.
     pub(crate) fn suspect(self: &Arc<Self>) {
-        if self.cancel.is_cancelled() {
-            return;
-        }
         let recently_answered = self
             .answered
             .lock()
@@ -131,7 +152,12 @@ impl Reachability {
             return;
         }
         self.pending.store(true, Ordering::Release);
-        if self.probing.swap(true, Ordering::AcqRel) {
+        self.start_probing();
+    }
+
+    /// Start the probe task unless it runs (or the manager stopped).
+    fn start_probing(self: &Arc<Self>) {
+        if self.cancel.is_cancelled() || self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
@@ -185,6 +211,7 @@ impl Reachability {
                 let since = down.as_ref().map_or_else(Instant::now, |d| d.since);
                 *down = Some(Down {
                     since,
+                    checked: Instant::now(),
                     kind,
                     cause: cause.as_str().into(),
                 });
@@ -195,6 +222,7 @@ impl Reachability {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = tokio::time::sleep(backoff.next_pause()) => {}
+                _ = self.hurry.notified() => {}
             }
         }
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::store::Queued;
+use crate::storage::Announcement as Queued;
 
 /// Outbox rows older than this are announced by the sweep.
 pub(crate) const ORPHAN_GRACE: Duration = Duration::from_secs(2);

@@ -29,11 +29,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::cache::Cache;
+use crate::coherence::cache::Cache;
+use crate::coherence::protocol::{Message, split_tag};
 use crate::error::Result;
 use crate::events::{Events, Origin, SessionEvent, SessionEventKind as Kind};
-use crate::notify::{Message, split_tag};
-use crate::store::Store;
+use crate::storage::postgres::PgStorage as Store;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// A connection that stayed up this long resets the reconnection backoff.
@@ -94,13 +94,6 @@ impl ListenerState {
     pub(crate) fn degraded_time(&self) -> Duration {
         let d = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
         d.total + d.since.map_or(Duration::ZERO, |s| s.elapsed())
-    }
-
-    /// Resolves when the cache is trusted.
-    pub(crate) async fn wait_trusted(&self) {
-        let mut rx = self.trusted.subscribe();
-        // The sender lives in `self`; the wait cannot fail while we borrow it.
-        let _ = rx.wait_for(|t| *t).await;
     }
 
     /// A receiver that sees every change of trust.
@@ -530,7 +523,7 @@ impl Connect for PgConnect {
 
 impl Feed for PgFeed {
     async fn notify(&mut self, payload: &str) -> Result<(), String> {
-        sqlx::query(crate::store::PROBE)
+        sqlx::query(crate::storage::postgres::sql::PROBE)
             .bind(&self.channel)
             .bind(payload)
             .execute(&mut self.listener)

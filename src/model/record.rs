@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::ids::UserId;
+use crate::model::ids::UserId;
 
 /// One row of the sessions table.
 #[derive(Clone, Debug)]

@@ -18,9 +18,10 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::coherence::outbox::{MAX_QUEUED, ORPHAN_GRACE, Outbox, RETIRE_EVERY, SWEEP_EVERY, pack};
 use crate::error::{Error, Result};
-use crate::outbox::{MAX_QUEUED, ORPHAN_GRACE, Outbox, RETIRE_EVERY, SWEEP_EVERY, pack};
-use crate::store::{SWEEP_BATCH, Store};
+use crate::storage::postgres::PgStorage as Store;
+use crate::storage::postgres::sql::SWEEP_BATCH;
 
 /// Attempts made at once after a failure before backing off: a connection that died (a
 /// terminated backend, a restarted server) fails at once, and so may the pool's idle

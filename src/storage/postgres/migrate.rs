@@ -8,8 +8,8 @@
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection};
 
+use super::names::Names;
 use crate::error::{Error, Result};
-use crate::names::Names;
 
 /// One migration file, embedded at compile time.
 struct Migration {
@@ -23,27 +23,27 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "create_sessions",
-        template: include_str!("../migrations/0001_create_sessions.sql"),
+        template: include_str!("../../../migrations/0001_create_sessions.sql"),
     },
     Migration {
         version: 2,
         name: "outbox_sequence",
-        template: include_str!("../migrations/0002_outbox_sequence.sql"),
+        template: include_str!("../../../migrations/0002_outbox_sequence.sql"),
     },
     Migration {
         version: 3,
         name: "session_tokens",
-        template: include_str!("../migrations/0003_session_tokens.sql"),
+        template: include_str!("../../../migrations/0003_session_tokens.sql"),
     },
     Migration {
         version: 4,
         name: "activity_groups_client",
-        template: include_str!("../migrations/0004_activity_groups_client.sql"),
+        template: include_str!("../../../migrations/0004_activity_groups_client.sql"),
     },
     Migration {
         version: 5,
         name: "session_size_legacy_window",
-        template: include_str!("../migrations/0005_session_size_legacy_window.sql"),
+        template: include_str!("../../../migrations/0005_session_size_legacy_window.sql"),
     },
 ];
 
@@ -186,7 +186,7 @@ fn bookkeeping_table(names: &Names) -> String {
 
 /// The template with names (and the chunk size of deletion messages) filled in.
 fn render(template: &str, names: &Names) -> String {
-    let ids = crate::store::IDS_PER_MESSAGE.to_string();
+    let ids = super::sql::IDS_PER_MESSAGE.to_string();
     names.render(template, &[("ids_per_message", &ids)])
 }
 

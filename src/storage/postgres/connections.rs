@@ -34,14 +34,14 @@ use sqlx::postgres::{PgPool, Postgres};
 use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 use tokio::time::Instant;
 
+use super::reachability::Reachability;
 use crate::error::is_connection_lost;
-use crate::reachability::Reachability;
 
 /// Connections unused this long go back to the pool.
 pub(crate) const IDLE_RETURN: Duration = Duration::from_millis(500);
 
 /// A lease waiting this long for a connection has the server probed (see
-/// [`crate::reachability`]): a server that is gone then fails the wait at once.
+/// [`super::reachability`]): a server that is gone then fails the wait at once.
 const SUSPECT_AFTER: Duration = Duration::from_millis(100);
 
 /// Where connections come from: the pool, or a fake in tests.
@@ -215,7 +215,7 @@ impl<S: Source> Connections<S> {
     /// `PoolTimedOut` after the pool's `acquire_timeout`, like the pool itself.
     pub(crate) async fn acquire(&self) -> Result<Lease<'_, S>, sqlx::Error> {
         if let Some(reach) = &self.reach {
-            reach.check()?;
+            reach.check().await?;
         }
         let limit = self.shared.source.acquire_timeout();
         tokio::time::timeout(limit, self.lease())

@@ -4,8 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::ids::{SessionId, UserId};
-use crate::record::Record;
+use crate::model::clock::Clock;
+use crate::model::ids::{SessionId, UserId};
+use crate::model::record::Record;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -29,6 +30,8 @@ pub struct Session {
     pub(crate) max_attribute_size: usize,
     /// The inactivity timeout it was read under, for [`time_to_live`](Self::time_to_live).
     pub(crate) idle_timeout: Option<chrono::Duration>,
+    /// The manager's clock, for what expires while the value is held.
+    pub(crate) clock: Clock,
     /// The version the attributes were read at (before local changes).
     pub(crate) base_version: i64,
 }
@@ -95,7 +98,7 @@ impl Session {
         if let Some(idle) = self.idle_timeout {
             until = until.min(self.record.last_accessed_at + idle);
         }
-        (until - crate::time::now()).to_std().unwrap_or_default()
+        (until - self.clock.now()).to_std().unwrap_or_default()
     }
 
     /// The group (tenant) it belongs to, if it was created with one
@@ -130,7 +133,7 @@ impl Session {
     /// The attribute `key`, if present (and not expired, see
     /// [`set_with_expiry`](Self::set_with_expiry)).
     pub fn get(&self, key: &str) -> Option<&Value> {
-        if self.record.attribute_expired(key, crate::time::now()) {
+        if self.record.attribute_expired(key, self.clock.now()) {
             return None;
         }
         self.record.attributes.get(key)
@@ -154,7 +157,7 @@ impl Session {
     /// [`Error::InvalidAttribute`]; on error the session is unchanged.
     pub fn set(&mut self, key: impl Into<String>, value: impl Serialize) -> Result<()> {
         let key = key.into();
-        let value = crate::json::encode(&key, value, self.max_attribute_size)?;
+        let value = crate::model::json::encode(&key, value, self.max_attribute_size)?;
         Arc::make_mut(&mut self.record.attributes).insert(key.clone(), value);
         if self.record.attribute_expiry.contains_key(&key) {
             Arc::make_mut(&mut self.record.attribute_expiry).remove(&key);
@@ -228,6 +231,7 @@ impl Session {
         mut record: Record,
         max_attribute_size: usize,
         idle_timeout: Option<chrono::Duration>,
+        clock: Clock,
         now: DateTime<Utc>,
     ) -> Session {
         record.strip_expired_attributes(now);
@@ -237,6 +241,7 @@ impl Session {
             changes: Changes::default(),
             max_attribute_size,
             idle_timeout,
+            clock,
         }
     }
 }
@@ -249,7 +254,7 @@ pub(crate) fn build_attributes<K: Into<String>, V: Serialize>(
     let mut map = Map::new();
     for (key, value) in attributes {
         let key = key.into();
-        let value = crate::json::encode(&key, value, max_size)?;
+        let value = crate::model::json::encode(&key, value, max_size)?;
         map.insert(key, value);
     }
     Ok(map)
@@ -262,7 +267,7 @@ pub(crate) fn storable_expiry(expires_at: DateTime<Utc>) -> Result<DateTime<Utc>
     if !(1970..=9999).contains(&year) {
         return Err(Error::InvalidExpiry { expires_at });
     }
-    Ok(crate::time::to_micros(expires_at))
+    Ok(crate::model::clock::to_micros(expires_at))
 }
 
 /// An attribute's value as a `T` (`None` when absent): the one place its type error is made.
@@ -284,6 +289,7 @@ pub(crate) fn test_session(version: i64, max_attribute_size: usize) -> Session {
         Record::for_test(version),
         max_attribute_size,
         None,
+        Clock::system(),
         Utc::now(),
     )
 }

@@ -3,8 +3,8 @@
 use std::net::IpAddr;
 
 use crate::error::{Error, Result};
-use crate::ids::{MAX_USER_ID_LEN, UserId, text_id_problem};
-use crate::record::Client;
+use crate::model::ids::{MAX_USER_ID_LEN, UserId, text_id_problem};
+use crate::model::record::Client;
 
 /// Longest `User-Agent` kept, in bytes; longer ones are cut at a character boundary.
 pub const MAX_USER_AGENT_LEN: usize = 512;

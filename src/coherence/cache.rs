@@ -6,10 +6,10 @@
 //! * **Shards.** Sessions are spread over independent `Mutex<LruCache>` shards, so hits on
 //!   different sessions rarely meet on a lock and no lock is process-wide.
 //! * **Generations (G3).** Each shard counts the invalidations applied to it. A reader that
-//!   misses takes a [`FillToken`] (shard and generation) *before* it reads the database, and the
+//!   misses takes a [`FillTicket`] (shard and generation) *before* it reads the database, and the
 //!   copy it read is installed only if the generation is unchanged: any invalidation applied in
 //!   between, which may describe a write the read did not see, makes the fill a no-op. Writes
-//!   made by this node take a token too and bump the generation when they land, so a slower
+//!   made by this node take a ticket too and bump the generation when they land, so a slower
 //!   concurrent fill holding the previous state cannot overwrite them (G1).
 //! * **Floors.** A fill that lost (the generation moved, or it is older than what the node has
 //!   handed out) still returns the copy it read to its caller. So that no slower fill then
@@ -20,7 +20,7 @@
 //!   evicts older copies, so a node's own update is not thrown away when its own notification
 //!   comes back, and an install never replaces a newer copy with an older one.
 //! * **Trust (G4).** While the listener is down or resynchronising the cache is *distrusted*:
-//!   lookups miss without a token (nothing is served, nothing is filled). Distrusting bumps
+//!   lookups miss without a ticket (nothing is served, nothing is filled). Distrusting bumps
 //!   every shard's generation, so fills that started earlier are rejected too.
 //! * **Token verdicts.** An entry remembers the signature tag verified for it, if any. A signed
 //!   token is served from the cache only if its tag equals that one (a constant-time compare
@@ -41,10 +41,10 @@ use chrono::{DateTime, Utc};
 use lru::LruCache;
 use uuid::Uuid;
 
-use crate::ids::UserId;
-use crate::record::Record;
+use crate::model::ids::UserId;
+use crate::model::record::Record;
+use crate::model::token::{TAG_LEN, same_tag};
 use crate::shard::{Padded, ShardPicker, shard_count};
-use crate::token::{TAG_LEN, same_tag};
 
 /// A signature tag verified for an entry's session.
 pub(crate) type Tag = [u8; TAG_LEN];
@@ -150,9 +150,10 @@ impl Shard {
     }
 }
 
-/// Permission to install what a read or write returns, if nothing changed meanwhile.
+/// Permission to install what a read or write returns, if nothing changed meanwhile (taken
+/// before the read or write is sent).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct FillToken {
+pub(crate) struct FillTicket {
     shard: usize,
     generation: u64,
 }
@@ -161,8 +162,8 @@ pub(crate) struct FillToken {
 pub(crate) enum Lookup {
     /// Served from memory; no database I/O needed.
     Hit(Record),
-    /// Read the database; install the result with the token if there is one.
-    Miss(Option<FillToken>),
+    /// Read the database; install the result with the ticket if there is one.
+    Miss(Option<FillTicket>),
 }
 
 /// Counters summed over the shards.
@@ -264,7 +265,7 @@ impl Cache {
             return Lookup::Hit(session);
         }
         shard.misses += 1;
-        Lookup::Miss(Some(FillToken {
+        Lookup::Miss(Some(FillTicket {
             shard: i,
             generation: shard.generation,
         }))
@@ -273,7 +274,7 @@ impl Cache {
     /// The cached copy of `id` if it can be served now with `proof` (as
     /// [`lookup`](Self::lookup) would serve it); on anything else `None`, counting nothing,
     /// for the caller to look further.
-    pub(crate) fn hit(
+    pub(crate) fn serve(
         &self,
         id: Uuid,
         now: DateTime<Utc>,
@@ -290,21 +291,21 @@ impl Cache {
         shard.serve(id, now, idle, proof)
     }
 
-    /// A token for a write this node is about to make, taken before the write is sent.
-    pub(crate) fn token_for(&self, id: Uuid) -> Option<FillToken> {
+    /// A ticket for a read or write this node is about to send.
+    pub(crate) fn ticket(&self, id: Uuid) -> Option<FillTicket> {
         if !self.enabled() {
             return None;
         }
         let i = self.picker.pick(&id);
         let shard = self.lock(i);
-        self.is_trusted().then_some(FillToken {
+        self.is_trusted().then_some(FillTicket {
             shard: i,
             generation: shard.generation,
         })
     }
 
     /// Install a copy read from the database, unless an invalidation was applied to its shard
-    /// since the token was taken, or a newer copy is already cached. Returns whether it was
+    /// since the ticket was taken, or a newer copy is already cached. Returns whether it was
     /// installed.
     ///
     /// A rejected copy still tells us what the database held, and its caller is handed it:
@@ -313,18 +314,18 @@ impl Cache {
     /// node do not go back in version while the announcement of a write is on its way).
     pub(crate) fn fill(
         &self,
-        token: FillToken,
+        ticket: FillTicket,
         session: &Record,
         now: DateTime<Utc>,
         tag: Option<Tag>,
     ) -> bool {
-        let mut guard = self.lock(token.shard);
+        let mut guard = self.lock(ticket.shard);
         let shard = &mut *guard;
         let below_floor = shard
             .floors
             .get(&session.id)
             .is_some_and(|floor| session.version < *floor);
-        if !self.is_trusted() || shard.generation != token.generation || below_floor {
+        if !self.is_trusted() || shard.generation != ticket.generation || below_floor {
             shard.fills_rejected += 1;
             if shard
                 .lru
@@ -349,14 +350,14 @@ impl Cache {
     }
 
     /// Note a write this node committed: install the new state if nothing was invalidated
-    /// since `token`, otherwise (or for a deletion, `session == None`) evict. Always bumps the
+    /// since `ticket`, otherwise (or for a deletion, `session == None`) evict. Always bumps the
     /// generation so that fills that read the previous state are rejected. `tag` is that of the
     /// token this node signed for the session (a create, a rotation); without one, the tag
     /// verified for the previous copy stays.
     pub(crate) fn apply_own_write(
         &self,
         id: Uuid,
-        token: Option<FillToken>,
+        ticket: Option<FillTicket>,
         session: Option<&Record>,
         now: DateTime<Utc>,
         tag: Option<Tag>,
@@ -367,7 +368,7 @@ impl Cache {
         let i = self.picker.pick(&id);
         let mut shard = self.lock(i);
         let unchanged =
-            self.is_trusted() && token.is_some_and(|t| t.generation == shard.generation);
+            self.is_trusted() && ticket.is_some_and(|t| t.generation == shard.generation);
         shard.bump();
         match session {
             Some(s) if unchanged => {
@@ -388,7 +389,7 @@ impl Cache {
 
     /// Drop an entry the database no longer vouches for, found gone (`version == None`) or
     /// expired at `version` on re-read; fills of older copies are refused from now on.
-    pub(crate) fn remove(&self, id: Uuid, version: Option<i64>) {
+    pub(crate) fn forget(&self, id: Uuid, version: Option<i64>) {
         if self.enabled() {
             let mut shard = self.lock(self.picker.pick(&id));
             shard.lru.pop(&id);
@@ -541,7 +542,7 @@ mod tests {
         cache
     }
 
-    fn token(cache: &Cache, id: Uuid) -> FillToken {
+    fn ticket(cache: &Cache, id: Uuid) -> FillTicket {
         match cache.lookup(id, Utc::now(), None, Proof::Any) {
             Lookup::Miss(Some(t)) => t,
             _ => panic!("expected a miss with a token"),
@@ -552,7 +553,7 @@ mod tests {
     fn fill_after_invalidation_is_rejected() {
         let cache = trusted_cache();
         let s = session(1);
-        let t = token(&cache, s.id);
+        let t = ticket(&cache, s.id);
         cache.invalidate_version(s.id, 2);
         assert!(!cache.fill(t, &s, Utc::now(), None));
         assert!(matches!(
@@ -570,9 +571,9 @@ mod tests {
         // X starts reading; a late invalidation (of version 1's write) arrives; Y starts
         // reading and gets version 1; X gets version 2, which version 2's announcement has
         // not reached yet.
-        let x = token(&cache, v1.id);
+        let x = ticket(&cache, v1.id);
         cache.invalidate_version(v1.id, 1);
-        let y = token(&cache, v1.id);
+        let y = ticket(&cache, v1.id);
         assert!(
             !cache.fill(x, &v2, Utc::now(), None),
             "X read before an invalidation"
@@ -589,7 +590,7 @@ mod tests {
     fn fill_while_distrusted_or_after_distrust_is_rejected() {
         let cache = trusted_cache();
         let s = session(1);
-        let t = token(&cache, s.id);
+        let t = ticket(&cache, s.id);
         cache.distrust();
         cache.trust(std::time::Duration::from_secs(3600));
         assert!(!cache.fill(t, &s, Utc::now(), None));
@@ -604,7 +605,7 @@ mod tests {
     fn own_update_notification_does_not_evict_newer_copy() {
         let cache = trusted_cache();
         let mut s = session(3);
-        let t = cache.token_for(s.id);
+        let t = cache.ticket(s.id);
         cache.apply_own_write(s.id, t, Some(&s), Utc::now(), None);
         assert!(!cache.invalidate_version(s.id, 3));
         assert!(matches!(
@@ -612,7 +613,7 @@ mod tests {
             Lookup::Hit(_)
         ));
         s.version = 2;
-        let t = cache.token_for(s.id).unwrap();
+        let t = cache.ticket(s.id).unwrap();
         assert!(
             !cache.fill(t, &s, Utc::now(), None),
             "older copy replaced newer"
@@ -623,7 +624,7 @@ mod tests {
     fn own_write_after_concurrent_invalidation_evicts_instead_of_installing() {
         let cache = trusted_cache();
         let s = session(2);
-        let t = cache.token_for(s.id);
+        let t = cache.ticket(s.id);
         cache.invalidate_version(s.id, 3);
         cache.apply_own_write(s.id, t, Some(&s), Utc::now(), None);
         assert!(matches!(
@@ -637,7 +638,7 @@ mod tests {
         let cache = Cache::new(100, Some(chrono::Duration::seconds(10)));
         cache.trust(std::time::Duration::from_secs(3600));
         let s = session(1);
-        let t = token(&cache, s.id);
+        let t = ticket(&cache, s.id);
         let now = Utc::now();
         assert!(cache.fill(t, &s, now, None));
         assert!(matches!(
@@ -665,7 +666,7 @@ mod tests {
         b.user_id = a.user_id.clone();
         let other = session(1);
         for s in [&a, &b, &other] {
-            let t = token(&cache, s.id);
+            let t = ticket(&cache, s.id);
             assert!(cache.fill(t, s, Utc::now(), None));
         }
         assert_eq!(cache.invalidate_user(a.user_id.as_ref().unwrap()), 2);
@@ -679,7 +680,7 @@ mod tests {
         let changed = session(1);
         let gone = session(1);
         for s in [&same, &changed, &gone] {
-            let t = token(&cache, s.id);
+            let t = ticket(&cache, s.id);
             assert!(cache.fill(t, s, Utc::now(), None));
         }
         let current = HashMap::from([(same.id, 4), (changed.id, 2)]);
@@ -698,7 +699,7 @@ mod tests {
             Lookup::Miss(None)
         ));
         cache.renew(std::time::Duration::from_secs(3600));
-        let t = token(&cache, s.id);
+        let t = ticket(&cache, s.id);
         assert!(cache.fill(t, &s, Utc::now(), None));
         assert!(matches!(
             cache.lookup(s.id, Utc::now(), None, Proof::Any),

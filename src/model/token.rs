@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::ids::SessionId;
+use crate::model::ids::SessionId;
 
 /// Random bytes in a token: 256 bits.
 const SECRET_LEN: usize = 32;

@@ -15,18 +15,24 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::backend::Backend;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
 use crate::error::Result;
 use crate::shard::{Padded, ShardPicker, shard_count};
+use crate::storage::{Access, Storage};
 
 /// A session's pending access: the latest time, and the reads counted since the last flush.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Access {
+struct Recorded {
     at: DateTime<Utc>,
     reads: i64,
 }
 
-type Pending = HashMap<Uuid, Access>;
+type Pending = HashMap<Uuid, Recorded>;
 
 pub(crate) struct Touches {
     shards: Box<[Padded<Mutex<Pending>>]>,
@@ -102,7 +108,7 @@ impl Touches {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return 0;
         }
-        shard.insert(id, Access { at, reads });
+        shard.insert(id, Recorded { at, reads });
         if before + 1 == self.flush_at {
             self.wake.notify_one();
         }
@@ -126,24 +132,28 @@ impl Touches {
     /// is under way, and a failed or cancelled flush loses nothing. Sorting keeps the lock order
     /// of concurrent flushes from several nodes mostly aligned (deadlocks are still possible
     /// with other statements; a failed flush is simply retried).
-    fn snapshot(&self) -> Vec<(Uuid, Access)> {
+    fn snapshot(&self) -> Vec<Access> {
         let mut all = Vec::with_capacity(self.len());
         for i in 0..self.shards.len() {
-            all.extend(self.lock(i).iter().map(|(id, at)| (*id, *at)));
+            all.extend(self.lock(i).iter().map(|(id, r)| Access {
+                id: *id,
+                at: r.at,
+                reads: r.reads,
+            }));
         }
-        all.sort_unstable_by_key(|(id, _)| *id);
+        all.sort_unstable_by_key(|a| a.id);
         all
     }
 
     /// Forget accesses that are now in the database, keeping what arrived meanwhile (a later
     /// time, more reads).
-    fn settle(&self, written: &[(Uuid, Access)]) {
-        for (id, done) in written {
-            let mut shard = self.lock(self.picker.pick(id));
-            if let Some(pending) = shard.get_mut(id) {
+    fn settle(&self, written: &[Access]) {
+        for done in written {
+            let mut shard = self.lock(self.picker.pick(&done.id));
+            if let Some(pending) = shard.get_mut(&done.id) {
                 pending.reads -= done.reads;
                 if pending.at <= done.at && pending.reads <= 0 {
-                    shard.remove(id);
+                    shard.remove(&done.id);
                     self.len.fetch_sub(1, Ordering::Relaxed);
                 }
             }
@@ -163,7 +173,7 @@ impl Touches {
     /// Write every pending access, `batch` sessions per statement. Accesses leave the buffer
     /// only once written; on failure (or if this future is dropped) the rest stay for the next
     /// attempt, and the error is returned.
-    pub(crate) async fn flush(&self, store: &Backend, batch: usize) -> Result<u64> {
+    pub(crate) async fn flush(&self, store: &dyn Storage, batch: usize) -> Result<u64> {
         let result = self.flush_all(store, batch).await;
         let counter = if result.is_ok() {
             &self.flushes
@@ -174,18 +184,48 @@ impl Touches {
         result
     }
 
-    async fn flush_all(&self, store: &Backend, batch: usize) -> Result<u64> {
+    async fn flush_all(&self, store: &dyn Storage, batch: usize) -> Result<u64> {
         let _one_at_a_time = self.flushing.lock().await;
         let items = self.snapshot();
         let mut written = 0;
         for chunk in items.chunks(batch) {
-            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-            let times: Vec<DateTime<Utc>> = chunk.iter().map(|(_, a)| a.at).collect();
-            let reads: Vec<i64> = chunk.iter().map(|(_, a)| a.reads).collect();
-            written += store.touch(&ids, &times, &reads).await?;
+            written += store.touch(chunk).await?;
             self.settle(chunk);
         }
         Ok(written)
+    }
+
+    /// The flush task: write recorded accesses every `interval`, or sooner when a batch's
+    /// worth is pending; write the rest once more at `cancel`, returning that final flush's
+    /// outcome.
+    pub(crate) async fn flush_periodically(
+        self: Arc<Self>,
+        store: Arc<dyn Storage>,
+        interval: Duration,
+        batch: usize,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        // Accesses stay buffered until written, so a failed flush loses nothing; retries back
+        // off so that early-flush wake-ups do not spin on a failing database.
+        let mut backoff = Backoff::new(0, Duration::from_millis(100), interval);
+        'running: loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.wake.notified() => {}
+            }
+            backoff.reset();
+            while let Err(e) = self.flush(&*store, batch).await {
+                let pause = backoff.next_pause();
+                tracing::warn!(error = %e, retry_in = ?pause, "pgsession: last-access flush failed; will retry");
+                tokio::select! {
+                    _ = cancel.cancelled() => break 'running,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+        // The final flush: accesses recorded until now must reach the database.
+        self.flush(&*store, batch).await.map(|_| ())
     }
 }
 
@@ -241,6 +281,6 @@ mod tests {
         }
         let snapshot = touches.snapshot();
         assert_eq!(snapshot.len(), 100);
-        assert!(snapshot.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(snapshot.windows(2).all(|w| w[0].id < w[1].id));
     }
 }

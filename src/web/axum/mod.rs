@@ -47,7 +47,7 @@ use tokio::sync::Mutex;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::session::decode;
+use crate::model::session::decode;
 use crate::{
     Error, Result, Session, SessionId, SessionManager, SessionOptions, SessionToken, UserId,
 };
@@ -459,7 +459,7 @@ impl WebSession {
             Some(session) => session.set(key, value),
             None => {
                 let limit = self.0.manager.config().max_attribute_size;
-                let value = crate::json::encode(&key, value, limit)?;
+                let value = crate::model::json::encode(&key, value, limit)?;
                 state.pending.insert(key, value);
                 Ok(())
             }

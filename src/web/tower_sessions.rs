@@ -142,7 +142,7 @@ fn apply(session: &mut Session, record: &Record, expires_at: DateTime<Utc>) -> R
             session.set(key.clone(), value)?;
         }
     }
-    if crate::time::to_micros(expires_at) != session.expires_at() {
+    if crate::model::clock::to_micros(expires_at) != session.expires_at() {
         session.set_expires_at(expires_at)?;
     }
     Ok(())

@@ -1,0 +1,84 @@
+//! Time as the library reads it: [`Clock`], the system's by default or one a test moves by
+//! hand, always at the precision PostgreSQL stores (microseconds), so that a value handed out
+//! equals what a later read of it returns.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+/// Where a manager reads the time: the system clock ([`Clock::system`], the default), or a
+/// clock moved by hand ([`Clock::manual`]) so that tests of expiry need not wait. Every
+/// expiry decision of a manager (absolute and idle expiry, attribute expiry, cleanup, counts
+/// of activity) and of the sessions it hands out reads this clock; timeouts of connections and
+/// tasks do not. Clones share one time.
+///
+/// ```
+/// use pgsession::{Clock, Config};
+///
+/// let clock = Clock::manual("2030-01-01T00:00:00Z".parse().unwrap());
+/// let config = Config { clock: clock.clone(), ..Config::default() };
+/// clock.advance(std::time::Duration::from_secs(3600));
+/// assert_eq!(clock.now().to_rfc3339(), "2030-01-01T01:00:00+00:00");
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Clock(Option<Arc<AtomicI64>>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Clock {
+        Clock(None)
+    }
+
+    /// A clock that shows `start` until [`advance`](Self::advance)d or [`set`](Self::set).
+    pub fn manual(start: DateTime<Utc>) -> Clock {
+        Clock(Some(Arc::new(AtomicI64::new(start.timestamp_micros()))))
+    }
+
+    /// Now, to the microsecond.
+    pub fn now(&self) -> DateTime<Utc> {
+        match &self.0 {
+            None => to_micros(Utc::now()),
+            Some(micros) => {
+                DateTime::from_timestamp_micros(micros.load(Ordering::Acquire)).unwrap_or_default()
+            }
+        }
+    }
+
+    /// Move a manual clock forward by `by`.
+    ///
+    /// # Panics
+    ///
+    /// On the system clock, which only time moves.
+    pub fn advance(&self, by: Duration) {
+        let micros = i64::try_from(by.as_micros()).unwrap_or(i64::MAX);
+        self.manual_time().fetch_add(micros, Ordering::AcqRel);
+    }
+
+    /// Set a manual clock to `at`.
+    ///
+    /// # Panics
+    ///
+    /// On the system clock.
+    pub fn set(&self, at: DateTime<Utc>) {
+        self.manual_time()
+            .store(at.timestamp_micros(), Ordering::Release);
+    }
+
+    fn manual_time(&self) -> &AtomicI64 {
+        self.0
+            .as_deref()
+            .expect("only a Clock::manual can be moved by hand")
+    }
+}
+
+/// `t` truncated to microseconds.
+pub(crate) fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+/// A configured duration as a chrono one (configuration bounds durations to 100 years).
+pub(crate) fn chrono_duration(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
