@@ -162,7 +162,7 @@ fn describe() {
 
 /// Report the manager's counters every [`EVERY`] until `cancel` or until the manager is gone
 /// (`stats` returns `None`).
-pub(crate) async fn report(
+pub(crate) async fn publish(
     stats: impl Fn() -> Option<Stats>,
     cancel: CancellationToken,
 ) -> crate::Result<()> {

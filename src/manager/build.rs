@@ -234,7 +234,7 @@ impl SessionManager {
                 .unwrap_or_else(|e| e.into_inner())
                 .as_mut()
             {
-                let work = crate::metrics::report(read, inner.cancel.clone());
+                let work = crate::metrics::publish(read, inner.cancel.clone());
                 tasks.spawn(async move { ("metrics", work.await) });
             }
         }

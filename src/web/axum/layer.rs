@@ -1,0 +1,328 @@
+//! The tower layer: the cookie's settings, and the service that gives each request its
+//! [`WebSession`] and saves it after the handler.
+
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use chrono::Utc;
+use http::header::{COOKIE, USER_AGENT};
+use http::{Extensions, HeaderMap, HeaderValue, Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::WebSession;
+use crate::{Session, SessionManager, SessionOptions, SessionToken};
+
+/// The cookie's `SameSite` attribute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SameSite {
+    /// Sent only on requests from the site itself.
+    Strict,
+    /// Also sent on top-level navigations from other sites (links); the default.
+    Lax,
+    /// Sent on every request, also from other sites (needs `Secure`).
+    None,
+}
+
+impl SameSite {
+    fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Strict => "Strict",
+            SameSite::Lax => "Lax",
+            SameSite::None => "None",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct CookieConfig {
+    name: String,
+    secure: bool,
+    http_only: bool,
+    same_site: SameSite,
+    path: String,
+    domain: Option<String>,
+    persistent: bool,
+    client_ip: Option<ClientIp>,
+}
+
+/// How the layer finds a request's client address (see [`SessionLayer::with_client_ip`]).
+#[derive(Clone)]
+struct ClientIp(Arc<ClientIpFn>);
+
+type ClientIpFn = dyn Fn(&HeaderMap, &Extensions) -> Option<IpAddr> + Send + Sync;
+
+impl fmt::Debug for ClientIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientIp(..)")
+    }
+}
+
+/// Longest `User-Agent` header read; longer ones are cut (see
+/// [`SessionOptions::user_agent`](crate::SessionOptions::user_agent)).
+const USER_AGENT_READ: usize = crate::MAX_USER_AGENT_LEN;
+
+/// The rightmost address of the request's `X-Forwarded-For` header: the one the nearest proxy
+/// added. For [`SessionLayer::with_client_ip`] behind exactly one reverse proxy that sets the
+/// header; anywhere else a client can write it.
+pub fn forwarded_for(headers: &HeaderMap, _: &Extensions) -> Option<IpAddr> {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|ip| ip.trim().parse().ok())
+        .next_back()
+}
+
+impl CookieConfig {
+    /// What a session created during this request records about its client: the
+    /// `User-Agent`, and the address if the layer was told how to find it.
+    fn client(&self, headers: &HeaderMap, extensions: &Extensions) -> SessionOptions {
+        let mut options = SessionOptions::new();
+        if let Some(ua) = headers.get(USER_AGENT).and_then(|v| v.to_str().ok()) {
+            let end = ua.len().min(USER_AGENT_READ);
+            options = options.user_agent(&ua[..end]); // ASCII: any index is a boundary
+        }
+        if let Some(ip) = self
+            .client_ip
+            .as_ref()
+            .and_then(|f| (f.0)(headers, extensions))
+        {
+            options = options.ip(ip);
+        }
+        options
+    }
+
+    /// The `Set-Cookie` value carrying `token`, or removing the cookie when `None`.
+    pub(super) fn header(&self, token: Option<(&SessionToken, &Session)>) -> HeaderValue {
+        let mut cookie = format!("{}=", self.name);
+        match token {
+            Some((token, session)) => {
+                cookie.push_str(&token.to_string());
+                if self.persistent {
+                    let expires = session.expires_at();
+                    let max_age = (expires - Utc::now()).num_seconds().max(0);
+                    cookie.push_str(&format!(
+                        "; Max-Age={max_age}; Expires={}",
+                        expires.format("%a, %d %b %Y %H:%M:%S GMT")
+                    ));
+                }
+            }
+            None => cookie.push_str("; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT"),
+        }
+        cookie.push_str("; Path=");
+        cookie.push_str(&self.path);
+        if let Some(domain) = &self.domain {
+            cookie.push_str("; Domain=");
+            cookie.push_str(domain);
+        }
+        if self.secure {
+            cookie.push_str("; Secure");
+        }
+        if self.http_only {
+            cookie.push_str("; HttpOnly");
+        }
+        cookie.push_str("; SameSite=");
+        cookie.push_str(self.same_site.as_str());
+        // Names, paths and domains are checked by the builder and tokens are base64url.
+        HeaderValue::from_str(&cookie).expect("cookie attributes are checked when set")
+    }
+
+    /// The first cookie of our name that parses as a token; malformed ones count as none.
+    fn token(&self, headers: &HeaderMap) -> Option<SessionToken> {
+        headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .filter(|(name, _)| *name == self.name)
+            .find_map(|(_, value)| value.trim_matches('"').parse().ok())
+    }
+}
+
+/// A [`tower_layer::Layer`] giving every request a [`WebSession`] behind a cookie.
+///
+/// Cookie defaults: name `id`, `Secure`, `HttpOnly`, `SameSite=Lax`, `Path=/`, no `Domain`,
+/// persistent (`Max-Age` follows the session's absolute expiry).
+#[derive(Clone, Debug)]
+pub struct SessionLayer {
+    manager: SessionManager,
+    cookie: Arc<CookieConfig>,
+}
+
+fn check_cookie_text(what: &str, text: &str, allowed: impl Fn(char) -> bool) {
+    assert!(
+        !text.is_empty() && text.chars().all(allowed),
+        "invalid cookie {what}: {text:?}"
+    );
+}
+
+impl SessionLayer {
+    /// A layer keeping sessions of `manager`, with the default cookie.
+    pub fn new(manager: SessionManager) -> SessionLayer {
+        SessionLayer {
+            manager,
+            cookie: Arc::new(CookieConfig {
+                name: "id".to_owned(),
+                secure: true,
+                http_only: true,
+                same_site: SameSite::Lax,
+                path: "/".to_owned(),
+                domain: None,
+                persistent: true,
+                client_ip: None,
+            }),
+        }
+    }
+
+    fn cookie(mut self, change: impl FnOnce(&mut CookieConfig)) -> SessionLayer {
+        change(Arc::make_mut(&mut self.cookie));
+        self
+    }
+
+    /// The cookie's name (default `id`).
+    ///
+    /// # Panics
+    ///
+    /// When `name` is empty or not a cookie name token (RFC 6265: ASCII letters, digits and
+    /// ``!#$%&'*+-.^_`|~``).
+    pub fn with_cookie_name(self, name: impl Into<String>) -> SessionLayer {
+        let name = name.into();
+        check_cookie_text("name", &name, |c| {
+            c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+        });
+        self.cookie(|c| c.name = name)
+    }
+
+    /// Send the cookie only over HTTPS (default true). Browsers accept a `Secure` cookie from
+    /// `http://localhost`; turn it off only for plain-HTTP hosts other than that.
+    pub fn with_secure(self, secure: bool) -> SessionLayer {
+        self.cookie(|c| c.secure = secure)
+    }
+
+    /// Hide the cookie from page scripts (default true). Turning it off lets any injected
+    /// script read the session token.
+    pub fn with_http_only(self, http_only: bool) -> SessionLayer {
+        self.cookie(|c| c.http_only = http_only)
+    }
+
+    /// The cookie's `SameSite` attribute (default [`SameSite::Lax`]).
+    pub fn with_same_site(self, same_site: SameSite) -> SessionLayer {
+        self.cookie(|c| c.same_site = same_site)
+    }
+
+    /// The cookie's `Path` (default `/`).
+    ///
+    /// # Panics
+    ///
+    /// When `path` is empty or holds `;`, control characters or non-ASCII.
+    pub fn with_path(self, path: impl Into<String>) -> SessionLayer {
+        let path = path.into();
+        check_cookie_text("path", &path, |c| c.is_ascii_graphic() && c != ';');
+        self.cookie(|c| c.path = path)
+    }
+
+    /// The cookie's `Domain` (default none: only the host that set it).
+    ///
+    /// # Panics
+    ///
+    /// When `domain` is empty or holds characters other than ASCII letters, digits, `-`
+    /// and `.`.
+    pub fn with_domain(self, domain: impl Into<String>) -> SessionLayer {
+        let domain = domain.into();
+        check_cookie_text("domain", &domain, |c| {
+            c.is_ascii_alphanumeric() || c == '-' || c == '.'
+        });
+        self.cookie(|c| c.domain = Some(domain))
+    }
+
+    /// Persistent cookie whose `Max-Age` follows the session's absolute expiry (true, the
+    /// default), or a browser-session cookie the browser forgets when it closes (false).
+    pub fn with_persistent(self, persistent: bool) -> SessionLayer {
+        self.cookie(|c| c.persistent = persistent)
+    }
+
+    /// How to find a request's client address, recorded with the sessions it creates (the
+    /// `User-Agent` is recorded always). Axum keeps the peer address in an extension when
+    /// served with `into_make_service_with_connect_info::<SocketAddr>()`; behind one reverse
+    /// proxy, [`forwarded_for`] reads the address it forwarded. Default: none recorded.
+    ///
+    /// ```no_run
+    /// use std::net::SocketAddr;
+    /// use axum::extract::ConnectInfo;
+    /// use pgsession::axum::SessionLayer;
+    ///
+    /// # fn run(manager: pgsession::SessionManager) {
+    /// let layer = SessionLayer::new(manager).with_client_ip(|_, extensions| {
+    ///     extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+    /// });
+    /// # }
+    /// ```
+    pub fn with_client_ip(
+        self,
+        client_ip: impl Fn(&HeaderMap, &Extensions) -> Option<IpAddr> + Send + Sync + 'static,
+    ) -> SessionLayer {
+        self.cookie(|c| c.client_ip = Some(ClientIp(Arc::new(client_ip))))
+    }
+}
+
+impl<S> Layer<S> for SessionLayer {
+    type Service = SessionService<S>;
+
+    fn layer(&self, inner: S) -> SessionService<S> {
+        SessionService {
+            inner,
+            manager: self.manager.clone(),
+            cookie: self.cookie.clone(),
+        }
+    }
+}
+
+/// The service [`SessionLayer`] wraps around an inner service.
+#[derive(Clone, Debug)]
+pub struct SessionService<S> {
+    inner: S,
+    manager: SessionManager,
+    cookie: Arc<CookieConfig>,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SessionService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = std::result::Result<Response<ResBody>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let session = WebSession::new(
+            self.manager.clone(),
+            self.cookie.token(request.headers()),
+            self.cookie.client(request.headers(), request.extensions()),
+        );
+        request.extensions_mut().insert(session.clone());
+        let cookie = self.cookie.clone();
+        // The clone that was made ready is the one to call (tower's documented pattern).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let mut response = inner.call(request).await?;
+            session.finish(&cookie, &mut response).await;
+            Ok(response)
+        })
+    }
+}
