@@ -278,7 +278,11 @@ impl WebSession {
 
     /// After the handler: save the changes unless the response is a server error, then set
     /// or remove the cookie. A failed save turns the response into a 500.
-    pub(super) async fn finish<B: Default>(&self, cookie: &CookieConfig, response: &mut Response<B>) {
+    pub(super) async fn finish<B: Default>(
+        &self,
+        cookie: &CookieConfig,
+        response: &mut Response<B>,
+    ) {
         let mut state = self.0.state.lock().await;
         if !response.status().is_server_error()
             && let Err(error) = self.save(&mut state).await
