@@ -36,6 +36,8 @@ fn config(schema: &str) -> Config {
     Config {
         schema: Some(schema.into()),
         cache_capacity: 100_000,
+        // The sessions are inserted by SQL with legacy tokens (see `bulk_sessions`).
+        accept_legacy_tokens: true,
         ..Config::default()
     }
 }
