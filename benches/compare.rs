@@ -345,7 +345,7 @@ impl Systems {
                 } else {
                     raw_sql().update
                 };
-                let row = sqlx::query(sql)
+                let mut row = sqlx::query(sql)
                     .bind(*id)
                     .bind(Vec::<&str>::new())
                     .bind(Json(&set))
@@ -353,10 +353,14 @@ impl Systems {
                     .bind(now)
                     .bind(now - chrono::Duration::hours(48))
                     .bind(now)
-                    .bind(*version)
-                    .bind(Json(serde_json::Map::new()))
-                    .bind(None::<chrono::DateTime<Utc>>)
-                    .bind(None::<i64>);
+                    .bind(*version);
+                if kind != Kind::RawNotify {
+                    row = row
+                        .bind(Json(serde_json::Map::new()))
+                        .bind(None::<chrono::DateTime<Utc>>)
+                        .bind(None::<i64>)
+                        .bind(Config::default().max_session_size as i64);
+                }
                 let row = on_raw!(self, kind, row, fetch_optional)
                     .unwrap()
                     .expect("row updated");

@@ -284,6 +284,7 @@ async fn floor_update(
         .bind(Json(serde_json::Map::new()))
         .bind(None::<chrono::DateTime<Utc>>)
         .bind(None::<i64>)
+        .bind(Config::default().max_session_size as i64)
         .fetch_one(conn)
         .await
         .unwrap();

@@ -1616,8 +1616,10 @@ mod suite {
             m.stats().pending_touches < 10
         })
         .await;
-        let left = m.stats().pending_touches as u64;
-        assert_eq!(m.count_active_sessions(MINUTE).await.unwrap(), 25 - left);
+        assert!(m.stats().flushes >= 1);
+        // At least what left the buffer is stored (a flush still under way may store more).
+        let written = m.count_active_sessions(MINUTE).await.unwrap();
+        assert!(written >= 16, "{written} accesses stored");
     }
 
     pub async fn shutdown_writes_pending_accesses_and_every_later_call_fails<F, Fut>(make: F)

@@ -75,6 +75,8 @@ pub(crate) struct Reachability {
     connect_timeout: Duration,
     /// `None` while the server answers; every attempt while it does not sends a new value.
     down: watch::Sender<Option<Down>>,
+    /// Whether `down` holds a value: the check every call makes, without a lock.
+    is_down: AtomicBool,
     /// A probe task is running.
     probing: AtomicBool,
     /// A suspicion arrived since the running probe's last attempt began.
@@ -97,6 +99,7 @@ impl Reachability {
             options,
             connect_timeout,
             down: watch::channel(None).0,
+            is_down: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             pending: AtomicBool::new(false),
             hurry: Notify::new(),
@@ -108,6 +111,9 @@ impl Reachability {
     /// `Ok` while the server is not known to be down; otherwise an error saying why and since
     /// when, at once if the last attempt is recent, or after an attempt made now.
     pub(crate) async fn check(self: &Arc<Self>) -> Result<(), sqlx::Error> {
+        if !self.is_down.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut rx = self.down.subscribe();
         match &*rx.borrow_and_update() {
             None => return Ok(()),
@@ -201,6 +207,7 @@ impl Reachability {
             };
             let Some((kind, cause)) = failure else {
                 *self.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                self.is_down.store(false, Ordering::Release);
                 if self.down.send_replace(None).is_some() {
                     tracing::warn!("pgsession: the database can be reached again");
                 }
@@ -216,6 +223,7 @@ impl Reachability {
                     cause: cause.as_str().into(),
                 });
             });
+            self.is_down.store(true, Ordering::Release);
             if newly {
                 tracing::warn!(%cause, "pgsession: the database cannot be reached; calls fail at once until it can");
             }
