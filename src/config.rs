@@ -99,6 +99,15 @@ pub struct Config {
     /// resynchronisation after a reconnect reads session versions through it. `None` uses the
     /// pool's own connect options. Default `None`.
     pub listen_url: Option<String>,
+    /// Whether the pool reaches PostgreSQL through a transaction-mode pooler (PgBouncer with
+    /// `pool_mode = transaction`, PgCat, Supavisor, RDS Proxy), where a server connection is
+    /// ours for one transaction only. Then every statement runs in a transaction of its own as
+    /// an unnamed prepared statement (two more round trips: `BEGIN`, `COMMIT`), nothing is set
+    /// on connections at startup (poolers refuse the `options` startup parameter), and
+    /// migrations, the listener, the announcer and the probes of the server's reachability use
+    /// `listen_url`, which must then reach the server itself (required). With PgBouncer, list
+    /// `extra_float_digits` in its `ignore_startup_parameters`. Default false.
+    pub transaction_pooling: bool,
     /// When no notification has arrived for this long, the listener sends itself a notification
     /// and waits for it to come back, which proves that notifications are still delivered (a
     /// silently dead, half-open connection would otherwise go unnoticed). A dead connection is
@@ -168,6 +177,7 @@ impl Default for Config {
             table_prefix: String::new(),
             run_migrations: true,
             listen_url: None,
+            transaction_pooling: false,
             listener_probe_interval: Duration::from_secs(2),
             listener_timeout: Duration::from_secs(2),
             listener_max_backoff: Duration::from_secs(5),
@@ -265,6 +275,13 @@ impl Config {
             ));
         }
 
+        if self.transaction_pooling && self.listen_url.is_none() {
+            return bad(
+                "transaction_pooling needs listen_url: LISTEN, the announcer and migrations \
+                 need a connection to the server itself, not through the pooler"
+                    .into(),
+            );
+        }
         let schema = self.schema.as_deref().unwrap_or("public");
         check_identifier("schema", schema, MAX_IDENT_LEN)?;
         if !self.table_prefix.is_empty() {

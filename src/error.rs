@@ -157,12 +157,14 @@ pub(crate) fn is_transient_db(e: &sqlx::Error) -> bool {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exception, 57P: operator intervention (shutdown, terminate),
-            // 40001/40P01: serialization failure / deadlock, 53: insufficient resources.
+            // 40001/40P01: serialization failure / deadlock, 53: insufficient resources,
+            // 25006: a write on a server that became read-only (a failover under way).
             code.starts_with("08")
                 || code.starts_with("57P")
                 || code.starts_with("53")
                 || code == "40001"
                 || code == "40P01"
+                || code == "25006"
         }),
         _ => false,
     }
@@ -192,6 +194,13 @@ pub(crate) fn is_connection_lost(e: &sqlx::Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether the statement ran on a server that does not take writes any more (SQLSTATE 25006:
+/// a primary demoted, or a connection made to a standby): the connection is on the wrong
+/// server, and connections should move.
+pub(crate) fn is_wrong_server(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("25006"))
 }
 
 /// Whether a failed write certainly did not commit: it never got a connection, or the database

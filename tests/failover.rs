@@ -211,3 +211,71 @@ async fn after_failover_to_a_replica_that_lacks_the_last_writes_nodes_serve_what
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_host_url_follows_a_promoted_replica_without_any_proxy() {
+    use tokio::task::block_in_place as blocking;
+    let primary = blocking(TempPostgres::start).expect("primary starts");
+    let standby = blocking(|| primary.start_standby(primary.addr())).expect("standby starts");
+    // Both servers in the URL, as an application facing a Patroni or repmgr pair is given
+    // them: the pool, the listener and the announcer find the one that takes writes.
+    let url = format!(
+        "postgres://postgres@{},{}/postgres?target_session_attrs=read-write",
+        primary.addr(),
+        standby.addr()
+    );
+    let config = Config {
+        max_sessions_per_user: None,
+        ..config()
+    };
+    let a = listening(SessionManager::connect(config.clone(), &url).await.unwrap()).await;
+    let b = listening(SessionManager::connect(config, &url).await.unwrap()).await;
+    let (mut s, token) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    set_and_save(&a, &mut s, "n", json!(1)).await;
+    caught_up(
+        &direct(&primary.url("postgres")).await,
+        &direct(&standby.url("postgres")).await,
+    )
+    .await;
+    assert_eq!(served(&b, &token).await, Some(2), "B caches it");
+
+    blocking(|| primary.stop()).unwrap();
+    // While the standby is still in recovery nothing takes writes: calls fail, typed.
+    match a.create_session(Uuid::new_v4(), small()).await {
+        Err(e) => assert!(e.is_transient(), "{e:?}"),
+        Ok(_) => panic!("a write without a primary"),
+    }
+    blocking(|| standby.promote()).unwrap();
+    let promoted = std::time::Instant::now();
+    let mut again = s.clone();
+    loop {
+        again.set("n", json!(2)).unwrap();
+        match a.update_session(&mut again).await {
+            Ok(()) => break,
+            Err(e) => assert!(e.is_transient(), "{e:?}"),
+        }
+        assert!(
+            promoted.elapsed() < RECOVERY,
+            "no write within {RECOVERY:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first_write = promoted.elapsed();
+    eprintln!("promotion -> first successful write on A: {first_write:?}");
+    assert_eq!(again.version(), 3);
+
+    // Every node serves what the new primary holds, and hears its invalidations.
+    tokio::time::timeout(RECOVERY, b.wait_for_cache())
+        .await
+        .expect("B trusts its cache again, on the new primary");
+    eventually(RECOVERY, "B serves the new primary's version", || async {
+        matches!(b.get_session(&token).await, Ok(Some(s)) if s.version() == 3)
+    })
+    .await;
+    let mut events = b.subscribe_events();
+    set_and_save(&a, &mut again, "n", json!(3)).await;
+    heard_from_other_node(&mut events, pgsession::SessionEventKind::Updated).await;
+    assert_eq!(served(&b, &token).await, Some(4));
+    let new_primary = direct(&standby.url("postgres")).await;
+    assert_eq!(versions(&new_primary).await[&s.id()], 4);
+}

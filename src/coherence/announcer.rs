@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::PgConnection;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +21,7 @@ use crate::backoff::Backoff;
 use crate::coherence::outbox::{MAX_QUEUED, ORPHAN_GRACE, Outbox, RETIRE_EVERY, SWEEP_EVERY, pack};
 use crate::error::{Error, Result};
 use crate::storage::postgres::PgStorage as Store;
+use crate::storage::postgres::hosts::Hosts;
 use crate::storage::postgres::sql::SWEEP_BATCH;
 
 /// Attempts made at once after a failure before backing off: a connection that died (a
@@ -35,6 +36,8 @@ const COALESCE: Duration = Duration::from_millis(1);
 pub(crate) struct Announcer {
     pub outbox: Arc<Outbox>,
     pub store: Arc<Store>,
+    /// Where its own connection goes: the server itself (a fitting one of several).
+    pub hosts: Arc<Hosts>,
     /// Limit for one statement or connection attempt (`Config::listener_timeout`).
     pub timeout: Duration,
 }
@@ -122,10 +125,7 @@ impl Announcer {
                 }
                 Some(Err(oneshot::error::TryRecvError::Empty)) => {}
                 Some(Err(oneshot::error::TryRecvError::Closed)) | None => {
-                    let options = (*self.store.pool().connect_options())
-                        .clone()
-                        .application_name("pgsession-announcer");
-                    state.connecting = Some(reconnect(options, self.timeout));
+                    state.connecting = Some(reconnect(self.hosts.clone(), self.timeout));
                 }
             }
         }
@@ -203,20 +203,13 @@ impl Announcer {
 }
 
 /// Open a connection in the background; `None` arrives if that fails.
-fn reconnect(
-    options: PgConnectOptions,
-    limit: Duration,
-) -> oneshot::Receiver<Option<PgConnection>> {
+fn reconnect(hosts: Arc<Hosts>, limit: Duration) -> oneshot::Receiver<Option<PgConnection>> {
     let (tx, rx) = oneshot::channel();
     tokio::spawn(async move {
-        let conn = match tokio::time::timeout(limit, PgConnection::connect_with(&options)).await {
-            Ok(Ok(conn)) => Some(conn),
-            Ok(Err(e)) => {
+        let conn = match hosts.connect(limit).await {
+            Ok((conn, _)) => Some(conn),
+            Err(e) => {
                 tracing::debug!(error = %e, "pgsession: announcer connection failed");
-                None
-            }
-            Err(_) => {
-                tracing::debug!("pgsession: announcer connection timed out");
                 None
             }
         };

@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,7 @@ use crate::coherence::protocol::{Message, split_tag};
 use crate::error::Result;
 use crate::events::{Events, Origin, SessionEvent, SessionEventKind as Kind};
 use crate::storage::postgres::PgStorage as Store;
+use crate::storage::postgres::hosts::Hosts;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// A connection that stayed up this long resets the reconnection backoff.
@@ -472,7 +473,8 @@ impl Probe {
 /// LISTEN connections to PostgreSQL: a dedicated connection each (its own single-connection
 /// pool, so the pool's acquire timeout does not apply), never reconnected silently.
 pub(crate) struct PgConnect {
-    pub options: PgConnectOptions,
+    /// The servers to listen to: the first that fits (see `Hosts::connect`).
+    pub hosts: Arc<Hosts>,
     pub channel: String,
     pub store: Arc<Store>,
     pub timeout: Duration,
@@ -490,6 +492,19 @@ impl Connect for PgConnect {
     type Feed = PgFeed;
 
     async fn connect(&self) -> Result<PgFeed, String> {
+        // Find the server that fits (after a failover, the new primary) with a direct
+        // connection first: the listener's own pool would retry one server until its timeout.
+        if self.hosts.choosing() {
+            match self.hosts.connect(self.timeout).await {
+                Ok((conn, _)) => {
+                    let _ = sqlx::Connection::close(conn).await;
+                }
+                Err(e) => {
+                    self.store.connections().suspect();
+                    return Err(e.to_string());
+                }
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .min_connections(0)
@@ -498,7 +513,7 @@ impl Connect for PgConnect {
             .max_lifetime(None)
             .idle_timeout(None)
             // The application name is the manager's (see `Names::listener_application_prefix`).
-            .connect_lazy_with(self.options.clone());
+            .connect_lazy_with(self.hosts.current());
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(listener) => listener,
             Err(e) => {

@@ -22,7 +22,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgConnectOptions;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -41,6 +40,7 @@ use crate::model::expiry::ExpiryPolicy;
 use crate::model::ids::UserId;
 use crate::model::record::Record;
 use crate::storage::postgres::PgStorage;
+use crate::storage::postgres::hosts::Hosts;
 use crate::storage::{
     Access, Announcement, Created, Deleted, Delta, Io, NewSession, Page, Rotated, Rotation,
     Storage, UpdateOutcome,
@@ -79,7 +79,7 @@ impl Coherent {
         pg: Arc<PgStorage>,
         config: &Config,
         channel: String,
-        listen: PgConnectOptions,
+        listen: Hosts,
         tag: &str,
         events: Events,
         cancel: &CancellationToken,
@@ -96,6 +96,10 @@ impl Coherent {
                 Announcer {
                     outbox: outbox.clone(),
                     store: pg.clone(),
+                    hosts: Arc::new(
+                        pg.direct_hosts()
+                            .map(|o| o.application_name("pgsession-announcer")),
+                    ),
                     timeout: config.listener_timeout,
                 }
                 .run(cancel.clone()),
@@ -112,7 +116,7 @@ impl Coherent {
         if cache.enabled() {
             let listener = Listener {
                 connect: PgConnect {
-                    options: listen,
+                    hosts: Arc::new(listen),
                     channel,
                     store: pg.clone(),
                     timeout: config.listener_timeout,

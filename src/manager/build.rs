@@ -55,8 +55,8 @@ impl SessionManager {
     /// ```
     pub async fn connect(config: Config, database_url: &str) -> Result<SessionManager> {
         config.validate()?;
-        let pool = connect::pool(database_url)?;
-        Self::start(config, pool, true).await
+        let servers = connect::servers(database_url, &config)?;
+        Self::start(config, servers).await
     }
 
     /// Use an existing pool (which the caller keeps owning: `shutdown` does not close it).
@@ -69,7 +69,9 @@ impl SessionManager {
     /// connections do not default to READ COMMITTED (PostgreSQL's default), which the per-user
     /// cap relies on.
     pub async fn new(config: Config, pool: PgPool) -> Result<SessionManager> {
-        Self::start(config, pool, false).await
+        config.validate()?;
+        let servers = connect::caller_servers(pool, &config)?;
+        Self::start(config, servers).await
     }
 
     /// A manager keeping sessions in this process's memory, with no database: the same API and
@@ -114,15 +116,16 @@ impl SessionManager {
         Ok(Self::assemble(config, parts, CancellationToken::new()).await)
     }
 
-    /// A manager over `pool`: migrations, checks, and the coherence layer over PostgreSQL.
-    async fn start(config: Config, pool: PgPool, owns_pool: bool) -> Result<SessionManager> {
+    /// A manager over `servers`: migrations, checks, and the coherence layer over PostgreSQL.
+    async fn start(config: Config, servers: connect::Servers) -> Result<SessionManager> {
         let names = config.validate()?;
-        connect::migrate(&pool, &names, &config, owns_pool).await?;
+        connect::migrate(&servers, &names, &config).await?;
         let cancel = CancellationToken::new();
         let tag = new_tag();
-        let listen = connect::listen_options(&config, &pool, &names, &tag)?;
+        let listen = connect::listen_hosts(&servers, &names, &tag);
         let (pg, legacy_until) =
-            connect::storage(pool, &names, &config, &tag, cancel.clone()).await?;
+            connect::storage(&servers, &names, &config, &tag, cancel.clone()).await?;
+        let owns_pool = servers.owned;
         let events = Events::new();
         let (coherent, tasks) = Coherent::start(
             pg,

@@ -333,10 +333,11 @@ impl<S: Source> Lease<'_, S> {
         match result {
             Ok(_) => {}
             // Shutdown or termination notices arrive as database errors too.
-            Err(e) if is_connection_lost(e) => {
-                // The connection failed, not the statement: the database may have restarted,
-                // and then every kept connection is dead too. Let the pool check them all,
-                // and find out whether the server is there at all.
+            Err(e) if is_connection_lost(e) || crate::error::is_wrong_server(e) => {
+                // The connection failed (or is on a server that no longer takes writes), not the
+                // statement: the database may have restarted or failed over, and then every
+                // kept connection is dead or misplaced too. Let the pool check them all, and
+                // find out where the server is.
                 self.owner.return_idle(true);
                 self.owner.suspect();
                 return;

@@ -8,6 +8,7 @@
 
 pub(crate) mod connect;
 pub(crate) mod connections;
+pub(crate) mod hosts;
 pub(crate) mod migrate;
 pub(crate) mod names;
 mod operations;
@@ -26,6 +27,7 @@ use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
 use self::connections::Connections;
+use self::hosts::Hosts;
 use self::names::Names;
 use self::reachability::Reachability;
 use self::retry::on_conn;
@@ -43,13 +45,27 @@ pub(crate) struct PgStorage {
     unreadable: AtomicU64,
     /// What the application names of this table's listeners start with (for `status`).
     listener_prefix: String,
+    /// The pool goes through a transaction-mode pooler (`Config::transaction_pooling`).
+    transaction_pooling: bool,
+    /// Where connections that must reach the server itself connect (`listen_url`'s servers, or
+    /// the pool's): the announcer's.
+    direct: Arc<Hosts>,
 }
 
 impl PgStorage {
     /// Storage on `pool` for the tables of `names`; `tag` ends every invalidation this node
     /// sends (see `crate::coherence::protocol`), and `reach` tells when the server is gone.
-    pub(crate) fn new(pool: PgPool, names: &Names, tag: &str, reach: Arc<Reachability>) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        names: &Names,
+        tag: &str,
+        reach: Arc<Reachability>,
+        direct: Arc<Hosts>,
+        transaction_pooling: bool,
+    ) -> Self {
         PgStorage {
+            transaction_pooling,
+            direct,
             conns: Connections::new(pool.clone()).with_reachability(reach),
             sql: Sql::new(names, tag),
             unreadable: AtomicU64::new(0),
@@ -60,6 +76,11 @@ impl PgStorage {
 
     pub(crate) fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The servers a connection to the server itself goes to, not through a pooler.
+    pub(crate) fn direct_hosts(&self) -> &Arc<Hosts> {
+        &self.direct
     }
 
     /// The kept connections (see [`connections`]).

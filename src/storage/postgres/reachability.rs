@@ -4,7 +4,8 @@
 //!
 //! Anything that suggests the server is gone (a connection lost under a statement, the
 //! listener unable to connect, a call left waiting for a connection) asks for a probe: one
-//! direct connection attempt, never more than one at a time, and while the server answers, at
+//! direct connection attempt (to each server of the URL in turn, as libpq tries them, until one
+//! fits; a pool pgsession built moves to it), never more than one at a time, and while the server answers, at
 //! most one a second. A probe refused (nothing listening, no route, a connection closed at
 //! once, a server shutting down or starting up) marks the server down with that error; one
 //! that merely times out marks nothing (a slow server is not a gone one, and calls keep their
@@ -22,7 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::PgPool;
+
+use super::hosts::Hosts;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -71,7 +74,11 @@ struct Down {
 
 /// The reachability of one database (the pool's), shared by its connections and tasks.
 pub(crate) struct Reachability {
-    options: PgConnectOptions,
+    /// The servers probed, the first that fits (see [`Hosts::connect`]) being "the" server.
+    hosts: Arc<Hosts>,
+    /// A pool pgsession built, moved to the server a probe finds when that is another one (a
+    /// failover).
+    pool: Option<PgPool>,
     connect_timeout: Duration,
     /// `None` while the server answers; every attempt while it does not sends a new value.
     down: watch::Sender<Option<Down>>,
@@ -89,14 +96,17 @@ pub(crate) struct Reachability {
 }
 
 impl Reachability {
-    /// Probes connect with `options` within `connect_timeout`; `cancel` stops them.
+    /// Probes connect to `hosts` within `connect_timeout` each and move `pool` to the server
+    /// they find; `cancel` stops them.
     pub(crate) fn new(
-        options: PgConnectOptions,
+        hosts: Arc<Hosts>,
+        pool: Option<PgPool>,
         connect_timeout: Duration,
         cancel: CancellationToken,
     ) -> Reachability {
         Reachability {
-            options,
+            hosts,
+            pool,
             connect_timeout,
             down: watch::channel(None).0,
             is_down: AtomicBool::new(false),
@@ -189,20 +199,19 @@ impl Reachability {
         let mut backoff = Backoff::new(0, Duration::from_millis(100), MAX_PROBE_PAUSE);
         loop {
             self.pending.store(false, Ordering::Release);
-            let attempt = tokio::time::timeout(
-                self.connect_timeout,
-                PgConnection::connect_with(&self.options),
-            );
+            let attempt = self.hosts.connect(self.connect_timeout);
             let failure = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 outcome = attempt => match outcome {
-                    Ok(Ok(conn)) => {
+                    Ok((conn, moved)) => {
                         let _ = conn.close().await;
+                        if moved && let Some(pool) = &self.pool {
+                            tracing::warn!(server = ?self.hosts.current().get_host(), "pgsession: connections move to another server");
+                            pool.set_connect_options(self.hosts.current());
+                        }
                         None
                     }
-                    Ok(Err(e)) => unreachable_cause(&e),
-                    // Slow, not gone: the calls' own timeouts apply.
-                    Err(_) => None,
+                    Err(e) => unreachable_cause(&e),
                 }
             };
             let Some((kind, cause)) = failure else {

@@ -2,10 +2,28 @@
 
 /// Run `$query.$method(conn)` on a kept or pooled connection (see [`super::connections`]),
 /// keeping the connection for the next statement when the statement completed.
+///
+/// Behind a transaction-mode pooler (`Config::transaction_pooling`) a server connection is
+/// only ours for one transaction: the statement runs as an unnamed prepared statement inside a
+/// transaction of its own (sqlx describes and executes it in two round trips, which the pooler
+/// would otherwise send to two different servers), isolation set by the transaction itself.
 macro_rules! on_conn {
     ($store:expr, $query:expr, $method:ident) => {{
         let mut conn = $store.conns.acquire().await?;
-        let result = $query.$method(&mut **conn).await;
+        let result = if $store.transaction_pooling {
+            async {
+                use sqlx::Connection as _;
+                let mut tx = (&mut **conn)
+                    .begin_with($crate::storage::postgres::sql::BEGIN)
+                    .await?;
+                let out = $query.persistent(false).$method(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(out)
+            }
+            .await
+        } else {
+            $query.$method(&mut **conn).await
+        };
         conn.keep_if(&result);
         result
     }};

@@ -35,6 +35,10 @@ pub(crate) const SWEEP_BATCH: usize = 1000;
 /// notification it sends. `$1` channel, `$2` payload.
 pub(crate) const PROBE: &str = "SELECT pg_notify($1, $2)";
 
+/// How every statement's own transaction begins behind a transaction-mode pooler: the per-user
+/// cap needs READ COMMITTED, and no session setting survives the transaction there.
+pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
 /// The isolation level new transactions on a connection get.
 pub(crate) const DEFAULT_ISOLATION: &str =
     "SELECT current_setting('default_transaction_isolation')";
