@@ -94,10 +94,14 @@ pub struct Config {
     /// nodes starting together do not race. When false, the manager only checks that the schema
     /// is current. Default true.
     pub run_migrations: bool,
-    /// Connection URL for the LISTEN connection, when the pool cannot carry LISTEN (PgBouncer in
-    /// transaction mode, a hot standby). It must reach the same database, on the primary: the
-    /// resynchronisation after a reconnect reads session versions through it. `None` uses the
-    /// pool's own connect options. Default `None`.
+    /// Connection URL for the connections that must reach the server itself: LISTEN, the
+    /// announcer's, the probes that tell whether the server can be reached (and, with
+    /// [`transaction_pooling`](Self::transaction_pooling), migrations). Needed when the pool
+    /// cannot carry LISTEN (PgBouncer in transaction mode, a hot standby). It must reach the
+    /// same database, on the primary: the resynchronisation after a reconnect reads session
+    /// versions through it. Several servers may be given, as for the pool's URL
+    /// (`postgres://u@h1,h2/db?target_session_attrs=read-write`). `None` uses the pool's
+    /// servers. Default `None`.
     pub listen_url: Option<String>,
     /// Whether the pool reaches PostgreSQL through a transaction-mode pooler (PgBouncer with
     /// `pool_mode = transaction`, PgCat, Supavisor, RDS Proxy), where a server connection is

@@ -58,7 +58,7 @@ pub struct Stats {
     /// come faster than they can be announced one by one).
     pub announce_messages: u64,
     /// Tokens refused by `get_session` because their signature did not verify (with
-    /// [`Config::signing_keys`]), before any lookup.
+    /// [`Config::signing_keys`](crate::Config::signing_keys)), before any lookup.
     pub forged_tokens: u64,
     /// Announcements of invalidations that failed (and were retried).
     pub announce_failures: u64,
@@ -120,7 +120,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn clear_cache(&self) -> Result<()> {
         let inner = self.enter()?;
@@ -133,8 +133,8 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] (the accesses stay recorded for the next attempt),
-    /// [`Error::ShutDown`].
+    /// [`Error::Database`](crate::Error::Database) (the accesses stay recorded for the next attempt),
+    /// [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn flush_last_access(&self) -> Result<u64> {
         let inner = self.enter()?;
@@ -150,7 +150,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn cleanup_expired(&self) -> Result<u64> {
         let inner = self.enter()?;
@@ -193,9 +193,9 @@ impl SessionManager {
             .unwrap_or_else(|| tokio::sync::watch::channel(false).1)
     }
 
-    /// A receiver of [`SessionEvent`]s: this node's creates, updates, rotations, deletes,
+    /// A receiver of [`SessionEvent`](crate::SessionEvent)s: this node's creates, updates, rotations, deletes,
     /// expiries and bulk deletions as they happen, and other nodes' as their invalidations
-    /// arrive (their creates only with [`Config::announce_creates`]). Each receiver gets every
+    /// arrive (their creates only with [`Config::announce_creates`](crate::Config::announce_creates)). Each receiver gets every
     /// event sent after it subscribed; one that falls more than
     /// [`EVENT_BUFFER`](crate::EVENT_BUFFER) events behind loses the oldest and is told how many
     /// by [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged): a slow
@@ -233,7 +233,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn status(&self) -> Result<Status> {
         let inner = self.enter()?;

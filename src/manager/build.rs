@@ -35,8 +35,8 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] for an invalid configuration or URL, [`Error::Migration`] when
-    /// the schema is not what this version expects, [`Error::Database`] when the database
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for an invalid configuration or URL, [`Error::Migration`](crate::Error::Migration) when
+    /// the schema is not what this version expects, [`Error::Database`](crate::Error::Database) when the database
     /// cannot be reached.
     ///
     /// # Example
@@ -65,7 +65,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// As [`connect`](Self::connect); also [`Error::InvalidConfig`] when the pool's
+    /// As [`connect`](Self::connect); also [`Error::InvalidConfig`](crate::Error::InvalidConfig) when the pool's
     /// connections do not default to READ COMMITTED (PostgreSQL's default), which the per-user
     /// cap relies on.
     pub async fn new(config: Config, pool: PgPool) -> Result<SessionManager> {
@@ -86,7 +86,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] for an invalid configuration.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) for an invalid configuration.
     ///
     /// # Example
     ///
@@ -259,17 +259,17 @@ impl SessionManager {
         manager
     }
 
-    /// Stop: refuse new calls ([`Error::ShutDown`]), let the calls already under way finish,
+    /// Stop: refuse new calls ([`Error::ShutDown`](crate::Error::ShutDown)), let the calls already under way finish,
     /// write pending accesses, stop every background task and close the pool if
     /// [`connect`](Self::connect) created it, all within `shutdown_timeout` (a call still
-    /// running at that deadline fails with [`Error::ShutDown`]).
+    /// running at that deadline fails with [`Error::ShutDown`](crate::Error::ShutDown)).
     ///
     /// Idempotent: later calls wait for the first to finish and return `Ok(())`. The work runs
     /// in its own task, so it completes even if this future is dropped.
     ///
     /// # Errors
     ///
-    /// The error of the final flush if it failed, or [`Error::Timeout`] if tasks had to be
+    /// The error of the final flush if it failed, or [`Error::Timeout`](crate::Error::Timeout) if tasks had to be
     /// aborted at the deadline.
     pub async fn shutdown(&self) -> Result<()> {
         let inner = self.inner.clone();

@@ -25,17 +25,17 @@ impl SessionManager {
     /// pgsession keeps only its hash.
     ///
     /// With a per-user cap, the user's least recently used sessions beyond it are deleted in
-    /// the same transaction (or, with [`MaxSessionsPolicy::Reject`], the call fails); concurrent
+    /// the same transaction (or, with [`MaxSessionsPolicy::Reject`](crate::MaxSessionsPolicy::Reject), the call fails); concurrent
     /// logins of one user are serialised, so the cap holds across nodes. A create whose
     /// connection is lost is retried on another one (it looks for its own id first, so it is
     /// never made twice).
     ///
     /// # Errors
     ///
-    /// [`Error::AttributeTooLarge`] or [`Error::InvalidAttribute`] for an attribute that cannot
-    /// be stored, [`Error::SessionTooLarge`] past [`Config::max_session_size`],
-    /// [`Error::InvalidUserId`] (all checked before any SQL runs: nothing is written), [`Error::MaxSessionsReached`] with the reject policy, [`Error::Database`],
-    /// [`Error::ShutDown`].
+    /// [`Error::AttributeTooLarge`](crate::Error::AttributeTooLarge) or [`Error::InvalidAttribute`](crate::Error::InvalidAttribute) for an attribute that cannot
+    /// be stored, [`Error::SessionTooLarge`](crate::Error::SessionTooLarge) past [`Config::max_session_size`](crate::Config::max_session_size),
+    /// [`Error::InvalidUserId`](crate::Error::InvalidUserId) (all checked before any SQL runs: nothing is written), [`Error::MaxSessionsReached`](crate::Error::MaxSessionsReached) with the reject policy, [`Error::Database`](crate::Error::Database),
+    /// [`Error::ShutDown`](crate::Error::ShutDown).
     ///
     /// # Example
     ///
@@ -79,7 +79,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// As [`create_session`](Self::create_session); [`Error::InvalidGroupId`] for a group
+    /// As [`create_session`](Self::create_session); [`Error::InvalidGroupId`](crate::Error::InvalidGroupId) for a group
     /// that cannot be stored (nothing is written).
     ///
     /// # Example
@@ -112,8 +112,8 @@ impl SessionManager {
     }
 
     /// Create the session of `token` (chosen by the caller: tower-sessions picks its ids), with
-    /// `expires_at` (checked as [`Session::set_expires_at`] checks it) or the configured
-    /// lifetime. [`Error::AlreadyExists`] when the id exists. `options` must be validated.
+    /// `expires_at` (checked as [`Session::set_expires_at`](crate::Session::set_expires_at) checks it) or the configured
+    /// lifetime. [`Error::AlreadyExists`](crate::Error::AlreadyExists) when the id exists. `options` must be validated.
     pub(crate) async fn create_with<K: Into<String>, V: Serialize>(
         &self,
         token: &SessionToken,
@@ -165,7 +165,7 @@ impl SessionManager {
 
     /// The session `token` opens, or `None` when it does not exist, has expired (absolutely,
     /// or by inactivity), or the token's signature does not verify (with
-    /// [`Config::signing_keys`]; counted in [`Stats::forged_tokens`]: no database read, no
+    /// [`Config::signing_keys`](crate::Config::signing_keys); counted in [`Stats::forged_tokens`](crate::Stats::forged_tokens): no database read, no
     /// cache entry touched). Records the access; a cache hit does no database I/O.
     ///
     /// The verdict on a token never depends on the cache: a token opens its session on every
@@ -175,8 +175,8 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] when the session had to be read and the database failed (a read
-    /// whose connection was lost is run again on another first), [`Error::ShutDown`].
+    /// [`Error::Database`](crate::Error::Database) when the session had to be read and the database failed (a read
+    /// whose connection was lost is run again on another first), [`Error::ShutDown`](crate::Error::ShutDown).
     ///
     /// # Example
     ///
@@ -270,12 +270,12 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::NotFound`] when the session was deleted or expired meanwhile (it is not
-    /// recreated), [`Error::AttributeTooLarge`] or [`Error::InvalidAttribute`] (nothing is
-    /// written), [`Error::SessionTooLarge`] when the merged attributes (other writers' keys
-    /// included) would grow past [`Config::max_session_size`] (nothing is written), [`Error::Database`] (a transient one when the connection was lost: the update
+    /// [`Error::NotFound`](crate::Error::NotFound) when the session was deleted or expired meanwhile (it is not
+    /// recreated), [`Error::AttributeTooLarge`](crate::Error::AttributeTooLarge) or [`Error::InvalidAttribute`](crate::Error::InvalidAttribute) (nothing is
+    /// written), [`Error::SessionTooLarge`](crate::Error::SessionTooLarge) when the merged attributes (other writers' keys
+    /// included) would grow past [`Config::max_session_size`](crate::Config::max_session_size) (nothing is written), [`Error::Database`](crate::Error::Database) (a transient one when the connection was lost: the update
     /// may or may not have been applied, and if it was, every node learns of it),
-    /// [`Error::ShutDown`].
+    /// [`Error::ShutDown`](crate::Error::ShutDown).
     ///
     /// # Example
     ///
@@ -299,7 +299,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Conflict`] with the version now stored when another write came first (nothing
+    /// [`Error::Conflict`](crate::Error::Conflict) with the version now stored when another write came first (nothing
     /// is written, `session` is unchanged: read it again and retry); otherwise as
     /// [`update_session`](Self::update_session).
     ///
@@ -373,10 +373,10 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::NotFound`] when the session is gone or expired (nothing is written),
-    /// [`Error::MaxSessionsReached`] with the reject policy, [`Error::InvalidUserId`], the
-    /// attribute errors of [`update_session`](Self::update_session), [`Error::Database`],
-    /// [`Error::ShutDown`].
+    /// [`Error::NotFound`](crate::Error::NotFound) when the session is gone or expired (nothing is written),
+    /// [`Error::MaxSessionsReached`](crate::Error::MaxSessionsReached) with the reject policy, [`Error::InvalidUserId`](crate::Error::InvalidUserId), the
+    /// attribute errors of [`update_session`](Self::update_session), [`Error::Database`](crate::Error::Database),
+    /// [`Error::ShutDown`](crate::Error::ShutDown).
     ///
     /// # Example
     ///
@@ -406,7 +406,7 @@ impl SessionManager {
     /// Give `session` a new token, keeping its data, user, expiry and version history (and
     /// writing its pending changes), in one round trip. The old token stops working on every
     /// node within the bound of a delete; an `update_session` through another copy holding
-    /// the old id gets [`Error::NotFound`].
+    /// the old id gets [`Error::NotFound`](crate::Error::NotFound).
     ///
     /// # Errors
     ///
@@ -493,7 +493,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all, fields(session.id = %id))]
     pub async fn delete_session(&self, id: SessionId) -> Result<bool> {
         let inner = self.enter()?;
@@ -512,7 +512,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::ShutDown`].
+    /// [`Error::ShutDown`](crate::Error::ShutDown).
     pub fn touch_session(&self, id: SessionId) -> Result<()> {
         let _span = tracing::debug_span!("touch_session", session.id = %id).entered();
         let inner = self.open()?;

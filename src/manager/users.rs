@@ -21,7 +21,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::InvalidUserId`](crate::Error::InvalidUserId), [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all, fields(user.id = tracing::field::Empty))]
     pub async fn delete_all_user_sessions(&self, user_id: impl Into<UserId>) -> Result<u64> {
         let inner = self.enter()?;
@@ -39,7 +39,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::InvalidUserId`](crate::Error::InvalidUserId), [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all, fields(user.id = tracing::field::Empty, session.id = %keep))]
     pub async fn delete_other_user_sessions(
         &self,
@@ -62,7 +62,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::InvalidUserId`](crate::Error::InvalidUserId), [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all, fields(user.id = tracing::field::Empty, key))]
     pub async fn remove_attribute_from_user_sessions(
         &self,
@@ -89,7 +89,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidGroupId`], [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::InvalidGroupId`](crate::Error::InvalidGroupId), [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all, fields(group.id = group_id))]
     pub async fn delete_group_sessions(&self, group_id: &str) -> Result<u64> {
         let inner = self.enter()?;
@@ -113,7 +113,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn delete_all_sessions(&self) -> Result<u64> {
         let inner = self.enter()?;
@@ -132,7 +132,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn count_active_sessions(&self, within: Duration) -> Result<u64> {
         let inner = self.enter()?;
@@ -168,11 +168,11 @@ impl SessionManager {
     /// from the first page to the last is listed exactly once, whatever is written meanwhile.
     /// Always read from the database; not an access. A stored session that cannot be read back
     /// (written by hand with a value serde_json cannot parse) is left out, logged and counted
-    /// in [`Stats::unreadable_sessions`], rather than failing the page.
+    /// in [`Stats::unreadable_sessions`](crate::Stats::unreadable_sessions), rather than failing the page.
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     ///
     /// # Example
     ///
@@ -225,7 +225,7 @@ impl SessionManager {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidUserId`], [`Error::Database`], [`Error::ShutDown`].
+    /// [`Error::InvalidUserId`](crate::Error::InvalidUserId), [`Error::Database`](crate::Error::Database), [`Error::ShutDown`](crate::Error::ShutDown).
     #[tracing::instrument(level = "debug", skip_all, fields(user.id = tracing::field::Empty))]
     pub async fn list_user_sessions(&self, user_id: impl Into<UserId>) -> Result<Vec<Session>> {
         let inner = self.enter()?;

@@ -20,7 +20,7 @@ use crate::{
     Error, Result, Session, SessionId, SessionManager, SessionOptions, SessionToken, UserId,
 };
 
-/// The request's session, for handlers (an axum extractor; needs [`SessionLayer`]).
+/// The request's session, for handlers (an axum extractor; needs [`SessionLayer`](super::SessionLayer)).
 ///
 /// Nothing is read until a method needs the session, and a missing, malformed, forged or
 /// expired cookie is simply no session. Reads see the handler's own writes. Clones share one
@@ -99,7 +99,7 @@ impl WebSession {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] when the session had to be read and the database failed.
+    /// [`Error::Database`](crate::Error::Database) when the session had to be read and the database failed.
     pub async fn get(&self, key: &str) -> Result<Option<Value>> {
         let state = self.state().await?;
         Ok(match &state.session {
@@ -112,7 +112,7 @@ impl WebSession {
     ///
     /// # Errors
     ///
-    /// [`Error::AttributeType`] when the value is not a `T`; those of [`get`](Self::get).
+    /// [`Error::AttributeType`](crate::Error::AttributeType) when the value is not a `T`; those of [`get`](Self::get).
     pub async fn get_as<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         decode(key, self.get(key).await?.as_ref())
     }
@@ -122,7 +122,7 @@ impl WebSession {
     ///
     /// # Errors
     ///
-    /// [`Error::AttributeTooLarge`] or [`Error::InvalidAttribute`] at once (nothing changes);
+    /// [`Error::AttributeTooLarge`](crate::Error::AttributeTooLarge) or [`Error::InvalidAttribute`](crate::Error::InvalidAttribute) at once (nothing changes);
     /// those of [`get`](Self::get).
     pub async fn set(&self, key: impl Into<String>, value: impl Serialize) -> Result<()> {
         let key = key.into();

@@ -1,7 +1,7 @@
 //! A tower layer that keeps each visitor's session behind a cookie, and the [`WebSession`]
 //! extractor handlers use (cargo feature `axum`).
 //!
-//! The cookie holds only the [`SessionToken`]; the session is read lazily, on a handler's
+//! The cookie holds only the [`SessionToken`](crate::SessionToken); the session is read lazily, on a handler's
 //! first use, from the manager's coherent cache. Changes are saved after the handler as a
 //! delta (the keys the handler set or removed), so two concurrent requests changing different
 //! keys both keep their change, and only when something changed and the response is not a
