@@ -5,12 +5,17 @@
 //! * [`server_url`] and [`TestDatabase`]: a fresh database per test, on `DATABASE_URL` if set or
 //!   on one private server per test process otherwise.
 //! * [`FaultProxy`]: a TCP proxy that can stall, hold, cut or refuse connections.
+//! * [`TempPgBouncer`]: a private, throwaway pgbouncer in transaction pooling mode in front of a
+//!   server, whose server connections a test can kill.
 
 mod database;
+mod pgbouncer;
+mod process;
 mod proxy;
 mod server;
 
 pub use database::{TestDatabase, server_url};
+pub use pgbouncer::TempPgBouncer;
 pub use proxy::FaultProxy;
 pub use server::{ServerOptions, TempPostgres};
 

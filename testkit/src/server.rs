@@ -1,17 +1,15 @@
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How long a start may take before it is reported as failed.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Attempts at finding a free port: another process may take the one we picked before the
-/// server binds it.
-const PORT_ATTEMPTS: usize = 5;
+use crate::process::{
+    PORT_ATTEMPTS, READY_TIMEOUT, accepts_connections, as_server_user, free_port, log_tail,
+    make_root, process_alive, remove_root, server_user,
+};
 
 /// The controller that owns the server process. It runs as the server's OS user so that it may
 /// signal the postmaster and delete the data directory. Its stdin is a pipe whose only writer is
@@ -102,8 +100,8 @@ impl TempPostgres {
     /// Start a new server with the given options; see [`TempPostgres::start`].
     pub fn start_with(options: ServerOptions) -> Result<TempPostgres, String> {
         let bin = find_bindir()?;
-        let owner = server_user()?;
-        let (root, name) = make_root(owner)?;
+        let owner = server_user("PostgreSQL")?;
+        let (root, name) = make_root(owner, "pgsession-testkit")?;
         let data_dir = root.join("data");
         let mut initdb = Command::new(bin.join("initdb"));
         initdb
@@ -123,8 +121,8 @@ impl TempPostgres {
     /// primary. Blocks until it accepts (read-only) connections.
     pub fn start_standby(&self, upstream: SocketAddr) -> Result<TempPostgres, String> {
         let bin = find_bindir()?;
-        let owner = server_user()?;
-        let (root, name) = make_root(owner)?;
+        let owner = server_user("PostgreSQL")?;
+        let (root, name) = make_root(owner, "pgsession-testkit")?;
         let data_dir = root.join("data");
         let mut backup = Command::new(bin.join("pg_basebackup"));
         backup
@@ -195,27 +193,6 @@ impl TempPostgres {
         // A panic while holding the lock leaves the controller state as valid as any other.
         self.controller.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// A new, private directory for one server, owned by the server's OS user.
-fn make_root(owner: Option<(u32, u32)>) -> Result<(PathBuf, String), String> {
-    let name = format!("pgsession-testkit-{}", uuid::Uuid::new_v4().simple());
-    let root = std::env::temp_dir().join(&name);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&root)
-        .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(&root, Some(uid), Some(gid))
-            .map_err(|e| remove_root(&root, format!("cannot chown {}: {e}", root.display())))?;
-    }
-    Ok((root, name))
-}
-
-/// Remove a server's directory on an error path, passing the error on.
-fn remove_root(root: &Path, e: String) -> String {
-    let _ = std::fs::remove_dir_all(root);
-    e
 }
 
 /// Run a server program (initdb, pg_basebackup, pg_ctl) to completion as the server's user.
@@ -363,7 +340,7 @@ impl Controller {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             // The pid file says the server bound *our* port; the probe that it really serves.
-            if pid_file_ready(data_dir, pid) && accepts_connections(port) {
+            if pid_file_ready(data_dir, pid) && accepts_connections(port, "postgres") {
                 return Ok(());
             }
             let died = !process_alive(pid);
@@ -418,50 +395,8 @@ impl Controller {
     }
 }
 
-/// The command with the server's OS user and a working directory that user may enter.
-fn as_server_user<'a>(
-    cmd: &'a mut Command,
-    owner: Option<(u32, u32)>,
-    dir: &Path,
-) -> &'a mut Command {
-    cmd.current_dir(dir).env("LC_ALL", "C");
-    if let Some((uid, gid)) = owner {
-        cmd.uid(uid).gid(gid);
-    }
-    cmd
-}
-
-/// `None` to run the server as ourselves; the `postgres` user's uid and gid when we are root,
-/// because `initdb` and `postgres` refuse to run as root.
-fn server_user() -> Result<Option<(u32, u32)>, String> {
-    let uid = match std::fs::metadata("/proc/self") {
-        Ok(meta) => meta.uid(),
-        Err(_) => Command::new("id")
-            .arg("-u")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(u32::MAX),
-    };
-    if uid != 0 {
-        return Ok(None);
-    }
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    passwd
-        .lines()
-        .map(|line| line.split(':').collect::<Vec<_>>())
-        .find(|f| f.len() > 3 && f[0] == "postgres")
-        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-        .map(Some)
-        .ok_or_else(|| {
-            "running as root, but PostgreSQL refuses to run as root and there is no `postgres` \
-             OS user to run it as (create one, e.g. useradd postgres, or run the tests as a \
-             normal user)"
-                .to_owned()
-        })
-}
-
-fn find_bindir() -> Result<PathBuf, String> {
+/// The directory of the installed PostgreSQL server binaries.
+pub(crate) fn find_bindir() -> Result<PathBuf, String> {
     let has_postgres = |dir: &Path| dir.join("postgres").is_file();
     if let Some(dir) = std::env::var_os("PG_BIN") {
         let dir = PathBuf::from(dir);
@@ -501,13 +436,6 @@ fn find_bindir() -> Result<PathBuf, String> {
         })
 }
 
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free TCP port on 127.0.0.1: {e}"))
-}
-
 /// Whether the postmaster's lock file names `pid` and says "ready" (as `pg_ctl` checks).
 fn pid_file_ready(data_dir: &Path, pid: u32) -> bool {
     let Ok(text) = std::fs::read_to_string(data_dir.join("postmaster.pid")) else {
@@ -516,53 +444,4 @@ fn pid_file_ready(data_dir: &Path, pid: u32) -> bool {
     let lines: Vec<&str> = text.lines().collect();
     lines.first().and_then(|l| l.trim().parse().ok()) == Some(pid)
         && lines.get(7).is_some_and(|l| l.trim() == "ready")
-}
-
-/// Whether a real session can be opened: startup message, then wait for ReadyForQuery.
-fn accepts_connections(port: u16) -> bool {
-    let probe = || -> std::io::Result<bool> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let params = b"user\0postgres\0database\0postgres\0\0";
-        let mut startup = ((8 + params.len()) as u32).to_be_bytes().to_vec();
-        startup.extend_from_slice(&196608u32.to_be_bytes()); // protocol 3.0
-        startup.extend_from_slice(params);
-        stream.write_all(&startup)?;
-        loop {
-            let mut header = [0u8; 5];
-            stream.read_exact(&mut header)?;
-            let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-            let mut body = vec![0u8; (len as usize).saturating_sub(4)];
-            stream.read_exact(&mut body)?;
-            match header[0] {
-                b'Z' => {
-                    let _ = stream.write_all(&[b'X', 0, 0, 0, 4]); // Terminate
-                    return Ok(true);
-                }
-                b'E' => return Ok(false), // e.g. "the database system is starting up"
-                _ => {}
-            }
-        }
-    };
-    probe().unwrap_or(false)
-}
-
-/// Whether `pid` is running; a zombie counts as exited (the controller reaps it only on stop).
-fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself contain ") ".
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X'])),
-        Err(_) => !Path::new("/proc/self").exists(),
-    }
-}
-
-/// The last lines of the log written after byte `from`.
-fn log_tail(log: &Path, from: u64) -> String {
-    let text = std::fs::read(log).unwrap_or_default();
-    let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default());
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
