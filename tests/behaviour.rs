@@ -53,6 +53,41 @@ pub async fn start_postgres(config: Config) -> Result<Backend, Error> {
     })
 }
 
+/// A PostgreSQL-backed manager whose pool goes through Debian's PgBouncer in transaction mode
+/// (one bouncer for the whole test binary, in front of the test server), its listener
+/// directly: `Config::transaction_pooling`.
+pub async fn through_pgbouncer(config: Config) -> Backend {
+    start_through_pgbouncer(config)
+        .await
+        .expect("manager starts behind pgbouncer")
+}
+
+/// `through_pgbouncer`, or why the manager refused to start.
+pub async fn start_through_pgbouncer(config: Config) -> Result<Backend, Error> {
+    static BOUNCER: tokio::sync::OnceCell<common::TempPgBouncer> =
+        tokio::sync::OnceCell::const_new();
+    let db = TestDatabase::create().await;
+    let upstream = common::socket_addr(db.url()).await;
+    let bouncer = BOUNCER
+        .get_or_init(|| async move {
+            tokio::task::spawn_blocking(move || common::TempPgBouncer::start(upstream))
+                .await
+                .expect("start task")
+                .expect("pgbouncer starts (Debian package pgbouncer)")
+        })
+        .await;
+    let config = Config {
+        transaction_pooling: true,
+        listen_url: Some(db.url().to_owned()),
+        ..config
+    };
+    let manager = SessionManager::connect(config, &bouncer.url(db.name())).await?;
+    Ok(Backend {
+        manager: common::listening(manager).await,
+        _db: Some(db),
+    })
+}
+
 /// `memory`, or why the manager refused to start.
 pub async fn start_memory(config: Config) -> Result<Backend, Error> {
     Ok(Backend {
@@ -139,6 +174,10 @@ mod postgres {
 
 mod memory {
     all_backend_tests!(crate::memory, crate::start_memory);
+}
+
+mod pgbouncer {
+    all_backend_tests!(crate::through_pgbouncer, crate::start_through_pgbouncer);
 }
 
 /// Wait for the next event (they are sent before the operation returns: no waiting really).

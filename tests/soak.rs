@@ -32,3 +32,24 @@ async fn twenty_seconds_of_every_fault_serve_nothing_stale_and_lose_nothing() {
     );
     assert!(report.passed(), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_pgbouncer_every_fault_serves_nothing_stale_and_loses_nothing() {
+    let report = harness::run(harness::Options {
+        duration: Duration::from_secs(10),
+        fault_every: Duration::from_secs(1),
+        seed: 11,
+        through_pgbouncer: true,
+        ..harness::Options::default()
+    })
+    .await
+    .expect("the soak runs behind pgbouncer");
+    println!("{report}");
+    let faults: u64 = report.faults.iter().map(|(_, n)| n).sum();
+    assert!(faults >= 5, "faults were injected: {report}");
+    assert!(
+        report.reads > 500 && report.updates > 50,
+        "the workload ran: {report}"
+    );
+    assert!(report.passed(), "{report}");
+}

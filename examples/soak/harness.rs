@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgsession::{Config, Error, SessionId, SessionManager, SessionToken};
-use pgsession_testkit::{FaultProxy, TempPostgres};
+use pgsession_testkit::{FaultProxy, TempPgBouncer, TempPostgres};
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -55,6 +55,9 @@ pub enum Fault {
     StallPool,
     /// One node's connections are cut and new ones refused for a second.
     Refuse,
+    /// `pg_terminate_backend` on every server connection PgBouncer holds (with
+    /// `Options::through_pgbouncer` only).
+    KillPoolerServers,
 }
 
 impl Fault {
@@ -83,12 +86,16 @@ impl Fault {
             Fault::HalfOpenListener => "half-open-listener",
             Fault::StallPool => "stall-pool",
             Fault::Refuse => "refuse",
+            Fault::KillPoolerServers => "kill-pooler-servers",
         }
     }
 
     /// The fault named `name`.
     pub fn parse(name: &str) -> Option<Fault> {
-        Fault::ALL.into_iter().find(|f| f.name() == name)
+        Fault::ALL
+            .into_iter()
+            .chain([Fault::KillPoolerServers])
+            .find(|f| f.name() == name)
     }
 }
 
@@ -111,6 +118,10 @@ pub struct Options {
     pub bound: Duration,
     /// Seed of every random choice.
     pub seed: u64,
+    /// Nodes' pools reach the server through Debian's PgBouncer in transaction mode
+    /// (`Config::transaction_pooling`); their listeners directly. Adds the fault
+    /// `kill-pooler-servers`.
+    pub through_pgbouncer: bool,
 }
 
 impl Default for Options {
@@ -124,6 +135,7 @@ impl Default for Options {
             fault_every: Duration::from_millis(1500),
             bound: Duration::from_secs(1),
             seed: 1,
+            through_pgbouncer: false,
         }
     }
 }
@@ -640,13 +652,17 @@ impl Saboteur {
 async fn inject(
     shared: Arc<Shared>,
     server: Arc<TempPostgres>,
+    bouncer: Option<Arc<TempPgBouncer>>,
     nets: Arc<Vec<NodeNet>>,
     url: String,
 ) -> Vec<(Fault, u64)> {
     let options = &shared.options;
     let mut counts: HashMap<Fault, u64> = HashMap::new();
     let mut rng = Rng(options.seed.wrapping_mul(31).wrapping_add(7));
-    let mut saboteur = Saboteur { url, conn: None };
+    let mut saboteur = Saboteur {
+        url: url.clone(),
+        conn: None,
+    };
     let config = node_config();
     let silent_for = (config.listener_probe_interval + config.listener_timeout) * 2;
     loop {
@@ -703,6 +719,14 @@ async fn inject(
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 nets[node].pool.resume();
             }
+            Fault::KillPoolerServers => {
+                if let Some(bouncer) = &bouncer {
+                    let (bouncer, url) = (bouncer.clone(), url.clone());
+                    let _ =
+                        tokio::task::spawn_blocking(move || bouncer.kill_server_connections(&url))
+                            .await;
+                }
+            }
             Fault::Refuse => {
                 for proxy in [&nets[node].pool, &nets[node].listen] {
                     proxy.refuse_new(true);
@@ -716,7 +740,12 @@ async fn inject(
         }
     }
     let mut counts: Vec<(Fault, u64)> = counts.into_iter().collect();
-    counts.sort_by_key(|(f, _)| Fault::ALL.iter().position(|g| g == f));
+    counts.sort_by_key(|(f, _)| {
+        Fault::ALL
+            .iter()
+            .position(|g| g == f)
+            .unwrap_or(Fault::ALL.len())
+    });
     counts
 }
 
@@ -732,15 +761,30 @@ pub async fn run(options: Options) -> Result<Report, String> {
         let addr = format!("127.0.0.1:{}", server.port());
         addr.parse().map_err(|e| format!("{addr}: {e}"))?
     };
+    let mut options = options;
+    let bouncer = if options.through_pgbouncer {
+        if !options.faults.is_empty() && !options.faults.contains(&Fault::KillPoolerServers) {
+            options.faults.push(Fault::KillPoolerServers);
+        }
+        let bouncer = tokio::task::spawn_blocking(move || TempPgBouncer::start(target))
+            .await
+            .map_err(|e| e.to_string())??;
+        Some(Arc::new(bouncer))
+    } else {
+        None
+    };
+    // Pools reach the server through the pooler, if any; listeners always directly.
+    let pool_target = bouncer.as_ref().map_or(target, |b| b.addr());
     let mut nets = Vec::new();
     let mut nodes = Vec::new();
     for i in 0..options.nodes {
         let net = NodeNet {
-            pool: FaultProxy::start(target).await,
+            pool: FaultProxy::start(pool_target).await,
             listen: FaultProxy::start(target).await,
         };
         let config = Config {
             listen_url: Some(net.listen.proxied_url(&url)),
+            transaction_pooling: bouncer.is_some(),
             ..node_config()
         };
         let pool_url = format!(
@@ -788,6 +832,7 @@ pub async fn run(options: Options) -> Result<Report, String> {
     let faults = tokio::spawn(inject(
         shared.clone(),
         server.clone(),
+        bouncer.clone(),
         nets.clone(),
         url.clone(),
     ));

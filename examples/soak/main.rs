@@ -10,7 +10,8 @@
 //! (60), `--faults LIST` (`all`, `none`, or names separated by commas: kill-listener,
 //! kill-announcer, kill-pool, kill-all, kill-random, restart, half-open-listener, stall-pool,
 //! refuse), `--every MS` between faults (1500), `--bound MS` of allowed staleness (1000),
-//! `--seed N` (1). Exits with status 1 when any verdict is not zero.
+//! `--seed N` (1), `--pgbouncer` (pools through Debian's PgBouncer in transaction mode, which
+//! adds the fault kill-pooler-servers). Exits with status 1 when any verdict is not zero.
 //!
 //! Always runs on a private PostgreSQL server of its own (it restarts it), started from the
 //! installed server binaries.
@@ -38,6 +39,7 @@ fn parse_args() -> Result<Options, String> {
             "--every" => options.fault_every = Duration::from_millis(number(value()?)?),
             "--bound" => options.bound = Duration::from_millis(number(value()?)?),
             "--seed" => options.seed = number(value()?)?,
+            "--pgbouncer" => options.through_pgbouncer = true,
             "--faults" => {
                 let list = value()?;
                 options.faults = match list.as_str() {

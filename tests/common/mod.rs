@@ -15,7 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
 
 #[allow(unused_imports)] // not every test binary uses every helper
-pub use pgsession_testkit::{FaultProxy, TempPostgres, TestDatabase};
+pub use pgsession_testkit::{FaultProxy, TempPgBouncer, TempPostgres, TestDatabase};
 
 /// Defaults suited to tests: quick failure detection, and no background work that would race
 /// with what a test checks (tests flush and clean up explicitly unless that is the subject).
