@@ -130,6 +130,9 @@ impl Drop for DistrustOnExit<'_> {
 pub(crate) trait Feed: Send {
     /// Send `payload` on the channel through this very connection.
     fn notify(&mut self, payload: &str) -> impl Future<Output = Result<(), String>> + Send;
+    /// A round trip through this very connection (`SELECT 1`); the payloads of the
+    /// notifications that arrived meanwhile, which the server sends before answering.
+    fn ping(&mut self) -> impl Future<Output = Result<Vec<String>, String>> + Send;
     /// The next notification's payload; `Ok(None)` when the connection closed.
     fn recv(&mut self) -> impl Future<Output = Result<Option<String>, String>> + Send;
     /// The clear count and the server's start time, read through this connection.
@@ -259,6 +262,30 @@ impl<C: Connect> Listener<C> {
         Ok(feed)
     }
 
+    /// Prove a quiet connection: usually with a round trip (`SELECT 1`), which a half-open
+    /// connection does not answer and which the server answers only after sending every
+    /// notification committed before it; every [`NOTIFY_PROBE_EVERY`]th time with a notification
+    /// to itself, which also proves LISTEN still holds. A notification wakes every listening
+    /// backend of the database, so with many nodes probing by notification alone would cost
+    /// the server a wake-up per node per probe interval even when nothing happens.
+    async fn prove(&self, feed: &mut C::Feed, probe: &mut Probe) -> Result<(), String> {
+        probe.quiet += 1;
+        if probe.quiet.is_multiple_of(NOTIFY_PROBE_EVERY) {
+            return self.round_trip(feed, probe).await;
+        }
+        match timeout(self.timing.timeout, feed.ping()).await {
+            Ok(Ok(arrived)) => {
+                for payload in arrived {
+                    self.apply(&payload);
+                }
+                self.cache.renew(self.timing.lease());
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("probe failed: {e}")),
+            Err(_) => Err("probe timed out (half-open connection?)".into()),
+        }
+    }
+
     /// Send a probe through `feed` and wait until it comes back, applying whatever other
     /// notifications arrive meanwhile. An error describes why the connection cannot be trusted.
     async fn round_trip(&self, feed: &mut C::Feed, probe: &mut Probe) -> Result<(), String> {
@@ -347,7 +374,7 @@ impl<C: Connect> Listener<C> {
                 Err(_idle) => {
                     let checked = tokio::select! {
                         _ = cancel.cancelled() => return None,
-                        checked = self.round_trip(feed, probe) => checked,
+                        checked = self.prove(feed, probe) => checked,
                     };
                     if let Err(reason) = checked {
                         return Some(reason);
@@ -454,13 +481,19 @@ fn report(events: &Events, message: Message) {
 struct Probe {
     token: u64,
     sent: u64,
+    /// Quiet intervals proved so far.
+    quiet: u64,
 }
+
+/// One quiet-interval probe in this many is a notification to itself (see `Listener::prove`).
+const NOTIFY_PROBE_EVERY: u64 = 8;
 
 impl Probe {
     fn new() -> Probe {
         Probe {
             token: Uuid::new_v4().as_u64_pair().0,
             sent: 0,
+            quiet: 0,
         }
     }
 
@@ -547,6 +580,18 @@ impl Feed for PgFeed {
             .map_err(|e| e.to_string())
     }
 
+    async fn ping(&mut self) -> Result<Vec<String>, String> {
+        sqlx::query("SELECT 1")
+            .execute(&mut self.listener)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut arrived = Vec::new();
+        while let Some(n) = self.listener.next_buffered() {
+            arrived.push(n.payload().to_owned());
+        }
+        Ok(arrived)
+    }
+
     async fn recv(&mut self) -> Result<Option<String>, String> {
         match self.listener.try_recv().await {
             Ok(Some(n)) => Ok(Some(n.payload().to_owned())),
@@ -574,7 +619,7 @@ impl Feed for PgFeed {
 mod tests {
     //! The loop's timing against a fake connection, on tokio's paused clock: times are exact.
 
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
 
     use tokio::sync::mpsc;
     use tokio::time::Instant as Clock;
@@ -595,6 +640,9 @@ mod tests {
         echo: Arc<AtomicBool>,
         attempts: Arc<Mutex<Vec<Clock>>>,
         feeds: Arc<Mutex<Vec<mpsc::UnboundedSender<String>>>>,
+        /// Probes by notification and by round trip, over every connection.
+        notified: Arc<AtomicU64>,
+        pinged: Arc<AtomicU64>,
     }
 
     const CLOSE: &str = "close";
@@ -603,6 +651,8 @@ mod tests {
         rx: mpsc::UnboundedReceiver<String>,
         tx: mpsc::UnboundedSender<String>,
         echo: Arc<AtomicBool>,
+        notified: Arc<AtomicU64>,
+        pinged: Arc<AtomicU64>,
     }
 
     impl Connect for Fake {
@@ -618,12 +668,24 @@ mod tests {
                 rx,
                 tx,
                 echo: self.echo.clone(),
+                notified: self.notified.clone(),
+                pinged: self.pinged.clone(),
             })
         }
     }
 
     impl Feed for FakeFeed {
+        /// A silent connection (no echo) never answers.
+        async fn ping(&mut self) -> Result<Vec<String>, String> {
+            self.pinged.fetch_add(1, Ordering::SeqCst);
+            if self.echo.load(Ordering::SeqCst) {
+                Ok(Vec::new())
+            } else {
+                std::future::pending().await
+            }
+        }
         async fn notify(&mut self, payload: &str) -> Result<(), String> {
+            self.notified.fetch_add(1, Ordering::SeqCst);
             if self.echo.load(Ordering::SeqCst) {
                 let _ = self.tx.send(payload.to_owned());
             }
@@ -699,6 +761,23 @@ mod tests {
             Duration::from_millis(5000) + TIMING.probe_interval + TIMING.timeout,
             "noticed one probe interval after the last sign of life, plus the probe's timeout"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_is_proved_mostly_by_round_trips_not_notifications() {
+        let fake = Fake::default();
+        fake.echo.store(true, Ordering::SeqCst);
+        let (state, _cancel) = start(&fake);
+        wait_for(&state, true).await;
+        let at_start = fake.notified.load(Ordering::SeqCst);
+        // 32 quiet intervals: every one proved, one in NOTIFY_PROBE_EVERY by a notification,
+        // which wakes every listening node of the database.
+        tokio::time::sleep(TIMING.probe_interval * 32 + TIMING.probe_interval / 2).await;
+        assert!(*state.subscribe().borrow());
+        let notified = fake.notified.load(Ordering::SeqCst) - at_start;
+        let pinged = fake.pinged.load(Ordering::SeqCst);
+        assert_eq!(notified, 32 / NOTIFY_PROBE_EVERY);
+        assert_eq!(pinged + notified, 32);
     }
 
     #[tokio::test(start_paused = true)]
