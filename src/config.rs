@@ -68,8 +68,9 @@ pub struct Config {
     pub run_cleanup: bool,
     /// Rows deleted per cleanup statement (each its own short transaction). Default 1000.
     pub cleanup_batch_size: usize,
-    /// Sessions held in the in-process cache; 0 disables the cache (every read goes to the
-    /// database). At most 10 000 000 (the index is allocated up front). Default 10 000.
+    /// Sessions held in the in-process cache, exactly (one budget across its shards); 0
+    /// disables the cache (every read goes to the database). At most 10 000 000. Default
+    /// 10 000.
     pub cache_capacity: usize,
     /// Longest time a cached session is served without re-reading it; bounds how long writes
     /// made outside pgsession (an admin's SQL) can go unseen. `None` = no bound. Default

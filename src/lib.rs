@@ -112,6 +112,8 @@ mod shard;
 mod storage;
 mod web;
 
+#[cfg(feature = "actix-session")]
+pub use web::actix_session;
 #[cfg(feature = "axum")]
 pub use web::axum;
 #[cfg(feature = "tower-sessions")]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
-use pgsession::SessionManager;
+use pgsession::{SessionManager, SigningKey};
 use serde_json::{Value, json};
 
 /// A ChromeDriver process, stopped on drop.
@@ -88,7 +88,7 @@ async fn browser(driver: &Driver, profile: &std::path::Path) -> Client {
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        "--window-size=1000,1000",
+        "--window-size=1000,1150",
     ];
     let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     args.push(format!("--user-data-dir={}", profile.display()));
@@ -173,9 +173,11 @@ async fn me(url: &str, cookie: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_other() {
     let db = TestDatabase::create().await;
-    let manager_a = node(&db, config()).await;
+    // The demo's own configuration: tokens signed with a key both nodes share.
+    let key = SigningKey::generate();
+    let manager_a = node(&db, app::config(key.clone())).await;
     let a = serve("node A", manager_a.clone()).await;
-    let b = serve("node B", node(&db, config()).await).await;
+    let b = serve("node B", node(&db, app::config(key)).await).await;
     let driver = start_driver();
     let profile = std::env::temp_dir().join(format!("pgsession-chromium-{}", std::process::id()));
     let client = browser(&driver, &profile).await;
@@ -198,7 +200,21 @@ async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_o
         "node B sees the visitor's session"
     );
     let visitor = session_cookie(&client).await;
+    let token = visitor.value().split('.').next().expect("token");
+    assert_eq!(token.len(), 64, "a signed token: {}", visitor.value());
     assert_eq!(visitor.http_only(), Some(true));
+    // A forged cookie of the same shape is refused before any lookup, and counted.
+    let (forged_before, misses_before) =
+        (manager_a.stats().forged_tokens, manager_a.stats().misses);
+    let forged = format!("{}A{}", &token[..20], &token[21..]);
+    let forged = if forged == token {
+        token.replace('A', "B")
+    } else {
+        forged
+    };
+    assert_eq!(me(&a, &forged).await["counter"], 0);
+    assert_eq!(manager_a.stats().forged_tokens, forged_before + 1);
+    assert_eq!(manager_a.stats().misses, misses_before, "no database read");
     assert_eq!(format!("{:?}", visitor.same_site()), "Some(Lax)");
 
     // Login on node A rotates the cookie (session fixation) and keeps the counter.
@@ -216,6 +232,24 @@ async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_o
         text(&client, "counter").await,
         "1",
         "the visitor's data carried over"
+    );
+    // The safe counter: 20 counts sent at once by the page lose none.
+    let sent = client
+        .execute_async(
+            "const done = arguments[arguments.length - 1];\
+             Promise.all(Array.from({length: 20}, () => fetch('/count', {method: 'POST'})\
+               .then(r => r.status)))\
+             .then(statuses => done(statuses), e => done(String(e)));",
+            vec![],
+        )
+        .await
+        .expect("the page sends the counts");
+    assert_eq!(sent, json!(vec![200; 20]), "every count answered");
+    client.goto(&format!("{a}/")).await.expect("page");
+    assert_eq!(
+        text(&client, "counter").await,
+        "21",
+        "1 + 20 concurrent counts"
     );
     let logged_in = session_cookie(&client).await;
     assert_ne!(
@@ -250,6 +284,11 @@ async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_o
         .find(Locator::Css("svg#panel-history"))
         .await
         .expect("the history chart is drawn");
+    let y_max = text(&client, "panel-y-max").await;
+    assert!(
+        y_max.parse::<u64>().is_ok_and(|peak| peak >= 1),
+        "the chart's y axis is labelled with its peak: {y_max:?}"
+    );
     // /metrics in the browser: Prometheus text with pgsession's names.
     client.goto(&format!("{b}/metrics")).await.expect("metrics");
     let exported = client
@@ -279,7 +318,7 @@ async fn a_browser_counts_logs_in_on_one_node_and_logs_out_everywhere_from_the_o
     let api = me(&b, logged_in.value()).await;
     assert_eq!(api["node"], "node B");
     assert_eq!(api["user"], "alice");
-    assert_eq!(api["counter"], 1);
+    assert_eq!(api["counter"], 21);
     assert_eq!(api["sessions"][0]["current"], true);
 
     // Log out everywhere on node B; node A then shows the login form (once A has applied

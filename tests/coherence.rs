@@ -107,6 +107,82 @@ async fn a_node_never_serves_the_state_before_its_own_write() {
     assert!(a.get_session(&s_t).await.unwrap().is_none());
 }
 
+/// Read-your-writes across nodes: given the version a write on A returned, B never serves
+/// an older copy, though it has the session cached and hears of the write only later; and
+/// once B is up to date it serves that version from memory.
+#[tokio::test]
+async fn a_reader_given_the_written_version_is_never_served_an_older_copy_on_another_node() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let b = node(&db, config()).await;
+    let (mut s, token) = a.create_session(Uuid::new_v4(), small()).await.unwrap();
+    let mut plain_stale = 0;
+    for i in 0..200 {
+        assert!(
+            b.get_session(&token).await.unwrap().is_some(),
+            "B caches it"
+        );
+        set_and_save(&a, &mut s, "n", json!(i)).await;
+        if i % 2 == 0 {
+            let read = b
+                .get_session_with_version(&token, s.version())
+                .await
+                .unwrap();
+            let read = read.expect("the session");
+            assert!(
+                read.version() >= s.version(),
+                "trial {i}: {}",
+                read.version()
+            );
+            assert_eq!(read.get("n"), Some(&json!(i)));
+        } else {
+            let read = b.get_session(&token).await.unwrap().expect("the session");
+            plain_stale += usize::from(read.version() < s.version());
+        }
+    }
+    eprintln!("get_session on B right after A's write: {plain_stale} of 100 stale");
+    // Up to date: a hit, however often asked.
+    let v = Some(s.version());
+    wait_serves(&b, &token, v, VISIBLE_WITHIN, "B hears of the last write").await;
+    let hits = b.stats().hits;
+    for _ in 0..10 {
+        let read = b
+            .get_session_with_version(&token, s.version())
+            .await
+            .unwrap();
+        assert_eq!(read.map(|r| r.version()), Some(s.version()));
+    }
+    assert_eq!(b.stats().hits, hits + 10);
+}
+
+/// Sessions created by many tasks at once are all cached by the node that created them:
+/// another session's write landing in the same shard meanwhile does not refuse the install.
+#[tokio::test]
+async fn sessions_created_concurrently_are_all_cached_on_their_node() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, unlimited()).await;
+    let creators = (0..16).map(|_| {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let mut tokens = Vec::new();
+            for _ in 0..20 {
+                tokens.push(a.create_session(Uuid::new_v4(), small()).await.unwrap().1);
+            }
+            tokens
+        })
+    });
+    let mut tokens = Vec::new();
+    for creator in creators.collect::<Vec<_>>() {
+        tokens.extend(creator.await.unwrap());
+    }
+    let misses = a.stats().misses;
+    for token in &tokens {
+        assert!(a.get_session(token).await.unwrap().is_some());
+    }
+    assert_eq!(a.stats().misses - misses, 0, "every new session was a hit");
+    assert_eq!(a.stats().entries, 320);
+}
+
 #[tokio::test]
 async fn logout_everywhere_evicts_hundreds_of_sessions_on_other_nodes() {
     let db = TestDatabase::create().await;

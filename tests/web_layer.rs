@@ -79,6 +79,13 @@ async fn log_out_everywhere(session: WebSession) -> pgsession::Result<String> {
     Ok(session.log_out_everywhere().await?.to_string())
 }
 
+async fn count(session: WebSession) -> pgsession::Result<String> {
+    let n = session
+        .modify("n", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await?;
+    Ok(n.to_string())
+}
+
 async fn plain() -> &'static str {
     "no session used"
 }
@@ -86,6 +93,7 @@ async fn plain() -> &'static str {
 fn app(layer: SessionLayer) -> Router {
     Router::new()
         .route("/plain", get(plain))
+        .route("/count", post(count))
         .route("/get/{key}", get(read))
         .route("/set/{key}/{value}", post(write))
         .route("/together/{key}/{value}", post(write_together))
@@ -134,11 +142,17 @@ impl Reply {
 }
 
 async fn send(method: &str, url: &str, cookie: Option<&str>) -> Reply {
+    send_bytes(method, url, cookie.map(str::as_bytes)).await
+}
+
+/// [`send`] with a `Cookie` header of any bytes HTTP allows (not only ASCII).
+async fn send_bytes(method: &str, url: &str, cookie: Option<&[u8]>) -> Reply {
     let client = reqwest::Client::new();
     let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
     let mut request = client.request(method, url);
     if let Some(cookie) = cookie {
-        request = request.header("cookie", cookie);
+        let value = reqwest::header::HeaderValue::from_bytes(cookie).expect("a header value");
+        request = request.header("cookie", value);
     }
     let response = request.send().await.expect("the server answers");
     let status = StatusCode::from_u16(response.status().as_u16()).expect("status");
@@ -581,4 +595,168 @@ async fn the_layer_runs_on_an_in_memory_manager() {
     .await;
     assert_eq!(who.body, "alice");
     assert_eq!(manager.list_user_sessions("alice").await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_foreign_cookie_that_is_not_ascii_does_not_log_the_user_out() {
+    let db = TestDatabase::create().await;
+    let node = node(&db, config()).await;
+    let url = serve(SessionLayer::new(node)).await;
+    let token = send("POST", &format!("{url}/login/erin"), None)
+        .await
+        .token();
+
+    let utf8 = format!("theme=caf\u{e9}; id={token}; lang=fr");
+    let latin1 = [b"theme=caf\xe9; ".as_slice(), cookie(&token).as_bytes()].concat();
+    for header in [utf8.as_bytes(), latin1.as_slice()] {
+        let who = send_bytes("GET", &format!("{url}/whoami"), Some(header)).await;
+        assert_eq!(who.body, "erin", "{:?}", String::from_utf8_lossy(header));
+    }
+}
+
+#[tokio::test]
+async fn of_several_cookies_of_our_name_the_first_that_opens_a_session_wins() {
+    let db = TestDatabase::create().await;
+    let node = node(&db, config()).await;
+    let url = serve(SessionLayer::new(node)).await;
+    let frank = send("POST", &format!("{url}/login/frank"), None)
+        .await
+        .token();
+    let grace = send("POST", &format!("{url}/login/grace"), None)
+        .await
+        .token();
+    // One tossed from a sibling subdomain, then malformed, then ours, then another valid one.
+    let header = format!("id={}; id=junk; id={frank}; id={grace}", unknown_token());
+
+    let who = send("GET", &format!("{url}/whoami"), Some(&header)).await;
+    assert_eq!(who.body, "frank");
+    // A write goes to the session that opened, and the cookie re-sent is that one's.
+    let wrote = send("POST", &format!("{url}/set/k/v"), Some(&header)).await;
+    let resent = wrote.token();
+    assert_eq!(resent.split('.').next(), frank.split('.').next());
+    let read = send("GET", &format!("{url}/get/k"), Some(&cookie(&frank))).await;
+    assert_eq!(read.body, "v");
+}
+
+#[tokio::test]
+async fn a_host_prefixed_cookie_is_set_secure_for_the_whole_host() {
+    let db = TestDatabase::create().await;
+    let node = node(&db, config()).await;
+    let url = serve(SessionLayer::new(node).with_cookie_name("__Host-id")).await;
+
+    let created = send("POST", &format!("{url}/set/k/v"), None).await;
+    let header = &created.set_cookie[0];
+    assert!(header.starts_with("__Host-id="), "{header}");
+    assert!(
+        header.contains("; Secure") && header.contains("; Path=/;"),
+        "{header}"
+    );
+    assert!(!header.contains("Domain"), "{header}");
+    let value = header
+        .split(';')
+        .next()
+        .unwrap()
+        .trim_start_matches("__Host-id=");
+    let read = send(
+        "GET",
+        &format!("{url}/get/k"),
+        Some(&format!("__Host-id={value}")),
+    )
+    .await;
+    assert_eq!(read.body, "v");
+}
+
+#[tokio::test]
+#[should_panic(expected = "__Host-")]
+async fn a_host_prefixed_cookie_with_a_domain_is_refused_when_the_layer_is_built() {
+    let manager = SessionManager::in_memory(config())
+        .await
+        .expect("in-memory manager");
+    let _ = app(SessionLayer::new(manager)
+        .with_cookie_name("__Host-id")
+        .with_domain("example.test"));
+}
+
+/// A client writing on node A and at once reading on node B (which has the session cached
+/// and hears of A's write only later) is served its write every time: the cookie carries the
+/// version, and B reads through when its copy is older.
+#[tokio::test]
+async fn a_client_reads_its_own_write_on_another_node_at_once() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let b = node(&db, config()).await;
+    let (url_a, url_b) = (
+        serve(SessionLayer::new(a)).await,
+        serve(SessionLayer::new(b.clone())).await,
+    );
+    let mut jar = cookie(
+        &send("POST", &format!("{url_a}/set/n/0"), None)
+            .await
+            .token(),
+    );
+    assert_eq!(
+        send("GET", &format!("{url_b}/get/n"), Some(&jar))
+            .await
+            .body,
+        "0"
+    );
+    let bare = |jar: &str| jar.split('.').next().unwrap().to_owned();
+
+    let (mut stale, mut stale_without_version) = (0, 0);
+    for i in 1..=500 {
+        let wrote = send("POST", &format!("{url_a}/set/n/{i}"), Some(&jar)).await;
+        assert_eq!(wrote.status, StatusCode::OK);
+        jar = cookie(&wrote.token());
+        // The same client's next request, sent to B back to back.
+        if i % 2 == 0 {
+            let read = send("GET", &format!("{url_b}/get/n"), Some(&jar)).await;
+            stale += usize::from(read.body != i.to_string());
+        } else {
+            let read = send("GET", &format!("{url_b}/get/n"), Some(&bare(&jar))).await;
+            stale_without_version += usize::from(read.body != i.to_string());
+        }
+    }
+    eprintln!(
+        "stale reads on B: {stale} of 250 with the version in the cookie, \
+         {stale_without_version} of 250 without"
+    );
+    assert_eq!(stale, 0, "reads on B older than the client's own write");
+}
+
+/// 200 concurrent counts from one client, spread over two nodes, end at exactly 200.
+#[tokio::test]
+async fn concurrent_counts_from_one_client_on_two_nodes_lose_none() {
+    let db = TestDatabase::create().await;
+    let a = node(&db, config()).await;
+    let b = node(&db, config()).await;
+    let urls = [
+        serve(SessionLayer::new(a)).await,
+        serve(SessionLayer::new(b)).await,
+    ];
+    let jar = cookie(
+        &send("POST", &format!("{}/count", urls[0]), None)
+            .await
+            .token(),
+    );
+
+    let counts = (0..200).map(|i| {
+        let url = format!("{}/count", urls[i % 2]);
+        let jar = jar.clone();
+        tokio::spawn(async move { send("POST", &url, Some(&jar)).await })
+    });
+    for reply in futures_join(counts).await {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    let last = send("POST", &format!("{}/count", urls[1]), Some(&jar)).await;
+    assert_eq!(last.body, "202", "1 + 200 + 1 counts");
+}
+
+async fn futures_join<T: Send + 'static>(
+    tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for task in tasks.collect::<Vec<_>>() {
+        out.push(task.await.expect("task"));
+    }
+    out
 }

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use pgsession::axum::{SessionLayer, WebSession};
-use pgsession::{Session, SessionId, SessionManager, Stats};
+use pgsession::{Config, Session, SessionId, SessionManager, SigningKey, Stats};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -65,6 +65,16 @@ impl Node {
             metrics,
             history,
         }
+    }
+}
+
+/// The demo's configuration: tokens signed with `key`, so a forged cookie is refused before
+/// any cache or database lookup (`pgsession_forged_tokens_total` counts them). Both nodes
+/// must use the same key.
+pub fn config(key: SigningKey) -> Config {
+    Config {
+        signing_keys: vec![key],
+        ..Config::default()
     }
 }
 
@@ -220,21 +230,7 @@ fn panel(node: &Node) -> String {
         format!("{:.1} %", 100.0 * s.hits as f64 / reads as f64)
     };
     let history: Vec<(u64, u64)> = node.history.lock().unwrap().iter().copied().collect();
-    let peak = history.iter().map(|(h, m)| h + m).max().unwrap_or(0).max(1) as f64;
-    let (width, height) = (4.0, 40.0);
-    let mut bars = String::new();
-    for (i, (hits, misses)) in history.iter().enumerate() {
-        let x = i as f64 * width;
-        let h_hits = height * *hits as f64 / peak;
-        let h_misses = height * *misses as f64 / peak;
-        let _ = write!(
-            bars,
-            "<rect x=\"{x}\" y=\"{y}\" width=\"3\" height=\"{h_hits:.1}\" fill=\"#2a2\"/>\
-             <rect x=\"{x}\" y=\"{y2}\" width=\"3\" height=\"{h_misses:.1}\" fill=\"#999\"/>",
-            y = height - h_hits,
-            y2 = height - h_hits - h_misses,
-        );
-    }
+    let chart = chart(&history);
     format!(
         "<h2>This node</h2><section id=\"panel\"><table>\
          <tr><th>cache entries</th><td id=\"panel-entries\">{entries}</td></tr>\
@@ -243,9 +239,7 @@ fn panel(node: &Node) -> String {
          <tr><th>cache</th><td id=\"panel-trusted\">{trusted}</td></tr>\
          <tr><th>invalidations received</th><td id=\"panel-invalidations\">{inv}</td></tr>\
          <tr><th>listener reconnects</th><td id=\"panel-reconnects\">{reconnects}</td></tr>\
-         </table><p>Reads per second, last minute (hits green, misses grey):</p>\
-         <svg id=\"panel-history\" width=\"{w}\" height=\"{height}\" viewBox=\"0 0 {w} {height}\" \
-         role=\"img\" aria-label=\"hits and misses per second\">{bars}</svg>\
+         </table><p>Reads per second, last minute (hits green, misses grey):</p>{chart}\
          <p><a href=\"/metrics\">/metrics</a> (Prometheus text)</p></section>",
         entries = s.entries,
         hits = s.hits,
@@ -257,7 +251,57 @@ fn panel(node: &Node) -> String {
         },
         inv = s.invalidations,
         reconnects = s.reconnects,
-        w = width * HISTORY as f64,
+    )
+}
+
+/// The last minute's reads per second as stacked bars (hits green over misses grey), with a
+/// y axis in reads per second (0 and the peak) and an x axis in seconds ago (60 to now).
+fn chart(history: &[(u64, u64)]) -> String {
+    let peak = history.iter().map(|(h, m)| h + m).max().unwrap_or(0).max(1);
+    // Plot area: left margin for y labels, bottom margin for x labels.
+    let (left, top, bar, plot_h) = (44.0, 8.0, 4.0, 60.0);
+    let plot_w = bar * HISTORY as f64;
+    let (w, h) = (left + plot_w + 8.0, top + plot_h + 28.0);
+    let base = top + plot_h;
+    // Bars end at the right edge: the newest second is "now".
+    let first = HISTORY - history.len();
+    let mut svg = String::new();
+    for (i, (hits, misses)) in history.iter().enumerate() {
+        let x = left + (first + i) as f64 * bar;
+        let h_hits = plot_h * *hits as f64 / peak as f64;
+        let h_misses = plot_h * *misses as f64 / peak as f64;
+        let _ = write!(
+            svg,
+            "<rect x=\"{x}\" y=\"{y:.1}\" width=\"3\" height=\"{h_hits:.1}\" fill=\"#2a2\"/>\
+             <rect x=\"{x}\" y=\"{y2:.1}\" width=\"3\" height=\"{h_misses:.1}\" fill=\"#999\"/>",
+            y = base - h_hits,
+            y2 = base - h_hits - h_misses,
+        );
+    }
+    let axis = "stroke=\"#444\" stroke-width=\"1\"";
+    let text = "font-size=\"10\" font-family=\"sans-serif\" fill=\"#444\"";
+    let _ = write!(
+        svg,
+        "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{base}\" {axis}/>\
+         <line x1=\"{left}\" y1=\"{base}\" x2=\"{right}\" y2=\"{base}\" {axis}/>\
+         <text id=\"panel-y-max\" x=\"{ly}\" y=\"{ty}\" text-anchor=\"end\" {text}>{peak}</text>\
+         <text x=\"{ly}\" y=\"{base}\" text-anchor=\"end\" {text}>0</text>\
+         <text x=\"2\" y=\"{mid}\" {text} transform=\"rotate(-90 8 {mid})\">reads/s</text>\
+         <text x=\"{left}\" y=\"{lx}\" text-anchor=\"middle\" {text}>-60 s</text>\
+         <text x=\"{half}\" y=\"{lx}\" text-anchor=\"middle\" {text}>-30 s</text>\
+         <text x=\"{right}\" y=\"{lx}\" text-anchor=\"end\" {text}>now</text>\
+         <text x=\"{half}\" y=\"{lt}\" text-anchor=\"middle\" {text}>seconds ago</text>",
+        right = left + plot_w,
+        ly = left - 4.0,
+        ty = top + 8.0,
+        mid = top + plot_h / 2.0 + 16.0,
+        half = left + plot_w / 2.0,
+        lx = base + 12.0,
+        lt = base + 24.0,
+    );
+    format!(
+        "<svg id=\"panel-history\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" \
+         role=\"img\" aria-label=\"reads per second, hits and misses, last minute\">{svg}</svg>"
     )
 }
 
@@ -298,9 +342,12 @@ async fn me(
     })))
 }
 
+/// Safe against concurrent counts of one visitor on any node: `get` then `set` would lose
+/// some (both requests read n, both write n + 1).
 async fn count(session: WebSession) -> pgsession::Result<Redirect> {
-    let n: u64 = session.get_as("counter").await?.unwrap_or(0);
-    session.set("counter", n + 1).await?;
+    session
+        .modify("counter", |n: Option<u64>| n.unwrap_or(0) + 1)
+        .await?;
     Ok(Redirect::to("/"))
 }
 

@@ -162,8 +162,9 @@ impl Storage for Coherent {
         now: DateTime<Utc>,
         idle: Option<chrono::Duration>,
         proof: Proof<'_>,
+        min_version: i64,
     ) -> Option<Record> {
-        self.cache.serve(id, now, idle, proof)
+        self.cache.serve(id, now, idle, proof, min_version)
     }
 
     fn lookup(
@@ -172,8 +173,9 @@ impl Storage for Coherent {
         now: DateTime<Utc>,
         idle: Option<chrono::Duration>,
         proof: Proof<'_>,
+        min_version: i64,
     ) -> Lookup {
-        self.cache.lookup(id, now, idle, proof)
+        self.cache.lookup(id, now, idle, proof, min_version)
     }
 
     fn ticket(&self, id: Uuid) -> Option<FillTicket> {

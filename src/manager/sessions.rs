@@ -195,6 +195,49 @@ impl SessionManager {
     /// # }
     /// ```
     pub async fn get_session(&self, token: &SessionToken) -> Result<Option<Session>> {
+        self.read(token, 0).await
+    }
+
+    /// [`get_session`](Self::get_session) for a caller that must see at least version
+    /// `min_version` of the session: read-your-writes across nodes. A client that wrote on
+    /// one node and sends its next request to another carries the version its write returned
+    /// ([`Session::version`]); a node whose cached copy is that recent serves it from memory
+    /// as usual (no extra cost), one whose copy is older (the write's notification still on
+    /// its way) reads it from the database and caches what it reads. `min_version` 0 is
+    /// `get_session`. A version never reached (a client that made one up) costs its session
+    /// a database read per request and nothing else.
+    ///
+    /// The web layers keep the version in the cookie beside the token; see
+    /// [`axum::SessionLayer`](crate::axum::SessionLayer).
+    ///
+    /// # Errors
+    ///
+    /// As [`get_session`](Self::get_session).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run(a: pgsession::SessionManager, b: pgsession::SessionManager, token: pgsession::SessionToken) -> pgsession::Result<()> {
+    /// // Node A writes and tells the client the version it wrote...
+    /// let mut s = a.get_session(&token).await?.expect("logged in");
+    /// s.set("theme", "dark")?;
+    /// a.update_session(&mut s).await?;
+    /// let seen = s.version();
+    /// // ...and node B, given that version, never serves an older copy.
+    /// let s = b.get_session_with_version(&token, seen).await?.expect("logged in");
+    /// assert_eq!(s.get_as::<String>("theme")?.as_deref(), Some("dark"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn get_session_with_version(
+        &self,
+        token: &SessionToken,
+        min_version: i64,
+    ) -> Result<Option<Session>> {
+        self.read(token, min_version).await
+    }
+
+    async fn read(&self, token: &SessionToken, min_version: i64) -> Result<Option<Session>> {
         // Built by hand rather than with `#[instrument]`: the hit path never awaits, so it
         // enters the span without wrapping the future; and unless some subscriber wants
         // debug spans, a hit pays one load of the global level for it instead of the
@@ -217,7 +260,7 @@ impl SessionManager {
                 Precheck::IfSigned(tag) => Proof::Tag(tag),
             };
             let idle = inner.policy.idle;
-            if let Some(record) = inner.storage.serve(id, now, idle, proof) {
+            if let Some(record) = inner.storage.serve(id, now, idle, proof, min_version) {
                 return Ok(Some(inner.hand_out_hit(record, now)));
             }
             let timer = Timer::start("get");
@@ -228,7 +271,7 @@ impl SessionManager {
                 Precheck::IfSigned(tag) => (Proof::Verified(tag), Some(tag)),
                 _ => (Proof::Any, None),
             };
-            match inner.storage.lookup(id, now, idle, proof) {
+            match inner.storage.lookup(id, now, idle, proof, min_version) {
                 Lookup::Hit(record) => return Ok(Some(inner.hand_out_hit(record, now))),
                 Lookup::Miss(ticket) => (ticket, tag, timer),
             }

@@ -225,6 +225,33 @@ impl Session {
         !self.changes.is_empty()
     }
 
+    /// `fresh` (a newer read of the same session) with this value's changes made again on
+    /// it: what an optimistic writer retries with after a conflict.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
+    pub(crate) fn rebase(&self, mut fresh: Session) -> Session {
+        for key in &self.changes.keys {
+            match self.record.attributes.get(key) {
+                Some(value) => {
+                    Arc::make_mut(&mut fresh.record.attributes).insert(key.clone(), value.clone());
+                    let expiry = Arc::make_mut(&mut fresh.record.attribute_expiry);
+                    match self.changes.expiry.get(key) {
+                        Some(at) => expiry.insert(key.clone(), *at),
+                        None => expiry.remove(key),
+                    };
+                }
+                None => {
+                    Arc::make_mut(&mut fresh.record.attributes).remove(key);
+                    Arc::make_mut(&mut fresh.record.attribute_expiry).remove(key);
+                }
+            }
+        }
+        if let Some(at) = self.changes.expires_at {
+            fresh.record.expires_at = at;
+        }
+        fresh.changes = self.changes.clone();
+        fresh
+    }
+
     /// A stored session handed to a caller, with no changes yet and without the attributes
     /// expired at `now`.
     pub(crate) fn from_record(

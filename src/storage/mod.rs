@@ -49,6 +49,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
         _now: DateTime<Utc>,
         _idle: Option<chrono::Duration>,
         _proof: Proof<'_>,
+        _min_version: i64,
     ) -> Option<Record> {
         None
     }
@@ -61,6 +62,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
         _now: DateTime<Utc>,
         _idle: Option<chrono::Duration>,
         _proof: Proof<'_>,
+        _min_version: i64,
     ) -> Lookup {
         Lookup::Miss(None)
     }

@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 use super::layer::CookieConfig;
 use crate::model::session::decode;
+use crate::web::cookie::Candidate;
 use crate::{
     Error, Result, Session, SessionId, SessionManager, SessionOptions, SessionToken, UserId,
 };
@@ -23,8 +24,10 @@ use crate::{
 /// The request's session, for handlers (an axum extractor; needs [`SessionLayer`](super::SessionLayer)).
 ///
 /// Nothing is read until a method needs the session, and a missing, malformed, forged or
-/// expired cookie is simply no session. Reads see the handler's own writes. Clones share one
-/// state.
+/// expired cookie is simply no session; of several cookies of the layer's name, the first
+/// that opens a session is used. Reads see the handler's own writes, and at least the
+/// version of the session the client's cookie says it last saw written (read-your-writes
+/// whichever node serves the request). Clones share one state.
 ///
 /// Saved after the handler: attribute changes as a delta, only when there are some and the
 /// response is not a 5xx (then they are dropped, and nothing is half written). What the
@@ -36,7 +39,8 @@ pub struct WebSession(Arc<Shared>);
 
 struct Shared {
     manager: SessionManager,
-    incoming: Option<SessionToken>,
+    /// The request's cookies of the layer's name that hold a token, in order.
+    incoming: Vec<Candidate>,
     /// Recorded with a session created during the request.
     client: SessionOptions,
     state: Mutex<State>,
@@ -46,6 +50,10 @@ struct Shared {
 struct State {
     loaded: bool,
     session: Option<Session>,
+    /// The token that opened `session`, and the version its cookie carried: a write past it
+    /// sends the cookie again with the new version.
+    token: Option<SessionToken>,
+    cookie_version: i64,
     /// Attributes written while there is no session; they become an anonymous session after
     /// the handler, or the logged-in one on `log_in`.
     pending: Map<String, Value>,
@@ -63,17 +71,25 @@ enum CookieChange {
 impl fmt::Debug for WebSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebSession")
-            .field("cookie_id", &self.0.incoming.as_ref().map(SessionToken::id))
+            .field(
+                "cookie_ids",
+                &self
+                    .0
+                    .incoming
+                    .iter()
+                    .map(|c| c.token.id())
+                    .collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
 impl WebSession {
-    /// The session of a request that came with the cookie `incoming` (if it held a token),
-    /// from a client `client` describes.
+    /// The session of a request that came with the cookies `incoming` (those of the layer's
+    /// name holding a token), from a client `client` describes.
     pub(super) fn new(
         manager: SessionManager,
-        incoming: Option<SessionToken>,
+        incoming: Vec<Candidate>,
         client: SessionOptions,
     ) -> WebSession {
         WebSession(Arc::new(Shared {
@@ -87,8 +103,19 @@ impl WebSession {
     async fn state(&self) -> Result<tokio::sync::MutexGuard<'_, State>> {
         let mut state = self.0.state.lock().await;
         if !state.loaded {
-            if let Some(token) = &self.0.incoming {
-                state.session = self.0.manager.get_session(token).await?;
+            for candidate in &self.0.incoming {
+                let (token, version) = (&candidate.token, candidate.version);
+                let found = self
+                    .0
+                    .manager
+                    .get_session_with_version(token, version)
+                    .await?;
+                if found.is_some() {
+                    state.session = found;
+                    state.token = Some(token.clone());
+                    state.cookie_version = version;
+                    break;
+                }
             }
             state.loaded = true;
         }
@@ -129,12 +156,7 @@ impl WebSession {
         let mut state = self.state().await?;
         match &mut state.session {
             Some(session) => session.set(key, value),
-            None => {
-                let limit = self.0.manager.config().max_attribute_size;
-                let value = crate::model::json::encode(&key, value, limit)?;
-                state.pending.insert(key, value);
-                Ok(())
-            }
+            None => self.set_pending(&mut state, &key, value),
         }
     }
 
@@ -149,6 +171,92 @@ impl WebSession {
             Some(session) => session.remove(key),
             None => state.pending.remove(key),
         })
+    }
+
+    /// Read-modify-write attribute `key` safely against concurrent requests of the same
+    /// session on any node: `f` gets the stored value (or `None`) and returns the new one,
+    /// which is written at once only if nothing else wrote the session since it was read;
+    /// otherwise the session is read again and `f` called again, up to
+    /// [`MODIFY_ATTEMPTS`](Self::MODIFY_ATTEMPTS) times. Returns the value written. The
+    /// handler's other changes so far are written with it. Requests of one session on one
+    /// node take turns here, so conflicts come only from other nodes. Without a session one
+    /// is created at once holding the value.
+    ///
+    /// `n` concurrent `session.modify("n", |n: Option<u64>| n.unwrap_or(0) + 1)` end at
+    /// exactly `n`, where `get` then `set` would lose counts.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Conflict`](crate::Error::Conflict) when every attempt lost to another writer;
+    /// [`Error::AttributeType`](crate::Error::AttributeType) when the stored value is not a
+    /// `T`; those of [`SessionManager::update_session_if_unchanged`] and of
+    /// [`set`](Self::set).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn count(session: pgsession::axum::WebSession) -> pgsession::Result<String> {
+    /// let n = session.modify("count", |n: Option<u64>| n.unwrap_or(0) + 1).await?;
+    /// Ok(format!("count {n}"))
+    /// # }
+    /// ```
+    pub async fn modify<T, F>(&self, key: &str, mut f: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(Option<T>) -> T,
+    {
+        let mut state = self.state().await?;
+        let manager = &self.0.manager;
+        let Some(session) = &state.session else {
+            let value = f(decode(key, state.pending.get(key))?);
+            self.set_pending(&mut state, key, &value)?;
+            self.save(&mut state).await?;
+            return Ok(value);
+        };
+        let _turn = modify_turn(session.id()).lock().await;
+        let mut current = session.clone();
+        let mut last_conflict = current.version();
+        for _ in 0..Self::MODIFY_ATTEMPTS {
+            let mut attempt = current.clone();
+            let value = f(attempt.get_as(key)?);
+            attempt.set(key, &value)?;
+            match manager.update_session_if_unchanged(&mut attempt).await {
+                Ok(()) => {
+                    state.session = Some(attempt);
+                    return Ok(value);
+                }
+                Err(Error::Conflict { current_version }) => {
+                    last_conflict = current_version;
+                    let token = state
+                        .token
+                        .as_ref()
+                        .expect("a loaded session has its token");
+                    // At least the version that won: this node's copy may not have heard of it.
+                    match manager
+                        .get_session_with_version(token, current_version)
+                        .await?
+                    {
+                        Some(fresh) => current = current.rebase(fresh),
+                        None => return Err(Error::NotFound),
+                    }
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        state.session = Some(current);
+        Err(Error::Conflict {
+            current_version: last_conflict,
+        })
+    }
+
+    /// Attempts [`modify`](Self::modify) makes before giving up with a conflict: 16.
+    pub const MODIFY_ATTEMPTS: usize = 16;
+
+    fn set_pending(&self, state: &mut State, key: &str, value: impl Serialize) -> Result<()> {
+        let limit = self.0.manager.config().max_attribute_size;
+        let value = crate::model::json::encode(key, value, limit)?;
+        state.pending.insert(key.to_owned(), value);
+        Ok(())
     }
 
     /// The session's public id, or `None` when there is no session (yet).
@@ -205,6 +313,7 @@ impl WebSession {
                 token
             }
         };
+        state.token = Some(token.clone());
         state.cookie = CookieChange::Set(token);
         Ok(())
     }
@@ -219,6 +328,7 @@ impl WebSession {
         let mut state = self.state().await?;
         if let Some(session) = &mut state.session {
             let token = self.0.manager.rotate_session(session).await?;
+            state.token = Some(token.clone());
             state.cookie = CookieChange::Set(token);
         }
         Ok(())
@@ -268,7 +378,8 @@ impl WebSession {
         state.pending.clear();
         // Remove only a cookie the browser has; never send a removal on a request that came
         // without one.
-        let had_cookie = self.0.incoming.is_some() || matches!(state.cookie, CookieChange::Set(_));
+        let had_cookie =
+            !self.0.incoming.is_empty() || matches!(state.cookie, CookieChange::Set(_));
         state.cookie = if had_cookie {
             CookieChange::Remove
         } else {
@@ -291,9 +402,16 @@ impl WebSession {
             *response = Response::new(B::default());
             *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         }
-        let header = match (&state.cookie, &state.session) {
-            (CookieChange::Set(token), Some(session)) => cookie.header(Some((token, session))),
-            (CookieChange::Remove, _) => cookie.header(None),
+        let header = match (&state.cookie, &state.session, &state.token) {
+            (CookieChange::Set(token), Some(session), _) => cookie.header(Some((token, session))),
+            (CookieChange::Remove, _, _) => cookie.header(None),
+            // A write moved the session past the version the cookie carries: the client's
+            // next request, on whichever node, must see at least this one.
+            (CookieChange::None, Some(session), Some(token))
+                if session.version() > state.cookie_version =>
+            {
+                cookie.header(Some((token, session)))
+            }
             _ => return,
         };
         response.headers_mut().append(SET_COOKIE, header);
@@ -316,12 +434,21 @@ impl WebSession {
                     .create_session_with(self.0.client.clone(), attributes)
                     .await?;
                 state.session = Some(session);
+                state.token = Some(token.clone());
                 state.cookie = CookieChange::Set(token);
                 Ok(())
             }
             None => Ok(()),
         }
     }
+}
+
+/// Requests of one session on this node take turns in [`WebSession::modify`]: a lock per
+/// slot of a small table (sessions sharing a slot take turns needlessly, and rarely).
+fn modify_turn(id: SessionId) -> &'static Mutex<()> {
+    static TURNS: [Mutex<()>; 64] = [const { Mutex::const_new(()) }; 64];
+    let slot = id.as_uuid().as_u128() as usize % TURNS.len();
+    &TURNS[slot]
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for WebSession {

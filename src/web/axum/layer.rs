@@ -15,6 +15,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::WebSession;
+use crate::web::cookie::{self, Candidate};
 use crate::{Session, SessionManager, SessionOptions, SessionToken};
 
 /// The cookie's `SameSite` attribute.
@@ -98,12 +99,13 @@ impl CookieConfig {
         options
     }
 
-    /// The `Set-Cookie` value carrying `token`, or removing the cookie when `None`.
+    /// The `Set-Cookie` value carrying `token` and the session's version, or removing the
+    /// cookie when `None`.
     pub(super) fn header(&self, token: Option<(&SessionToken, &Session)>) -> HeaderValue {
         let mut cookie = format!("{}=", self.name);
         match token {
             Some((token, session)) => {
-                cookie.push_str(&token.to_string());
+                cookie.push_str(&cookie::value(token, session.version()));
                 if self.persistent {
                     let expires = session.expires_at();
                     let max_age = (expires - Utc::now()).num_seconds().max(0);
@@ -133,16 +135,13 @@ impl CookieConfig {
         HeaderValue::from_str(&cookie).expect("cookie attributes are checked when set")
     }
 
-    /// The first cookie of our name that parses as a token; malformed ones count as none.
-    fn token(&self, headers: &HeaderMap) -> Option<SessionToken> {
-        headers
+    /// The cookies of our name that hold a token, in order; malformed ones count as none.
+    fn candidates(&self, headers: &HeaderMap) -> Vec<Candidate> {
+        let values = headers
             .get_all(COOKIE)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .filter(|(name, _)| *name == self.name)
-            .find_map(|(_, value)| value.trim_matches('"').parse().ok())
+            .into_iter()
+            .map(HeaderValue::as_bytes);
+        cookie::candidates(values, &self.name)
     }
 }
 
@@ -150,6 +149,18 @@ impl CookieConfig {
 ///
 /// Cookie defaults: name `id`, `Secure`, `HttpOnly`, `SameSite=Lax`, `Path=/`, no `Domain`,
 /// persistent (`Max-Age` follows the session's absolute expiry).
+///
+/// On an HTTPS site name it `__Host-id` ([`with_cookie_name`](Self::with_cookie_name)): the
+/// browser then keeps it only if it is `Secure`, for `Path=/` and without `Domain`, so that
+/// no sibling subdomain or plain-HTTP page can set or shadow it (a cookie tossed by
+/// `evil.example.com` for `.example.com` would otherwise travel beside ours). Plain-HTTP
+/// development hosts other than `localhost` cannot use the prefix.
+///
+/// The cookie's value is the token and, after a `.`, the version of the session this
+/// client last saw written; any node serving the client's next request serves at least
+/// that version ([`SessionManager::get_session_with_version`]), reading through when its
+/// cache has not yet heard of the write. Every response whose handler wrote the session
+/// sends the cookie again with the new version.
 #[derive(Clone, Debug)]
 pub struct SessionLayer {
     manager: SessionManager,
@@ -186,12 +197,14 @@ impl SessionLayer {
         self
     }
 
-    /// The cookie's name (default `id`).
+    /// The cookie's name (default `id`; `__Host-id` on HTTPS sites, see [`SessionLayer`]).
     ///
     /// # Panics
     ///
     /// When `name` is empty or not a cookie name token (RFC 6265: ASCII letters, digits and
-    /// ``!#$%&'*+-.^_`|~``).
+    /// ``!#$%&'*+-.^_`|~``). When the layer is applied, if a `__Host-` name goes with
+    /// `Secure` off, a `Path` other than `/` or a `Domain`, or a `__Secure-` name with `Secure`
+    /// off: browsers drop such cookies silently.
     pub fn with_cookie_name(self, name: impl Into<String>) -> SessionLayer {
         let name = name.into();
         check_cookie_text("name", &name, |c| {
@@ -276,6 +289,8 @@ impl<S> Layer<S> for SessionLayer {
     type Service = SessionService<S>;
 
     fn layer(&self, inner: S) -> SessionService<S> {
+        let c = &self.cookie;
+        cookie::check_prefix(&c.name, c.secure, &c.path, c.domain.as_deref());
         SessionService {
             inner,
             manager: self.manager.clone(),
@@ -311,7 +326,7 @@ where
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let session = WebSession::new(
             self.manager.clone(),
-            self.cookie.token(request.headers()),
+            self.cookie.candidates(request.headers()),
             self.cookie.client(request.headers(), request.extensions()),
         );
         request.extensions_mut().insert(session.clone());

@@ -1,0 +1,1 @@
+//! A store for actix-session 0.11 (cargo feature `actix-session`): being written.
