@@ -6,11 +6,16 @@
 //! * `pgsession`: pgsession's own layer (`pgsession::axum`), served from its cache;
 //! * `pgsession store`: tower-sessions over pgsession's store (`pgsession::tower_sessions`);
 //! * `tower`: tower-sessions with its `PostgresStore` (tower-sessions-sqlx-store);
-//! * `tower+moka`: tower-sessions with `CachingSessionStore<MokaStore, PostgresStore>`.
+//! * `tower+moka`: tower-sessions with `CachingSessionStore<MokaStore, PostgresStore>`;
+//! * `tower+redis`: tower-sessions with its `RedisStore` (tower-sessions-redis-store, a fred
+//!   client pool) on a private Redis server (`redis-server`, no persistence), the usual
+//!   in-memory alternative to a database-backed store.
 //!
 //! Rounds run every system back to back, `ROUNDS` times, each round starting at another
 //! system; the table shows medians over rounds, and ratios are taken within a round. Client
-//! and servers share the machine's cores, so every microsecond a server spends shows.
+//! and servers share the machine's cores, so every microsecond a server spends shows. Under
+//! each table, `pgsession / tower+redis` is pgsession's layer against the Redis-backed peer
+//! (the goal: at least 1.5x, at 1 and at 32 connections).
 //!
 //! ```text
 //! cargo bench --features axum,tower-sessions --bench web
@@ -26,11 +31,15 @@ use hyper_util::rt::TokioIo;
 use pgsession::axum::{SessionLayer, WebSession};
 use pgsession::tower_sessions::PgSessionStore;
 use pgsession::{Config, SessionManager};
-use pgsession_testkit::{ServerOptions, TempPostgres};
+use pgsession_testkit::{ServerOptions, TempPostgres, TempRedis};
 use tower_sessions::{Session, SessionManagerLayer};
 use tower_sessions_core::session::{Id, Record};
 use tower_sessions_core::{CachingSessionStore, SessionStore};
 use tower_sessions_moka_store::MokaStore;
+use tower_sessions_redis_store::RedisStore;
+use tower_sessions_redis_store::fred::prelude::{
+    ClientLike, Config as RedisConfig, Pool as RedisPool,
+};
 use tower_sessions_sqlx_store::PostgresStore;
 
 const ROUNDS: usize = 5;
@@ -38,6 +47,12 @@ const RUN: Duration = Duration::from_secs(2);
 const SESSIONS: usize = 200;
 const SCHEMA: &str = "pgsession_bench_web";
 const TOWER_SCHEMA: &str = "pgsession_bench_web_tower";
+/// Clients in the fred pool behind `RedisStore`, each one connection that pipelines the
+/// commands of concurrent requests. On a 2-core machine 1 or 2 did best at 32 connections, 4
+/// somewhat worse and 8 far worse (more connections for Redis and the client to serve).
+const REDIS_POOL: usize = 2;
+/// What the Redis-backed peer is measured against.
+const REDIS_GOAL: f64 = 1.5;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum System {
@@ -46,14 +61,16 @@ enum System {
     PgStore,
     Tower,
     TowerMoka,
+    TowerRedis,
 }
 
-const SYSTEMS: [System; 5] = [
+const SYSTEMS: [System; 6] = [
     System::None,
     System::Pgsession,
     System::PgStore,
     System::Tower,
     System::TowerMoka,
+    System::TowerRedis,
 ];
 
 impl System {
@@ -64,6 +81,7 @@ impl System {
             System::PgStore => "tower-sessions + pgsession store",
             System::Tower => "tower-sessions + PostgresStore",
             System::TowerMoka => "tower-sessions + Moka/PostgresStore",
+            System::TowerRedis => "tower-sessions + RedisStore",
         }
     }
 }
@@ -181,7 +199,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-async fn run(url: String) {
+async fn run(url: String, redis_url: String) {
     let manager = SessionManager::connect(
         Config {
             schema: Some(SCHEMA.into()),
@@ -260,6 +278,26 @@ async fn run(url: String) {
         cookies,
     });
 
+    // The Redis server is private to this run, so its keys are only these sessions.
+    let redis_pool = RedisPool::new(
+        RedisConfig::from_url(&redis_url).unwrap(),
+        None,
+        None,
+        None,
+        REDIS_POOL,
+    )
+    .unwrap();
+    let redis_connection = redis_pool.init().await.unwrap();
+    let redis = RedisStore::new(redis_pool.clone());
+    let cookies = tower_cookies(&redis).await;
+    let router = Router::new()
+        .route("/read", get(read_tower))
+        .layer(SessionManagerLayer::new(redis));
+    targets.push(Target {
+        addr: serve(router).await,
+        cookies,
+    });
+
     println!(
         "# web: an axum handler reading one session attribute ({ROUNDS} rounds of {RUN:?} each)\n"
     );
@@ -298,10 +336,9 @@ async fn run(url: String) {
         );
         println!("|---|---|---|---|---|---|");
         let at = |s: usize| -> Vec<Figures> { rounds.iter().map(|r| r[s]).collect() };
-        let native = SYSTEMS
-            .iter()
-            .position(|s| *s == System::Pgsession)
-            .unwrap();
+        let position = |system| SYSTEMS.iter().position(|s| *s == system).unwrap();
+        let native = position(System::Pgsession);
+        let redis = position(System::TowerRedis);
         for (i, system) in SYSTEMS.iter().enumerate() {
             let mine = at(i);
             let rps = median(mine.iter().map(|f| f.rps).collect());
@@ -315,6 +352,23 @@ async fn run(url: String) {
             );
         }
         println!();
+        let vs_redis: Vec<f64> = rounds
+            .iter()
+            .map(|r| r[native].rps / r[redis].rps)
+            .collect();
+        let ratio = median(vs_redis.clone());
+        let per_round: Vec<String> = vs_redis.iter().map(|x| format!("{x:.2}")).collect();
+        println!(
+            "pgsession / tower+redis at {clients} connection(s): {ratio:.2}x (median; rounds {}) \
+             - goal >= {REDIS_GOAL}x: {}",
+            per_round.join(" / "),
+            if ratio >= REDIS_GOAL {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+        println!();
         for (r, figures) in rounds.iter().enumerate() {
             let line: Vec<String> = figures.iter().map(|f| format!("{:.0}", f.rps)).collect();
             println!("round {}: {}", r + 1, line.join(" / "));
@@ -322,6 +376,8 @@ async fn run(url: String) {
         println!();
     }
     manager.shutdown().await.unwrap();
+    redis_pool.quit().await.unwrap();
+    let _ = redis_connection.await;
 }
 
 /// A short run that fills caches and opens pooled connections.
@@ -361,5 +417,6 @@ fn main() {
             (server.url("postgres"), Some(server))
         }
     };
-    runtime.block_on(run(url));
+    let redis = TempRedis::start().expect("private Redis");
+    runtime.block_on(run(url, redis.url()));
 }

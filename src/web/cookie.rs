@@ -9,6 +9,7 @@ use crate::SessionToken;
 
 /// Candidates for the session cookie kept per request; more are ignored (a browser sends
 /// one per matching path and domain, so a handful at most).
+#[cfg_attr(not(feature = "axum"), allow(dead_code))]
 const MAX_CANDIDATES: usize = 4;
 
 /// A session cookie found in a request: the token and the least version to serve.
@@ -53,6 +54,7 @@ fn parse_version(text: &str) -> Option<i64> {
 /// Read pair by pair as bytes: a cookie of another application that is not ASCII (or not even
 /// UTF-8) is skipped, not taken as a reason to ignore the whole header; a pair without `=`
 /// is skipped too. A value that is not a token is no candidate.
+#[cfg_attr(not(feature = "axum"), allow(dead_code))]
 pub(crate) fn candidates<'a>(
     headers: impl IntoIterator<Item = &'a [u8]>,
     name: &str,
@@ -77,6 +79,7 @@ pub(crate) fn candidates<'a>(
     found
 }
 
+#[cfg_attr(not(feature = "axum"), allow(dead_code))]
 fn trim(bytes: &[u8]) -> &[u8] {
     let start = bytes
         .iter()
@@ -92,6 +95,7 @@ fn trim(bytes: &[u8]) -> &[u8] {
 /// Checks of a cookie name's prefix against the cookie's attributes, as browsers apply them
 /// (RFC 6265bis 4.1.3): a cookie breaking them is dropped by the browser without a word, so
 /// a layer set up that way could never keep a session.
+#[cfg_attr(not(feature = "axum"), allow(dead_code))]
 pub(crate) fn check_prefix(name: &str, secure: bool, path: &str, domain: Option<&str>) {
     if name.starts_with("__Host-") {
         assert!(

@@ -12,11 +12,13 @@ mod database;
 mod pgbouncer;
 mod process;
 mod proxy;
+mod redis;
 mod server;
 
 pub use database::{TestDatabase, server_url};
 pub use pgbouncer::TempPgBouncer;
 pub use proxy::FaultProxy;
+pub use redis::TempRedis;
 pub use server::{ServerOptions, TempPostgres};
 
 /// A `postgres://` URL cut into the pieces the helpers below need to swap.
