@@ -14,12 +14,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
-use super::layer::CookieConfig;
+use super::layer::{ClientInfo, CookieConfig};
 use crate::model::session::decode;
 use crate::web::cookie::Candidate;
-use crate::{
-    Error, Result, Session, SessionId, SessionManager, SessionOptions, SessionToken, UserId,
-};
+use crate::{Error, Result, Session, SessionId, SessionManager, SessionToken, UserId};
 
 /// The request's session, for handlers (an axum extractor; needs [`SessionLayer`](super::SessionLayer)).
 ///
@@ -42,7 +40,7 @@ struct Shared {
     /// The request's cookies of the layer's name that hold a token, in order.
     incoming: Vec<Candidate>,
     /// Recorded with a session created during the request.
-    client: SessionOptions,
+    client: ClientInfo,
     state: Mutex<State>,
 }
 
@@ -90,7 +88,7 @@ impl WebSession {
     pub(super) fn new(
         manager: SessionManager,
         incoming: Vec<Candidate>,
-        client: SessionOptions,
+        client: ClientInfo,
     ) -> WebSession {
         WebSession(Arc::new(Shared {
             manager,
@@ -303,7 +301,7 @@ impl WebSession {
             Some(session) => self.0.manager.log_in(session, user).await?,
             None => {
                 let attributes = std::mem::take(&mut state.pending);
-                let options = self.0.client.clone().user(user);
+                let options = self.0.client.options().user(user);
                 let (session, token) = self
                     .0
                     .manager
@@ -431,7 +429,7 @@ impl WebSession {
             None if !state.pending.is_empty() => {
                 let attributes = std::mem::take(&mut state.pending);
                 let (session, token) = manager
-                    .create_session_with(self.0.client.clone(), attributes)
+                    .create_session_with(self.0.client.options(), attributes)
                     .await?;
                 state.session = Some(session);
                 state.token = Some(token.clone());

@@ -63,6 +63,28 @@ impl fmt::Debug for ClientIp {
     }
 }
 
+/// Who sent a request, for a session it creates.
+#[derive(Debug, Default)]
+pub(super) struct ClientInfo {
+    user_agent: Option<HeaderValue>,
+    ip: Option<IpAddr>,
+}
+
+impl ClientInfo {
+    /// The options a session created for this client is created with.
+    pub(super) fn options(&self) -> SessionOptions {
+        let mut options = SessionOptions::new();
+        if let Some(ua) = self.user_agent.as_ref().and_then(|v| v.to_str().ok()) {
+            let end = ua.len().min(USER_AGENT_READ);
+            options = options.user_agent(&ua[..end]); // ASCII: any index is a boundary
+        }
+        if let Some(ip) = self.ip {
+            options = options.ip(ip);
+        }
+        options
+    }
+}
+
 /// Longest `User-Agent` header read; longer ones are cut (see
 /// [`SessionOptions::user_agent`](crate::SessionOptions::user_agent)).
 const USER_AGENT_READ: usize = crate::MAX_USER_AGENT_LEN;
@@ -82,21 +104,16 @@ pub fn forwarded_for(headers: &HeaderMap, _: &Extensions) -> Option<IpAddr> {
 
 impl CookieConfig {
     /// What a session created during this request records about its client: the
-    /// `User-Agent`, and the address if the layer was told how to find it.
-    fn client(&self, headers: &HeaderMap, extensions: &Extensions) -> SessionOptions {
-        let mut options = SessionOptions::new();
-        if let Some(ua) = headers.get(USER_AGENT).and_then(|v| v.to_str().ok()) {
-            let end = ua.len().min(USER_AGENT_READ);
-            options = options.user_agent(&ua[..end]); // ASCII: any index is a boundary
+    /// `User-Agent`, and the address if the layer was told how to find it. Kept as the
+    /// header's bytes (a reference count), turned into options only if a session is created.
+    fn client(&self, headers: &HeaderMap, extensions: &Extensions) -> ClientInfo {
+        ClientInfo {
+            user_agent: headers.get(USER_AGENT).cloned(),
+            ip: self
+                .client_ip
+                .as_ref()
+                .and_then(|f| (f.0)(headers, extensions)),
         }
-        if let Some(ip) = self
-            .client_ip
-            .as_ref()
-            .and_then(|f| (f.0)(headers, extensions))
-        {
-            options = options.ip(ip);
-        }
-        options
     }
 
     /// The `Set-Cookie` value carrying `token` and the session's version, or removing the
