@@ -114,9 +114,13 @@ pub fn app(manager: SessionManager) -> Router {
             },
         ),
     ]));
-    // Plain HTTP on loopback for the demo; keep `Secure` on in a real service.
-    let sessions_layer =
-        SessionManagerLayer::new(PgSessionStore::new(manager.clone())).with_secure(false);
+    // Signed cookies: a forged one is refused before the store is asked (every instance must
+    // use the same key: from configuration in a real service). Plain HTTP on loopback for the
+    // demo; keep `Secure` on in a real service.
+    let key = tower_sessions::cookie::Key::generate();
+    let sessions_layer = SessionManagerLayer::new(PgSessionStore::new(manager.clone()))
+        .with_signed(key)
+        .with_secure(false);
     let auth = AuthManagerLayerBuilder::new(users, sessions_layer).build();
     let (m1, m2) = (manager.clone(), manager);
     Router::new()

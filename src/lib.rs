@@ -32,6 +32,8 @@
 //! * `tower-sessions`: `tower_sessions::PgSessionStore`,
 //!   a tower-sessions 0.14 store (and so one for axum-login 0.18) served from the coherent
 //!   cache.
+//! * `actix-session`: `actix_session::PgSessionStore`, an actix-session 0.11 store served from
+//!   the coherent cache, with actix-identity users bound to their sessions.
 //! * `metrics`: counters, gauges and histograms through the [`metrics`](https://docs.rs/metrics)
 //!   facade, every name starting `pgsession_` (listed in the README, "Operate it").
 //! * `cli`: the `pgsession` admin command (`cargo install pgsession --features cli`).

@@ -703,7 +703,7 @@ async fn a_client_reads_its_own_write_on_another_node_at_once() {
     let bare = |jar: &str| jar.split('.').next().unwrap().to_owned();
 
     let (mut stale, mut stale_without_version) = (0, 0);
-    for i in 1..=500 {
+    for i in 1..=1000 {
         let wrote = send("POST", &format!("{url_a}/set/n/{i}"), Some(&jar)).await;
         assert_eq!(wrote.status, StatusCode::OK);
         jar = cookie(&wrote.token());
@@ -717,8 +717,8 @@ async fn a_client_reads_its_own_write_on_another_node_at_once() {
         }
     }
     eprintln!(
-        "stale reads on B: {stale} of 250 with the version in the cookie, \
-         {stale_without_version} of 250 without"
+        "stale reads on B: {stale} of 500 with the version in the cookie, \
+         {stale_without_version} of 500 without"
     );
     assert_eq!(stale, 0, "reads on B older than the client's own write");
 }

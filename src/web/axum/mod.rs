@@ -12,17 +12,27 @@
 //! use pgsession::axum::{SessionLayer, WebSession};
 //!
 //! async fn count(session: WebSession) -> pgsession::Result<String> {
-//!     let n: u64 = session.get_as("n").await?.unwrap_or(0) + 1;
-//!     session.set("n", n).await?;
+//!     // Safe against concurrent requests of one visitor, on any node.
+//!     let n = session.modify("n", |n: Option<u64>| n.unwrap_or(0) + 1).await?;
 //!     Ok(format!("visit {n}"))
 //! }
 //!
-//! # async fn run(manager: pgsession::SessionManager) -> std::io::Result<()> {
+//! # async fn run(database_url: &str, key: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
+//! use pgsession::{Config, SessionManager, SigningKey};
+//!
+//! // Signed tokens: a forged cookie costs no cache or database lookup.
+//! let config = Config {
+//!     signing_keys: vec![SigningKey::from_bytes(key)?], // 32+ secret bytes, every node alike
+//!     ..Config::default()
+//! };
+//! let manager = SessionManager::connect(config, database_url).await?;
 //! let app = Router::new()
 //!     .route("/", get(count))
-//!     .layer(SessionLayer::new(manager));
+//!     // `__Host-`: on HTTPS, no subdomain can set or shadow the cookie.
+//!     .layer(SessionLayer::new(manager).with_cookie_name("__Host-id"));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! axum::serve(listener, app).await
+//! axum::serve(listener, app).await?;
+//! # Ok(())
 //! # }
 //! ```
 
