@@ -574,8 +574,11 @@ impl Inner {
     /// Whether legacy tokens open sessions at `now`: when configured to, or while sessions
     /// converted by migration 3 may still be alive.
     fn legacy_accepted(&self, now: DateTime<Utc>) -> bool {
-        self.config.accept_legacy_tokens
-            || now.timestamp_micros() < self.legacy_until.load(Ordering::Relaxed)
+        self.config.accept_legacy_tokens || {
+            // i64::MIN: no converted session was ever seen (the usual case: skip the clock).
+            let until = self.legacy_until.load(Ordering::Relaxed);
+            until != i64::MIN && now.timestamp_micros() < until
+        }
     }
 
     /// The verdict on `token` as far as it goes without a MAC.
