@@ -209,10 +209,18 @@ impl Touches {
         // off so that early-flush wake-ups do not spin on a failing database.
         let mut backoff = Backoff::new(0, Duration::from_millis(100), interval);
         'running: loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(interval) => {}
-                _ = self.wake.notified() => {}
+            // Accesses stay counted until their write commits, so a batch's worth recorded
+            // while a flush was under way crossed no threshold and woke nobody: flush again at
+            // once rather than wait for the interval.
+            if cancel.is_cancelled() {
+                break;
+            }
+            if self.len() < self.flush_at {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = self.wake.notified() => {}
+                }
             }
             backoff.reset();
             while let Err(e) = self.flush(&*store, batch).await {

@@ -25,15 +25,85 @@ pub(crate) struct Record {
     /// Shared between copies until one of them changes.
     pub attributes: Arc<Map<String, Value>>,
     /// When attributes expire on their own (keys absent here never do).
-    pub attribute_expiry: Arc<BTreeMap<String, DateTime<Utc>>>,
+    pub attribute_expiry: Lean<BTreeMap<String, DateTime<Utc>>>,
     /// The tenant it belongs to, if any.
     pub group_id: Option<Arc<str>>,
     /// The client that created it, if known.
-    pub client: Arc<Client>,
+    pub client: Lean<Client>,
     /// Reads counted in the database (each node adds its own with its last-access flush).
     pub reads: i64,
     /// Committed updates and rotations.
     pub writes: i64,
+}
+
+/// A shared value that holds nothing when it is blank: most sessions have no attribute
+/// expiry and many no client details, and then a cached copy allocates nothing for them and a
+/// hit has no reference count to move. Reads see the blank value.
+#[derive(Clone, Debug)]
+pub(crate) struct Lean<T: 'static>(Option<Arc<T>>);
+
+impl<T> Default for Lean<T> {
+    fn default() -> Lean<T> {
+        Lean(None)
+    }
+}
+
+/// Values [`Lean`] can leave out.
+pub(crate) trait Blank: Clone + Sync + 'static {
+    fn blank() -> &'static Self;
+    fn is_blank(&self) -> bool;
+}
+
+impl Blank for BTreeMap<String, DateTime<Utc>> {
+    fn blank() -> &'static Self {
+        static BLANK: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
+        &BLANK
+    }
+
+    fn is_blank(&self) -> bool {
+        self.is_empty()
+    }
+}
+
+impl Blank for Client {
+    fn blank() -> &'static Self {
+        static BLANK: Client = Client {
+            ip: None,
+            user_agent: None,
+        };
+        &BLANK
+    }
+
+    fn is_blank(&self) -> bool {
+        self.ip.is_none() && self.user_agent.is_none()
+    }
+}
+
+impl<T: Blank> Lean<T> {
+    pub(crate) fn new(value: T) -> Lean<T> {
+        Lean((!value.is_blank()).then(|| Arc::new(value)))
+    }
+
+    /// The value to change, made on first need.
+    pub(crate) fn make_mut(&mut self) -> &mut T {
+        Arc::make_mut(self.0.get_or_insert_with(|| Arc::new(T::blank().clone())))
+    }
+
+    /// The value to change if it is not blank (removing from a blank value changes nothing).
+    pub(crate) fn if_any(&mut self) -> Option<&mut T> {
+        self.0.as_mut().map(Arc::make_mut)
+    }
+}
+
+impl<T: Blank> std::ops::Deref for Lean<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        match &self.0 {
+            Some(value) => value,
+            None => T::blank(),
+        }
+    }
 }
 
 /// Who created a session: recorded once, at create.
@@ -64,7 +134,7 @@ impl Record {
                 .map(|(k, _)| k.clone())
                 .collect();
             let attributes = Arc::make_mut(&mut self.attributes);
-            let expiry = Arc::make_mut(&mut self.attribute_expiry);
+            let expiry = self.attribute_expiry.make_mut();
             for key in expired {
                 attributes.remove(&key);
                 expiry.remove(&key);
@@ -85,9 +155,9 @@ impl Record {
             last_accessed_at: now,
             expires_at: now + chrono::Duration::hours(1),
             attributes: Arc::new(Map::new()),
-            attribute_expiry: Arc::default(),
+            attribute_expiry: Lean::default(),
             group_id: None,
-            client: Arc::default(),
+            client: Lean::default(),
             reads: 0,
             writes: 0,
         }

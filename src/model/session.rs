@@ -160,7 +160,7 @@ impl Session {
         let value = crate::model::json::encode(&key, value, self.max_attribute_size)?;
         Arc::make_mut(&mut self.record.attributes).insert(key.clone(), value);
         if self.record.attribute_expiry.contains_key(&key) {
-            Arc::make_mut(&mut self.record.attribute_expiry).remove(&key);
+            self.record.attribute_expiry.make_mut().remove(&key);
         }
         self.changes.expiry.remove(&key);
         self.changes.keys.insert(key);
@@ -181,7 +181,10 @@ impl Session {
         let key = key.into();
         let expires_at = storable_expiry(expires_at)?;
         self.set(key.clone(), value)?;
-        Arc::make_mut(&mut self.record.attribute_expiry).insert(key.clone(), expires_at);
+        self.record
+            .attribute_expiry
+            .make_mut()
+            .insert(key.clone(), expires_at);
         self.changes.expiry.insert(key, expires_at);
         Ok(())
     }
@@ -194,7 +197,7 @@ impl Session {
         self.changes.keys.insert(key.to_owned());
         self.changes.expiry.remove(key);
         if self.record.attribute_expiry.contains_key(key) {
-            Arc::make_mut(&mut self.record.attribute_expiry).remove(key);
+            self.record.attribute_expiry.make_mut().remove(key);
         }
         if self.record.attributes.contains_key(key) {
             Arc::make_mut(&mut self.record.attributes).remove(key)
@@ -233,7 +236,7 @@ impl Session {
             match self.record.attributes.get(key) {
                 Some(value) => {
                     Arc::make_mut(&mut fresh.record.attributes).insert(key.clone(), value.clone());
-                    let expiry = Arc::make_mut(&mut fresh.record.attribute_expiry);
+                    let expiry = fresh.record.attribute_expiry.make_mut();
                     match self.changes.expiry.get(key) {
                         Some(at) => expiry.insert(key.clone(), *at),
                         None => expiry.remove(key),
@@ -241,7 +244,9 @@ impl Session {
                 }
                 None => {
                     Arc::make_mut(&mut fresh.record.attributes).remove(key);
-                    Arc::make_mut(&mut fresh.record.attribute_expiry).remove(key);
+                    if let Some(expiry) = fresh.record.attribute_expiry.if_any() {
+                        expiry.remove(key);
+                    }
                 }
             }
         }

@@ -215,7 +215,9 @@ impl Storage for MemoryStorage {
         for row in self.lock().sessions.values_mut() {
             if row.user_id.as_ref() == Some(user) && row.attributes.contains_key(key) {
                 Arc::make_mut(&mut row.attributes).remove(key);
-                Arc::make_mut(&mut row.attribute_expiry).remove(key);
+                if let Some(expiry) = row.attribute_expiry.if_any() {
+                    expiry.remove(key);
+                }
                 row.version += 1;
                 row.writes += 1;
                 row.updated_at = now;
@@ -337,7 +339,7 @@ fn stored(row: &Record, d: &Delta<'_>) -> Stored {
 /// The update statement's SET clause.
 fn apply(row: &mut Record, d: &Delta<'_>) {
     let attributes = Arc::make_mut(&mut row.attributes);
-    let expiry = Arc::make_mut(&mut row.attribute_expiry);
+    let expiry = row.attribute_expiry.make_mut();
     for key in &d.removed {
         attributes.remove(*key);
         expiry.remove(*key);

@@ -27,7 +27,7 @@ use crate::error::Result;
 use crate::manager::Status;
 use crate::model::expiry::ExpiryPolicy;
 use crate::model::ids::UserId;
-use crate::model::record::{Client, Record};
+use crate::model::record::{Client, Lean, Record};
 
 /// A storage operation's future.
 pub(crate) type Io<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
@@ -249,9 +249,9 @@ impl NewSession<'_> {
             last_accessed_at: self.now,
             expires_at: self.expires_at,
             attributes: Arc::new(self.attributes.clone()),
-            attribute_expiry: Arc::default(),
+            attribute_expiry: Lean::default(),
             group_id: self.group_id.map(Arc::from),
-            client: Arc::new(self.client.clone()),
+            client: Lean::new(self.client.clone()),
             reads: 0,
             writes: 0,
         }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::model::ids::UserId;
-use crate::model::record::{Client, Record};
+use crate::model::record::{Client, Lean, Record};
 use crate::storage::AttributeExpiry;
 
 /// A whole session row (the columns of `{{cols}}`).
@@ -20,7 +20,7 @@ pub(super) fn record(row: &PgRow) -> Result<Record> {
     let Json(expiry): Json<Map<String, Value>> = row.try_get("attribute_expiry")?;
     let mut record = without_attributes(row, row.try_get("id")?)?;
     record.attributes = Arc::new(attributes);
-    record.attribute_expiry = Arc::new(expiry_from_json(&expiry));
+    record.attribute_expiry = Lean::new(expiry_from_json(&expiry));
     Ok(record)
 }
 
@@ -34,7 +34,7 @@ pub(super) fn written(row: &PgRow, id: Uuid, base: &Record) -> Result<Record> {
     match attributes {
         Some(Json(attributes)) => {
             record.attributes = Arc::new(attributes);
-            record.attribute_expiry = Arc::new(
+            record.attribute_expiry = Lean::new(
                 expiry
                     .map(|Json(e)| expiry_from_json(&e))
                     .unwrap_or_default(),
@@ -62,9 +62,9 @@ fn without_attributes(row: &PgRow, id: Uuid) -> Result<Record> {
         last_accessed_at: row.try_get("last_accessed_at")?,
         expires_at: row.try_get("expires_at")?,
         attributes: Arc::default(),
-        attribute_expiry: Arc::default(),
+        attribute_expiry: Lean::default(),
         group_id: group.map(Arc::from),
-        client: Arc::new(Client {
+        client: Lean::new(Client {
             // Written by pgsession from an IpAddr; anything else (a hand edit) is not one.
             ip: ip.and_then(|ip| ip.parse().ok()),
             user_agent: row.try_get("user_agent")?,
