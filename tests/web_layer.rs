@@ -721,6 +721,11 @@ async fn a_client_reads_its_own_write_on_another_node_at_once() {
          {stale_without_version} of 500 without"
     );
     assert_eq!(stale, 0, "reads on B older than the client's own write");
+    // Reads send no cookie, whatever version theirs carried; writes send the new version.
+    let read = send("GET", &format!("{url_b}/get/n"), Some(&bare(&jar))).await;
+    assert!(read.set_cookie.is_empty(), "{:?}", read.set_cookie);
+    let wrote = send("POST", &format!("{url_b}/set/n/x"), Some(&bare(&jar))).await;
+    assert!(wrote.token().ends_with(".1002"), "{}", wrote.token());
 }
 
 /// 200 concurrent counts from one client, spread over two nodes, end at exactly 200.

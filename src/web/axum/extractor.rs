@@ -48,8 +48,9 @@ struct Shared {
 struct State {
     loaded: bool,
     session: Option<Session>,
-    /// The token that opened `session`, and the version its cookie carried: a write past it
-    /// sends the cookie again with the new version.
+    /// The token that opened `session`, and the version it was read at: a write of this
+    /// request moves past it and sends the cookie again with the new version (a request that
+    /// only reads sends none, whatever version its cookie carried).
     token: Option<SessionToken>,
     cookie_version: i64,
     /// Attributes written while there is no session; they become an anonymous session after
@@ -103,15 +104,16 @@ impl WebSession {
         if !state.loaded {
             for candidate in &self.0.incoming {
                 let (token, version) = (&candidate.token, candidate.version);
+                // At least the version the client last wrote, on whichever node.
                 let found = self
                     .0
                     .manager
                     .get_session_with_version(token, version)
                     .await?;
-                if found.is_some() {
-                    state.session = found;
+                if let Some(session) = found {
+                    state.cookie_version = session.version();
+                    state.session = Some(session);
                     state.token = Some(token.clone());
-                    state.cookie_version = version;
                     break;
                 }
             }
