@@ -7,8 +7,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::process::{
-    PORT_ATTEMPTS, READY_TIMEOUT, accepts_connections, as_server_user, free_port, log_tail,
-    make_root, process_alive, remove_root, server_user,
+    PORT_ATTEMPTS, StartError, Startup, accepts_connections, as_server_user, await_ready,
+    free_port, log_tail, make_root, remove_root, server_user,
 };
 use crate::redact;
 use crate::server::find_bindir;
@@ -79,11 +79,6 @@ struct Controller {
 }
 
 /// Why a start attempt failed: only a lost port race is worth retrying.
-enum StartError {
-    PortTaken(String),
-    Other(String),
-}
-
 impl TempPgBouncer {
     /// Start pgbouncer in front of the PostgreSQL server at `upstream` (e.g.
     /// [`TempPostgres::addr`](crate::TempPostgres::addr), or a
@@ -330,35 +325,26 @@ impl Controller {
             .parse()
             .map_err(|_| StartError::Other(format!("unexpected controller reply {reply:?}")))?;
         let listening = format!("listening on 127.0.0.1:{port}");
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            // The log says *this* pgbouncer bound the port; the probe that it really serves.
-            if log_tail(log, log_start).contains(&listening)
-                && accepts_connections(port, "pgbouncer")
-            {
-                return Ok(());
-            }
-            let died = !process_alive(pid);
-            if died || Instant::now() > deadline {
+        let startup = Startup {
+            name: "pgbouncer",
+            port,
+            pid,
+            log,
+            log_from: log_start,
+            not_ready: "did not accept connections",
+            port_taken: "Address already in use",
+        };
+        // The log says *this* pgbouncer bound the port; the probe that it really serves.
+        await_ready(
+            &startup,
+            || {
+                log_tail(log, log_start).contains(&listening)
+                    && accepts_connections(port, "pgbouncer")
+            },
+            || {
                 let _ = self.send("stop");
-                let tail = log_tail(log, log_start);
-                let what = if died {
-                    "exited during startup"
-                } else {
-                    "did not accept connections within 30 s"
-                };
-                let msg = format!(
-                    "pgbouncer on port {port} {what}; its output ({}) ends with:\n{tail}",
-                    log.display()
-                );
-                return Err(if died && tail.contains("Address already in use") {
-                    StartError::PortTaken(msg)
-                } else {
-                    StartError::Other(msg)
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            },
+        )
     }
 
     /// Closing the pipe makes the controller stop pgbouncer and delete the directory.

@@ -1,6 +1,6 @@
-//! Helpers shared by the throwaway servers ([`TempPostgres`](crate::TempPostgres) and
-//! [`TempPgBouncer`](crate::TempPgBouncer)): their OS user, their private directory, ports,
-//! processes and logs.
+//! Helpers shared by the throwaway servers ([`TempPostgres`](crate::TempPostgres),
+//! [`TempPgBouncer`](crate::TempPgBouncer) and [`TempRedis`](crate::TempRedis)): their OS
+//! user, their private directory, ports, processes, logs and start-up.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -8,10 +8,70 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a start may take before it is reported as failed.
 pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Why one attempt at starting a server failed.
+pub(crate) enum StartError {
+    /// Another process took the port first: try another.
+    PortTaken(String),
+    Other(String),
+}
+
+/// What [`await_ready`] needs to know of the server it waits for.
+pub(crate) struct Startup<'a> {
+    /// As error messages name it ("PostgreSQL", "pgbouncer", "redis-server").
+    pub name: &'a str,
+    pub port: u16,
+    pub pid: u32,
+    pub log: &'a Path,
+    /// Where this attempt's part of the log starts (errors show only that).
+    pub log_from: u64,
+    /// What not being ready within [`READY_TIMEOUT`] means ("did not accept connections").
+    pub not_ready: &'a str,
+    /// Log text that means the port was taken.
+    pub port_taken: &'a str,
+}
+
+/// Wait until `ready()` (the server says it bound *our* port, and a probe that it serves);
+/// when the process exits first or [`READY_TIMEOUT`] passes, `stop()` it and report why, with
+/// the end of its log.
+pub(crate) fn await_ready(
+    s: &Startup<'_>,
+    mut ready: impl FnMut() -> bool,
+    stop: impl FnOnce(),
+) -> Result<(), StartError> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        let died = !process_alive(s.pid);
+        if died || Instant::now() > deadline {
+            stop();
+            let tail = log_tail(s.log, s.log_from);
+            let what = if died {
+                "exited during startup".to_owned()
+            } else {
+                format!("{} within {} s", s.not_ready, READY_TIMEOUT.as_secs())
+            };
+            let msg = format!(
+                "{} on port {} {what}; its log ({}) ends with:\n{tail}",
+                s.name,
+                s.port,
+                s.log.display()
+            );
+            return Err(if died && tail.contains(s.port_taken) {
+                StartError::PortTaken(msg)
+            } else {
+                StartError::Other(msg)
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Attempts at finding a free port: another process may take the one we picked before the
 /// server binds it.
 pub(crate) const PORT_ATTEMPTS: usize = 5;

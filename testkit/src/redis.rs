@@ -3,11 +3,11 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::process::{
-    PORT_ATTEMPTS, READY_TIMEOUT, as_server_user, free_port, log_tail, make_root, process_alive,
-    remove_root,
+    PORT_ATTEMPTS, StartError, Startup, as_server_user, await_ready, free_port, log_tail,
+    make_root, process_alive, remove_root,
 };
 
 /// The shell process that owns redis-server. Its stdin is a pipe written only by this process:
@@ -75,11 +75,6 @@ struct Watchdog {
 }
 
 /// A failed start attempt; a port someone else took in the meantime is worth another try.
-enum Attempt {
-    PortInUse(String),
-    Failed(String),
-}
-
 impl TempRedis {
     /// Start a new server. Blocks until it answers `PING`; it does not need or use a tokio
     /// runtime, so it may be called from sync code or from inside a runtime.
@@ -137,8 +132,8 @@ impl TempRedis {
                         watchdog,
                     });
                 }
-                Err(Attempt::PortInUse(e)) => error = e,
-                Err(Attempt::Failed(e)) => {
+                Err(StartError::PortTaken(e)) => error = e,
+                Err(StartError::Other(e)) => {
                     error = e;
                     break;
                 }
@@ -198,44 +193,33 @@ impl Watchdog {
     }
 
     /// Start redis-server on `port` and wait until it serves.
-    fn launch(&mut self, port: u16, log: &Path) -> Result<(), Attempt> {
+    fn launch(&mut self, port: u16, log: &Path) -> Result<(), StartError> {
         // Report only what this attempt logged.
         let from = std::fs::metadata(log).map_or(0, |m| m.len());
         let answer = self
             .ask(&format!("launch {port}"))
-            .map_err(Attempt::Failed)?;
+            .map_err(StartError::Other)?;
         let pid: u32 = answer
             .parse()
-            .map_err(|_| Attempt::Failed(format!("unexpected watchdog answer {answer:?}")))?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            // The log line says that *this* server bound the port (a PONG alone could come from
-            // another server that took it first); the PING that it serves.
-            if process_alive(pid) && log_tail(log, from).contains(READY_LINE) && answers_ping(port)
-            {
-                return Ok(());
-            }
-            let exited = !process_alive(pid);
-            if exited || Instant::now() > deadline {
+            .map_err(|_| StartError::Other(format!("unexpected watchdog answer {answer:?}")))?;
+        let startup = Startup {
+            name: "redis-server",
+            port,
+            pid,
+            log,
+            log_from: from,
+            not_ready: "did not answer PING",
+            port_taken: "already in use",
+        };
+        // The log line says that *this* server bound the port (a PONG alone could come from
+        // another server that took it first); the PING that it serves.
+        await_ready(
+            &startup,
+            || process_alive(pid) && log_tail(log, from).contains(READY_LINE) && answers_ping(port),
+            || {
                 let _ = self.ask("halt");
-                let output = log_tail(log, from);
-                let what = if exited {
-                    "exited during startup"
-                } else {
-                    "did not answer PING within 30 s"
-                };
-                let message = format!(
-                    "redis-server on port {port} {what}; its log ({}) ends with:\n{output}",
-                    log.display()
-                );
-                return Err(if exited && output.contains("already in use") {
-                    Attempt::PortInUse(message)
-                } else {
-                    Attempt::Failed(message)
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            },
+        )
     }
 
     /// Closing the pipe makes the watchdog stop the server and delete the directory.

@@ -4,11 +4,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use crate::process::{
-    PORT_ATTEMPTS, READY_TIMEOUT, accepts_connections, as_server_user, free_port, log_tail,
-    make_root, process_alive, remove_root, server_user,
+    PORT_ATTEMPTS, StartError, Startup, accepts_connections, as_server_user, await_ready,
+    free_port, make_root, remove_root, server_user,
 };
 
 /// The controller that owns the server process. It runs as the server's OS user so that it may
@@ -83,11 +82,6 @@ struct Controller {
 }
 
 /// Why a start attempt failed: only a lost port race is worth retrying.
-enum StartError {
-    PortTaken(String),
-    Other(String),
-}
-
 impl TempPostgres {
     /// Start a new server with [`ServerOptions::default`].
     ///
@@ -337,33 +331,23 @@ impl Controller {
             .parse()
             .map_err(|_| StartError::Other(format!("unexpected controller reply {reply:?}")))?;
         self.postmaster = Some(pid);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            // The pid file says the server bound *our* port; the probe that it really serves.
-            if pid_file_ready(data_dir, pid) && accepts_connections(port, "postgres") {
-                return Ok(());
-            }
-            let died = !process_alive(pid);
-            if died || Instant::now() > deadline {
+        let startup = Startup {
+            name: "PostgreSQL",
+            port,
+            pid,
+            log,
+            log_from: log_start,
+            not_ready: "did not accept connections",
+            port_taken: "could not bind",
+        };
+        // The pid file says the server bound *our* port; the probe that it really serves.
+        await_ready(
+            &startup,
+            || pid_file_ready(data_dir, pid) && accepts_connections(port, "postgres"),
+            || {
                 let _ = self.stop();
-                let tail = log_tail(log, log_start);
-                let what = if died {
-                    "exited during startup"
-                } else {
-                    "did not accept connections within 30 s"
-                };
-                let msg = format!(
-                    "PostgreSQL on port {port} {what}; its log ({}) ends with:\n{tail}",
-                    log.display()
-                );
-                return Err(if died && tail.contains("could not bind") {
-                    StartError::PortTaken(msg)
-                } else {
-                    StartError::Other(msg)
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            },
+        )
     }
 
     fn start_again(&mut self, server: &TempPostgres) -> Result<(), String> {
