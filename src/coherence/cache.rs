@@ -129,6 +129,19 @@ impl Shard {
                     .all(|x| *x != id))
     }
 
+    /// Push out the least recently used session to make room; it leaves its version as a
+    /// floor, so that an older copy of it being read right now cannot come back. Returns
+    /// whether there was one.
+    fn push_out_lru(&mut self) -> bool {
+        match self.lru.pop_lru() {
+            Some((evicted, old)) => {
+                self.floor(evicted, old.session.version);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// This node has seen (handed out, or learnt the deletion of, with `i64::MAX`) version
     /// `version` of `id`: a fill under way with an older copy must not install it, or reads
     /// on this node would go back in version. Fills of other sessions are unaffected.
@@ -572,15 +585,11 @@ impl Cache {
             // Push out this shard's least recently used session, unless this shard holds
             // less than half its share: then one of a fuller shard's (its lock is tried, not
             // waited for, as this shard's is held).
-            let share = self.capacity() / self.shards.len();
-            let pushed_out = (shard.lru.len() * 2 < share && self.push_out_elsewhere())
-                || match shard.lru.pop_lru() {
-                    Some((evicted, old)) => {
-                        shard.floor(evicted, old.session.version);
-                        true
-                    }
-                    None => self.push_out_elsewhere(),
-                };
+            let home = self.picker.pick(&id);
+            let share = self.capacity / self.shards.len();
+            let pushed_out = (shard.lru.len() * 2 < share && self.push_out_elsewhere(home))
+                || shard.push_out_lru()
+                || self.push_out_elsewhere(home);
             if !pushed_out {
                 return false;
             }
@@ -589,31 +598,17 @@ impl Cache {
         true
     }
 
-    /// Push out the least recently used session of the first other shard, from a random
-    /// one on, whose lock is free and that holds at least its share. Returns whether one was.
-    fn push_out_elsewhere(&self) -> bool {
+    /// Push out the least recently used session of the first shard after `home` whose lock
+    /// is free and that holds at least its share. Returns whether one was.
+    fn push_out_elsewhere(&self, home: usize) -> bool {
         let n = self.shards.len();
-        let share = (self.capacity() / n).max(1);
-        let start = self.picker.pick(&Uuid::new_v4());
-        (0..n).any(|k| {
-            let Ok(mut other) = self.shards[(start + k) % n].0.try_lock() else {
+        let share = (self.capacity / n).max(1);
+        (1..n).any(|k| {
+            let Ok(mut other) = self.shards[(home + k) % n].0.try_lock() else {
                 return false;
             };
-            if other.lru.len() < share {
-                return false;
-            }
-            match other.lru.pop_lru() {
-                Some((evicted, old)) => {
-                    other.floor(evicted, old.session.version);
-                    true
-                }
-                None => false,
-            }
+            other.lru.len() >= share && other.push_out_lru()
         })
-    }
-
-    fn capacity(&self) -> usize {
-        self.capacity
     }
 
     /// Evict `id` from `shard`, giving its room back. Returns whether it was cached.

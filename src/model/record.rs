@@ -88,11 +88,6 @@ impl<T: Blank> Lean<T> {
     pub(crate) fn make_mut(&mut self) -> &mut T {
         Arc::make_mut(self.0.get_or_insert_with(|| Arc::new(T::blank().clone())))
     }
-
-    /// The value to change if it is not blank (removing from a blank value changes nothing).
-    pub(crate) fn if_any(&mut self) -> Option<&mut T> {
-        self.0.as_mut().map(Arc::make_mut)
-    }
 }
 
 impl<T: Blank> std::ops::Deref for Lean<T> {
@@ -122,6 +117,14 @@ impl Record {
     /// Whether attribute `key` has expired at `now`.
     pub(crate) fn attribute_expired(&self, key: &str, now: DateTime<Utc>) -> bool {
         self.attribute_expiry.get(key).is_some_and(|at| *at <= now)
+    }
+
+    /// `key` no longer expires on its own (set again, or removed). Copies the shared expiry
+    /// map only when it holds `key`.
+    pub(crate) fn forget_expiry(&mut self, key: &str) {
+        if self.attribute_expiry.contains_key(key) {
+            self.attribute_expiry.make_mut().remove(key);
+        }
     }
 
     /// Drop the attributes expired at `now` from this copy (they are invisible to every read).

@@ -159,9 +159,7 @@ impl Session {
         let key = key.into();
         let value = crate::model::json::encode(&key, value, self.max_attribute_size)?;
         Arc::make_mut(&mut self.record.attributes).insert(key.clone(), value);
-        if self.record.attribute_expiry.contains_key(&key) {
-            self.record.attribute_expiry.make_mut().remove(&key);
-        }
+        self.record.forget_expiry(&key);
         self.changes.expiry.remove(&key);
         self.changes.keys.insert(key);
         Ok(())
@@ -196,9 +194,7 @@ impl Session {
     pub fn remove(&mut self, key: &str) -> Option<Value> {
         self.changes.keys.insert(key.to_owned());
         self.changes.expiry.remove(key);
-        if self.record.attribute_expiry.contains_key(key) {
-            self.record.attribute_expiry.make_mut().remove(key);
-        }
+        self.record.forget_expiry(key);
         if self.record.attributes.contains_key(key) {
             Arc::make_mut(&mut self.record.attributes).remove(key)
         } else {
@@ -236,17 +232,20 @@ impl Session {
             match self.record.attributes.get(key) {
                 Some(value) => {
                     Arc::make_mut(&mut fresh.record.attributes).insert(key.clone(), value.clone());
-                    let expiry = fresh.record.attribute_expiry.make_mut();
                     match self.changes.expiry.get(key) {
-                        Some(at) => expiry.insert(key.clone(), *at),
-                        None => expiry.remove(key),
-                    };
+                        Some(at) => {
+                            fresh
+                                .record
+                                .attribute_expiry
+                                .make_mut()
+                                .insert(key.clone(), *at);
+                        }
+                        None => fresh.record.forget_expiry(key),
+                    }
                 }
                 None => {
                     Arc::make_mut(&mut fresh.record.attributes).remove(key);
-                    if let Some(expiry) = fresh.record.attribute_expiry.if_any() {
-                        expiry.remove(key);
-                    }
+                    fresh.record.forget_expiry(key);
                 }
             }
         }

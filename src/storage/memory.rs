@@ -215,9 +215,7 @@ impl Storage for MemoryStorage {
         for row in self.lock().sessions.values_mut() {
             if row.user_id.as_ref() == Some(user) && row.attributes.contains_key(key) {
                 Arc::make_mut(&mut row.attributes).remove(key);
-                if let Some(expiry) = row.attribute_expiry.if_any() {
-                    expiry.remove(key);
-                }
+                row.forget_expiry(key);
                 row.version += 1;
                 row.writes += 1;
                 row.updated_at = now;
@@ -339,16 +337,24 @@ fn stored(row: &Record, d: &Delta<'_>) -> Stored {
 /// The update statement's SET clause.
 fn apply(row: &mut Record, d: &Delta<'_>) {
     let attributes = Arc::make_mut(&mut row.attributes);
-    let expiry = row.attribute_expiry.make_mut();
     for key in &d.removed {
         attributes.remove(*key);
-        expiry.remove(*key);
     }
     for (key, value) in &d.set {
         attributes.insert(key.clone(), value.clone());
-        expiry.remove(key);
     }
-    expiry.extend(d.set_expiry.iter().map(|(k, at)| (k.clone(), *at)));
+    for key in d
+        .removed
+        .iter()
+        .copied()
+        .chain(d.set.keys().map(String::as_str))
+    {
+        row.forget_expiry(key);
+    }
+    if !d.set_expiry.is_empty() {
+        let expiry = row.attribute_expiry.make_mut();
+        expiry.extend(d.set_expiry.iter().map(|(k, at)| (k.clone(), *at)));
+    }
     if let Some(at) = d.expires_at {
         row.expires_at = at;
     }

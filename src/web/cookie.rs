@@ -7,10 +7,9 @@
 
 use crate::SessionToken;
 
-/// Candidates for the session cookie kept per request; more are ignored (a browser sends
+/// Candidates for the session cookie tried per request; more are ignored (a browser sends
 /// one per matching path and domain, so a handful at most).
-#[cfg_attr(not(feature = "axum"), allow(dead_code))]
-const MAX_CANDIDATES: usize = 4;
+pub(crate) const MAX_CANDIDATES: usize = 4;
 
 /// A session cookie found in a request: the token and the least version to serve.
 #[derive(Clone, Debug)]

@@ -15,10 +15,6 @@ use crate::web::cookie;
 use super::scope::*;
 use super::store::*;
 
-/// Cookies of the session's name the guard tries per request; more are ignored (a browser
-/// sends one per matching path and domain, so a handful at most).
-pub(super) const MAX_TRIED: usize = 4;
-
 /// Middleware that makes actix-session find its cookie where actix-web alone would lose it,
 /// and lets [`PgSessionStore`] save exact deltas. Made by [`PgSessionStore::cookie_guard`];
 /// wrap it outside `SessionMiddleware` (after it: `.wrap(session).wrap(guard)`), and outside
@@ -119,7 +115,7 @@ impl CookieGuard {
 
         let mut found = None;
         let mut failed = false;
-        for &i in ours.iter().take(MAX_TRIED) {
+        for &i in ours.iter().take(cookie::MAX_CANDIDATES) {
             let Some(key) = self.open(&pairs[i]) else {
                 continue;
             };

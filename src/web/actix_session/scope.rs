@@ -32,14 +32,8 @@ pub(super) struct Loaded {
 
 impl RequestScope {
     pub(super) fn client_options(&self) -> SessionOptions {
-        let mut options = SessionOptions::new();
-        if let Some(ip) = self.peer {
-            options = options.ip(ip);
-        }
-        if let Some(agent) = self.agent.as_ref().and_then(|v| v.to_str().ok()) {
-            options = options.user_agent(agent);
-        }
-        options
+        let user_agent = self.agent.as_ref().and_then(|v| v.to_str().ok());
+        crate::web::client_options(self.peer, user_agent)
     }
 }
 

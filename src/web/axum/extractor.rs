@@ -63,7 +63,8 @@ struct State {
 enum CookieChange {
     #[default]
     None,
-    Set(SessionToken),
+    /// The session moved to a new token (`State::token`).
+    NewToken,
     Remove,
 }
 
@@ -313,8 +314,8 @@ impl WebSession {
                 token
             }
         };
-        state.token = Some(token.clone());
-        state.cookie = CookieChange::Set(token);
+        state.token = Some(token);
+        state.cookie = CookieChange::NewToken;
         Ok(())
     }
 
@@ -328,8 +329,8 @@ impl WebSession {
         let mut state = self.state().await?;
         if let Some(session) = &mut state.session {
             let token = self.0.manager.rotate_session(session).await?;
-            state.token = Some(token.clone());
-            state.cookie = CookieChange::Set(token);
+            state.token = Some(token);
+            state.cookie = CookieChange::NewToken;
         }
         Ok(())
     }
@@ -379,7 +380,7 @@ impl WebSession {
         // Remove only a cookie the browser has; never send a removal on a request that came
         // without one.
         let had_cookie =
-            !self.0.incoming.is_empty() || matches!(state.cookie, CookieChange::Set(_));
+            !self.0.incoming.is_empty() || matches!(state.cookie, CookieChange::NewToken);
         state.cookie = if had_cookie {
             CookieChange::Remove
         } else {
@@ -403,12 +404,12 @@ impl WebSession {
             *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         }
         let header = match (&state.cookie, &state.session, &state.token) {
-            (CookieChange::Set(token), Some(session), _) => cookie.header(Some((token, session))),
             (CookieChange::Remove, _, _) => cookie.header(None),
-            // A write moved the session past the version the cookie carries: the client's
-            // next request, on whichever node, must see at least this one.
-            (CookieChange::None, Some(session), Some(token))
-                if session.version() > state.cookie_version =>
+            // A new token, or a write that moved the session past the version the cookie
+            // carries: the client's next request, on whichever node, must see at least this.
+            (change, Some(session), Some(token))
+                if matches!(change, CookieChange::NewToken)
+                    || session.version() > state.cookie_version =>
             {
                 cookie.header(Some((token, session)))
             }
@@ -434,8 +435,8 @@ impl WebSession {
                     .create_session_with(self.0.client.options(), attributes)
                     .await?;
                 state.session = Some(session);
-                state.token = Some(token.clone());
-                state.cookie = CookieChange::Set(token);
+                state.token = Some(token);
+                state.cookie = CookieChange::NewToken;
                 Ok(())
             }
             None => Ok(()),

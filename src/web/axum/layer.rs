@@ -73,21 +73,10 @@ pub(super) struct ClientInfo {
 impl ClientInfo {
     /// The options a session created for this client is created with.
     pub(super) fn options(&self) -> SessionOptions {
-        let mut options = SessionOptions::new();
-        if let Some(ua) = self.user_agent.as_ref().and_then(|v| v.to_str().ok()) {
-            let end = ua.len().min(USER_AGENT_READ);
-            options = options.user_agent(&ua[..end]); // ASCII: any index is a boundary
-        }
-        if let Some(ip) = self.ip {
-            options = options.ip(ip);
-        }
-        options
+        let user_agent = self.user_agent.as_ref().and_then(|v| v.to_str().ok());
+        crate::web::client_options(self.ip, user_agent)
     }
 }
-
-/// Longest `User-Agent` header read; longer ones are cut (see
-/// [`SessionOptions::user_agent`](crate::SessionOptions::user_agent)).
-const USER_AGENT_READ: usize = crate::MAX_USER_AGENT_LEN;
 
 /// The rightmost address of the request's `X-Forwarded-For` header: the one the nearest proxy
 /// added. For [`SessionLayer::with_client_ip`] behind exactly one reverse proxy that sets the
