@@ -11,6 +11,9 @@
 //! cargo bench --bench cache
 //! ```
 //!
+//! `PGSESSION_BENCH_HITS_ONLY=1` stops after the cache hits (to alternate builds or profile);
+//! `PGSESSION_BENCH_HIT_ROUNDS=N` sets the number of interleaved hit rounds (3).
+//!
 //! Uses `DATABASE_URL` if set, otherwise a private PostgreSQL with fsync on (as production).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +48,11 @@ impl Samples {
 
 fn us(ns: f64) -> String {
     format!("{:.2} us", ns / 1000.0)
+}
+
+/// Sub-microsecond figures (cache hits), to the nanosecond.
+fn ns(ns: f64) -> String {
+    format!("{ns:.0} ns")
 }
 
 fn main() {
@@ -144,8 +152,12 @@ async fn run(url: String) {
     // Interleave 1- and 2-thread rounds so that machine noise hits both alike; report the
     // round with the median throughput of each.
     let per_thread = 200_000;
-    let mut rounds: [Vec<(f64, Samples)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
-    for _ in 0..3 {
+    let round_count: usize = std::env::var("PGSESSION_BENCH_HIT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut rounds: [Vec<(f64, Samples)>; 4] = Default::default();
+    for _ in 0..round_count {
         for (i, (manager, tokens, threads)) in [(&b, &ids, 1), (&b, &ids, 2), (&sb, &signed, 1)]
             .into_iter()
             .enumerate()
@@ -154,34 +166,84 @@ async fn run(url: String) {
             let tput = (threads * per_thread) as f64 / elapsed.as_secs_f64();
             rounds[i].push((tput, samples));
         }
+        let (samples, elapsed) = moka_run(2000, per_thread);
+        rounds[3].push((per_thread as f64 / elapsed.as_secs_f64(), samples));
     }
-    let [mut one_rounds, mut two_rounds, mut signed_rounds] = rounds;
-    for r in [&mut one_rounds, &mut two_rounds, &mut signed_rounds] {
+    // Each round's median latency, to show the spread across rounds.
+    let spread = |r: &mut Vec<(f64, Samples)>| {
+        let mut medians: Vec<f64> = r.iter_mut().map(|(_, s)| s.median()).collect();
+        medians.sort_by(f64::total_cmp);
+        format!(
+            "rounds {:.0}-{:.0} ns",
+            medians[0],
+            medians[medians.len() - 1]
+        )
+    };
+    let [
+        mut one_rounds,
+        mut two_rounds,
+        mut signed_rounds,
+        mut moka_rounds,
+    ] = rounds;
+    let spreads: Vec<String> = [
+        &mut one_rounds,
+        &mut two_rounds,
+        &mut signed_rounds,
+        &mut moka_rounds,
+    ]
+    .into_iter()
+    .map(|r| {
         r.sort_by(|x, y| x.0.total_cmp(&y.0));
-    }
-    let (one_tput, mut one) = one_rounds.swap_remove(1);
-    let (two_tput, mut two) = two_rounds.swap_remove(1);
-    let (signed_tput, mut signed_hits) = signed_rounds.swap_remove(1);
-    println!("cache hit, get_session (small attributes; median of 3 interleaved rounds)");
+        spread(r)
+    })
+    .collect();
+    let mid = round_count / 2;
+    let (one_tput, mut one) = one_rounds.swap_remove(mid);
+    let (two_tput, mut two) = two_rounds.swap_remove(mid);
+    let (signed_tput, mut signed_hits) = signed_rounds.swap_remove(mid);
+    let (_, mut moka) = moka_rounds.swap_remove(mid);
+    println!(
+        "cache hit, get_session (small attributes; the round with the median throughput of \
+         {round_count} interleaved rounds, each timed per call)"
+    );
     println!(
         "  1 thread : median {}  p99 {}  {:>10.0} ops/s",
-        us(one.median()),
-        us(one.percentile(0.99)),
+        ns(one.median()),
+        ns(one.percentile(0.99)),
         one_tput
     );
     println!(
         "  2 threads: median {}  p99 {}  {:>10.0} ops/s  ({:.2}x the 1-thread throughput)",
-        us(two.median()),
-        us(two.percentile(0.99)),
+        ns(two.median()),
+        ns(two.percentile(0.99)),
         two_tput,
         two_tput / one_tput
     );
     println!(
         "  1 thread, signed tokens (tag checked): median {}  p99 {}  {:>10.0} ops/s",
-        us(signed_hits.median()),
-        us(signed_hits.percentile(0.99)),
+        ns(signed_hits.median()),
+        ns(signed_hits.percentile(0.99)),
         signed_tput
     );
+    let moka_med = moka.median();
+    println!(
+        "  peer: a raw moka::sync::Cache get of an Arc'd map under a precomputed key, 1 thread: \
+         median {}  p99 {}",
+        ns(moka_med),
+        ns(moka.percentile(0.99))
+    );
+    println!(
+        "  ratio to the raw moka get: plain {:.2}x, signed {:.2}x",
+        one.median() / moka_med,
+        signed_hits.median() / moka_med
+    );
+    println!(
+        "  spread of round medians: 1 thread {}; 2 threads {}; signed {}; moka {}",
+        spreads[0], spreads[1], spreads[2], spreads[3]
+    );
+    if std::env::var_os("PGSESSION_BENCH_HITS_ONLY").is_some() {
+        return;
+    }
 
     // ---- cache misses vs raw select ------------------------------------------------------
     let raw_pool = PgPoolOptions::new()
@@ -571,6 +633,33 @@ fn hit_run(
         all.0.extend(h.join().unwrap().0);
     }
     (all, started.elapsed())
+}
+
+/// The floor a cache hit is held to: a raw Moka get (no expiry, no coherence, no token) of a
+/// shared map, timed per call as `hit_run` times `get_session`.
+fn moka_run(sessions: usize, per_thread: usize) -> (Samples, Duration) {
+    let cache: moka::sync::Cache<Uuid, Arc<serde_json::Map<String, serde_json::Value>>> =
+        moka::sync::Cache::new(100_000);
+    let keys: Vec<Uuid> = (0..sessions).map(|_| Uuid::new_v4()).collect();
+    let mut map = serde_json::Map::new();
+    map.insert("role".into(), json!("admin"));
+    map.insert("theme".into(), json!("dark"));
+    let map = Arc::new(map);
+    for k in &keys {
+        cache.insert(*k, map.clone());
+    }
+    for k in keys.iter().cycle().take(20_000) {
+        assert!(cache.get(k).is_some());
+    }
+    let mut samples = Samples(Vec::with_capacity(per_thread));
+    let started = Instant::now();
+    for k in keys.iter().cycle().take(per_thread) {
+        let t = Instant::now();
+        let v = cache.get(k);
+        samples.push(t.elapsed());
+        assert!(v.is_some());
+    }
+    (samples, started.elapsed())
 }
 
 fn redact(url: &str) -> String {

@@ -186,6 +186,10 @@ impl Touches {
 
     async fn flush_all(&self, store: &dyn Storage, batch: usize) -> Result<u64> {
         let _one_at_a_time = self.flushing.lock().await;
+        // Hits note their accesses in the cache; from here on they stay until written.
+        for served in store.take_served() {
+            self.add(served.id, served.at, served.reads);
+        }
         let items = self.snapshot();
         let mut written = 0;
         for chunk in items.chunks(batch) {

@@ -35,13 +35,14 @@
 //!   a later access.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use chrono::{DateTime, Utc};
 use lru::LruCache;
 use uuid::Uuid;
 
+use super::lease::Lease;
 use crate::model::ids::UserId;
 use crate::model::record::Record;
 use crate::model::token::{TAG_LEN, same_tag};
@@ -51,11 +52,30 @@ use crate::shard::{Padded, ShardPicker, shard_count};
 pub(crate) type Tag = [u8; TAG_LEN];
 
 struct Entry {
+    /// Its reads count this node's hits on it since it was cached.
     session: Record,
     /// After this instant the entry must be re-read (`cache_max_age`).
     stale_after: DateTime<Utc>,
     /// The tag of the signed token verified for this session, if one was.
     tag: Option<Tag>,
+    /// Hits not yet handed to the last-access writer ([`Cache::take_served`]): kept in the
+    /// entry a hit already holds, rather than in a table of their own, so that a hit touches
+    /// no other memory and takes no other lock.
+    served: Option<Served>,
+}
+
+/// Accesses served from the cache and not yet handed over: the latest, and how many.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Served {
+    pub at: DateTime<Utc>,
+    pub reads: i64,
+}
+
+impl Served {
+    fn merge(&mut self, other: Served) {
+        self.at = self.at.max(other.at);
+        self.reads += other.reads;
+    }
 }
 
 /// What a lookup's caller vouches for about the token it looks up with.
@@ -81,6 +101,10 @@ struct Shard {
     /// The sessions of the latest invalidations of one session each, oldest first, since the
     /// last invalidation of the whole shard (see [`Shard::unchanged_since`]).
     recent: VecDeque<Uuid>,
+    /// The entries that hold served accesses (with ids of entries gone since, skipped).
+    served: Vec<Uuid>,
+    /// Served accesses of entries that left the cache before handing them over.
+    served_elsewhere: HashMap<Uuid, Served>,
     hits: u64,
     misses: u64,
     fills_rejected: u64,
@@ -136,10 +160,31 @@ impl Shard {
         match self.lru.pop_lru() {
             Some((evicted, old)) => {
                 self.floor(evicted, old.session.version);
+                self.keep_served(evicted, old);
                 true
             }
             None => false,
         }
+    }
+
+    /// `entry` of `id` left the cache: what was served from it is still to be handed over.
+    fn keep_served(&mut self, id: Uuid, entry: Entry) {
+        if let Some(served) = entry.served {
+            self.served_elsewhere
+                .entry(id)
+                .and_modify(|s| s.merge(served))
+                .or_insert(served);
+        }
+    }
+
+    /// Every served access not yet handed over, into `out`.
+    fn take_served(&mut self, out: &mut Vec<(Uuid, Served)>) {
+        for id in std::mem::take(&mut self.served) {
+            if let Some(served) = self.lru.peek_mut(&id).and_then(|e| e.served.take()) {
+                out.push((id, served));
+            }
+        }
+        out.extend(self.served_elsewhere.drain());
     }
 
     /// This node has seen (handed out, or learnt the deletion of, with `i64::MAX`) version
@@ -183,6 +228,14 @@ impl Shard {
         if entry.session.last_accessed_at < now {
             entry.session.last_accessed_at = now;
         }
+        entry.session.reads += 1;
+        match &mut entry.served {
+            Some(served) => served.merge(Served { at: now, reads: 1 }),
+            None => {
+                entry.served = Some(Served { at: now, reads: 1 });
+                self.served.push(id);
+            }
+        }
         let session = entry.session.clone();
         self.hits += 1;
         Some(session)
@@ -221,12 +274,8 @@ pub(crate) struct Cache {
     free: AtomicUsize,
     capacity: usize,
     picker: ShardPicker,
-    trusted: AtomicBool,
-    /// Trust also lapses by itself at this instant (nanoseconds since `clock`) unless the
-    /// listener renews it: a listener that stops hearing anything, or whose task does not get
-    /// to run, cannot leave the cache trusted for longer than that.
-    lease_until: AtomicU64,
-    clock: std::time::Instant,
+    /// Whether the listener vouches for what is cached, and for how long.
+    lease: Lease,
     max_age: Option<chrono::Duration>,
 }
 
@@ -245,6 +294,8 @@ impl Cache {
                     generation: 0,
                     floors: HashMap::new(),
                     recent: VecDeque::with_capacity(RECENT_PER_SHARD),
+                    served: Vec::new(),
+                    served_elsewhere: HashMap::new(),
                     hits: 0,
                     misses: 0,
                     fills_rejected: 0,
@@ -256,9 +307,7 @@ impl Cache {
             free: AtomicUsize::new(capacity),
             capacity,
             picker: ShardPicker::new(n.max(1)),
-            trusted: AtomicBool::new(false),
-            lease_until: AtomicU64::new(0),
-            clock: std::time::Instant::now(),
+            lease: Lease::new(),
             max_age,
         }
     }
@@ -278,14 +327,12 @@ impl Cache {
     }
 
     fn is_trusted(&self) -> bool {
-        self.trusted.load(Ordering::Acquire)
-            && (self.clock.elapsed().as_nanos() as u64) < self.lease_until.load(Ordering::Acquire)
+        self.lease.holds()
     }
 
-    /// Extend the lease on trust to `lease` from now (see `lease_until`).
+    /// Extend the lease on trust to `lease` from now.
     pub(crate) fn renew(&self, lease: std::time::Duration) {
-        let until = (self.clock.elapsed() + lease).as_nanos() as u64;
-        self.lease_until.fetch_max(until, Ordering::AcqRel);
+        self.lease.renew(lease);
     }
 
     /// Look a session up. A hit records `now` as its last access in the cached copy.
@@ -488,9 +535,7 @@ impl Cache {
         for i in 0..self.shards.len() {
             let mut shard = self.lock(i);
             shard.bump();
-            let before = shard.lru.len();
-            shard.lru.retain(|_, e| !doomed(&e.session));
-            evicted += self.released(before - shard.lru.len());
+            evicted += self.remove_where(&mut shard, |_, e| !doomed(&e.session));
         }
         evicted
     }
@@ -500,15 +545,14 @@ impl Cache {
         for i in 0..self.shards.len() {
             let mut shard = self.lock(i);
             shard.bump();
-            self.released(shard.lru.len());
-            shard.lru.clear();
+            self.remove_where(&mut shard, |_, _| false);
         }
     }
 
     /// Stop serving and filling until [`trust`](Self::trust) is called; fills already under way
     /// will be rejected.
     pub(crate) fn distrust(&self) {
-        self.trusted.store(false, Ordering::Release);
+        self.lease.distrust();
         for i in 0..self.shards.len() {
             self.lock(i).bump();
         }
@@ -516,8 +560,7 @@ impl Cache {
 
     /// Serve and fill again (after a resynchronisation), for `lease` unless renewed.
     pub(crate) fn trust(&self, lease: std::time::Duration) {
-        self.renew(lease);
-        self.trusted.store(true, Ordering::Release);
+        self.lease.trust(lease);
     }
 
     /// Whether the cache is currently trusted.
@@ -543,11 +586,9 @@ impl Cache {
         for i in 0..self.shards.len() {
             let mut shard = self.lock(i);
             shard.bump();
-            let before = shard.lru.len();
-            shard
-                .lru
-                .retain(|id, e| current.get(id) == Some(&e.session.version));
-            evicted += self.released(before - shard.lru.len());
+            evicted += self.remove_where(&mut shard, |id, e| {
+                current.get(id) == Some(&e.session.version)
+            });
         }
         evicted
     }
@@ -573,6 +614,11 @@ impl Cache {
         if let Some(old) = shard.lru.get_mut(&id) {
             if entry.tag.is_none() {
                 entry.tag = old.tag;
+            }
+            // Served accesses stay to be handed over, and counted in the new copy's reads.
+            if let Some(served) = old.served {
+                entry.session.reads += served.reads;
+                entry.served = Some(served);
             }
             *old = entry;
             return true;
@@ -613,9 +659,79 @@ impl Cache {
 
     /// Evict `id` from `shard`, giving its room back. Returns whether it was cached.
     fn remove(&self, shard: &mut Shard, id: &Uuid) -> bool {
-        let gone = shard.lru.pop(id).is_some();
-        self.released(usize::from(gone));
-        gone
+        match shard.lru.pop(id) {
+            Some(entry) => {
+                shard.keep_served(*id, entry);
+                self.released(1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Evict every entry of `shard` that `keep` refuses. Returns how many were.
+    fn remove_where(&self, shard: &mut Shard, keep: impl Fn(&Uuid, &Entry) -> bool) -> usize {
+        let doomed: Vec<Uuid> = shard
+            .lru
+            .iter()
+            .filter(|(id, e)| !keep(id, e))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &doomed {
+            self.remove(shard, id);
+        }
+        doomed.len()
+    }
+
+    /// Hand over every access served from the cache since the last call: to be written by
+    /// the last-access flush.
+    pub(crate) fn take_served(&self) -> Vec<(Uuid, Served)> {
+        let mut out = Vec::new();
+        for i in 0..self.shards.len() {
+            self.lock(i).take_served(&mut out);
+        }
+        out
+    }
+
+    #[cfg(test)]
+    fn peek_reads(&self, id: Uuid) -> Option<i64> {
+        self.lock(self.picker.pick(&id))
+            .lru
+            .peek(&id)
+            .map(|e| e.session.reads)
+    }
+
+    /// The sessions with accesses served from the cache and not yet handed over.
+    pub(crate) fn served_sessions(&self) -> Vec<Uuid> {
+        let mut out = Vec::new();
+        for i in 0..self.shards.len() {
+            let shard = self.lock(i);
+            out.extend(shard.served_elsewhere.keys().copied());
+            out.extend(shard.served.iter().filter(|id| {
+                !shard.served_elsewhere.contains_key(id)
+                    && shard.lru.peek(id).is_some_and(|e| e.served.is_some())
+            }));
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The accesses served from the cache for `id` and not yet handed over.
+    pub(crate) fn served(&self, id: Uuid) -> Option<Served> {
+        if !self.enabled() {
+            return None;
+        }
+        let shard = self.lock(self.picker.pick(&id));
+        let cached = shard.lru.peek(&id).and_then(|e| e.served);
+        let elsewhere = shard.served_elsewhere.get(&id).copied();
+        match (cached, elsewhere) {
+            (Some(mut a), Some(b)) => {
+                a.merge(b);
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        }
     }
 
     /// `n` entries left the cache: their room goes back to the budget. Returns `n`.
@@ -630,6 +746,7 @@ impl Cache {
         Entry {
             session: session.clone(),
             tag,
+            served: None,
             stale_after: self
                 .max_age
                 .and_then(|age| now.checked_add_signed(age))
@@ -671,6 +788,53 @@ mod tests {
             cache.lookup(id, Utc::now(), None, Proof::Any, 0),
             Lookup::Hit(_)
         )
+    }
+
+    fn served_of(cache: &Cache) -> HashMap<Uuid, Served> {
+        let taken = cache.take_served();
+        let n = taken.len();
+        let map: HashMap<Uuid, Served> = taken.into_iter().collect();
+        assert_eq!(map.len(), n, "each session handed over once");
+        map
+    }
+
+    #[test]
+    fn hits_note_their_accesses_until_taken_even_when_the_entry_leaves() {
+        let cache = Cache::new(2, None);
+        cache.trust(std::time::Duration::from_secs(3600));
+        let t0 = Utc::now();
+        let (a, b) = (fill_new(&cache, 1), fill_new(&cache, 1));
+        for k in 0..3 {
+            let at = t0 + chrono::Duration::seconds(k);
+            let Lookup::Hit(r) = cache.lookup(a, at, None, Proof::Any, 0) else {
+                panic!("a hit");
+            };
+            assert_eq!(r.reads, k + 1, "the copy counts this node's hits on it");
+        }
+        assert!(cache.serve(b, t0, None, Proof::Any, 0).is_some());
+        assert_eq!(
+            cache.served(a),
+            Some(Served {
+                at: t0 + chrono::Duration::seconds(2),
+                reads: 3
+            })
+        );
+        // A newer copy installed over `a` keeps what was served and counts it.
+        let mut newer = session(2);
+        newer.id = a;
+        let t = cache.ticket(a).unwrap();
+        assert!(cache.fill(t, &newer, t0, None));
+        assert_eq!(cache.peek_reads(a), Some(3));
+        // `b` is invalidated, then the cache emptied: nothing served is lost.
+        cache.invalidate_version(b, 2);
+        cache.clear();
+        assert!(!is_hit(&cache, a) && !is_hit(&cache, b));
+        let served = served_of(&cache);
+        assert_eq!(served[&a].reads, 3);
+        assert_eq!(served[&a].at, t0 + chrono::Duration::seconds(2));
+        assert_eq!(served[&b].reads, 1);
+        assert!(served_of(&cache).is_empty(), "taken once");
+        assert_eq!(cache.served(a), None);
     }
 
     #[test]

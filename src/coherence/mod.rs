@@ -13,6 +13,7 @@
 
 pub(crate) mod announcer;
 pub(crate) mod cache;
+pub(crate) mod lease;
 pub(crate) mod listener;
 pub(crate) mod outbox;
 pub(crate) mod protocol;
@@ -180,6 +181,30 @@ impl Storage for Coherent {
 
     fn ticket(&self, id: Uuid) -> Option<FillTicket> {
         self.cache.ticket(id)
+    }
+
+    fn take_served(&self) -> Vec<Access> {
+        self.cache
+            .take_served()
+            .into_iter()
+            .map(|(id, s)| Access {
+                id,
+                at: s.at,
+                reads: s.reads,
+            })
+            .collect()
+    }
+
+    fn served_sessions(&self) -> Vec<Uuid> {
+        self.cache.served_sessions()
+    }
+
+    fn served(&self, id: Uuid) -> Option<Access> {
+        self.cache.served(id).map(|s| Access {
+            id,
+            at: s.at,
+            reads: s.reads,
+        })
     }
 
     fn fetch(&self, id: Uuid) -> Io<'_, Option<Record>> {

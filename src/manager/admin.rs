@@ -41,7 +41,8 @@ pub struct Stats {
     pub cache_trusted: bool,
     /// Total time the cache was distrusted (reads went to the database), including start-up.
     pub degraded_time: Duration,
-    /// Accesses recorded but not yet written.
+    /// Sessions with accesses not yet written (hits note theirs in the cache entry they
+    /// read; the flush collects them).
     pub pending_touches: usize,
     /// Accesses dropped because `max_pending_touches` was reached.
     pub touches_dropped: u64,
@@ -260,7 +261,13 @@ impl SessionManager {
             resync_evictions: f.resync_evictions,
             cache_trusted: inner.storage.trusted(),
             degraded_time: f.degraded_time,
-            pending_touches: inner.touches.len(),
+            pending_touches: inner.touches.len()
+                + inner
+                    .storage
+                    .served_sessions()
+                    .into_iter()
+                    .filter(|id| inner.touches.pending(*id).is_none())
+                    .count(),
             touches_dropped: inner.touches.dropped(),
             flushes: inner.touches.flushes.load(Ordering::Relaxed),
             flush_errors: inner.touches.flush_errors.load(Ordering::Relaxed),

@@ -567,8 +567,8 @@ impl SessionManager {
 impl Inner {
     /// A session served from memory at `now`, its read recorded.
     fn hand_out_hit(&self, record: Record, now: DateTime<Utc>) -> Session {
-        let pending = self.touches.record(record.id, now);
-        self.hand_out_read(record, now, pending)
+        // The cache noted the access, and counted it in the copy's reads.
+        self.hand_out_read(record, now, 0)
     }
 
     /// Whether legacy tokens open sessions at `now`: when configured to, or while sessions
@@ -605,7 +605,7 @@ impl Inner {
             self.storage.forget(id, None);
             return Ok(None);
         };
-        if let Some(pending) = self.touches.pending(id) {
+        if let Some(pending) = self.pending_access(id) {
             record.last_accessed_at = record.last_accessed_at.max(pending);
         }
         if self.policy.is_expired(&record, now) {
@@ -614,11 +614,14 @@ impl Inner {
             return Ok(None);
         }
         record.last_accessed_at = now;
-        let pending = self.touches.record(id, now);
+        // Cached with this node's unwritten reads (a copy it replaces adds those its hits
+        // noted), as hits on it count theirs.
+        record.reads += self.touches.record(id, now);
+        let served = self.storage.served(id).map_or(0, |s| s.reads);
         if let Some(ticket) = ticket {
             self.storage.keep(ticket, &record, now, tag);
         }
-        Ok(Some(self.hand_out_read(record, now, pending)))
+        Ok(Some(self.hand_out_read(record, now, served)))
     }
 
     /// The changes of `session` as one delta, validated (a value may have been checked
@@ -653,7 +656,7 @@ impl Inner {
             now,
             idle_cutoff: self.policy.idle_cutoff(now),
             // Not the session's own last access: a caller could have set it to anything.
-            pending_access: self.touches.pending(id),
+            pending_access: self.pending_access(id),
             set_expiry: session.changes.expiry.clone(),
             expect_version: None,
             max_size: self.config.max_session_size,

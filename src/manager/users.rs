@@ -248,7 +248,7 @@ impl Inner {
     /// The records not expired at `now`, counting this node's unflushed accesses.
     fn live(&self, records: Vec<Record>, now: DateTime<Utc>) -> impl Iterator<Item = Record> {
         records.into_iter().filter_map(move |mut r| {
-            if let Some(pending) = self.touches.pending(r.id) {
+            if let Some(pending) = self.pending_access(r.id) {
                 r.last_accessed_at = r.last_accessed_at.max(pending);
             }
             (!self.policy.is_expired(&r, now)).then_some(r)

@@ -42,7 +42,9 @@ pub(crate) trait Storage: Send + Sync + 'static {
     // answers `lookup` from memory and fills its cache with what a `fetch` found.
 
     /// The copy of `id` this node may hand out at `now` without I/O, counting nothing when
-    /// there is none: the hit path, tried before the caller looks further.
+    /// there is none: the hit path, tried before the caller looks further. A hit notes the
+    /// access (at `now`, one read) in the copy, whose `reads` count it: the caller hands it
+    /// out as is, and the last-access flush collects it with [`take_served`](Self::take_served).
     fn serve(
         &self,
         _id: Uuid,
@@ -65,6 +67,21 @@ pub(crate) trait Storage: Send + Sync + 'static {
         _min_version: i64,
     ) -> Lookup {
         Lookup::Miss(None)
+    }
+
+    /// The accesses hits noted since the last call, for the last-access flush to write.
+    fn take_served(&self) -> Vec<Access> {
+        Vec::new()
+    }
+
+    /// The sessions with accesses hits noted and not yet taken.
+    fn served_sessions(&self) -> Vec<Uuid> {
+        Vec::new()
+    }
+
+    /// The accesses hits noted for `id` and not yet taken.
+    fn served(&self, _id: Uuid) -> Option<Access> {
+        None
     }
 
     /// A ticket for caching what a read of `id` about to start will find.
