@@ -838,6 +838,19 @@ mod tests {
     }
 
     #[test]
+    fn a_session_pushed_out_for_room_keeps_its_served_accesses() {
+        let cache = Cache::new(1, None);
+        cache.trust(std::time::Duration::from_secs(3600));
+        let a = fill_new(&cache, 1);
+        assert!(is_hit(&cache, a));
+        let b = fill_new(&cache, 1);
+        assert!(!is_hit(&cache, a), "a cache of one holds only the newer");
+        assert!(is_hit(&cache, b));
+        let served = served_of(&cache);
+        assert_eq!((served[&a].reads, served[&b].reads), (1, 1));
+    }
+
+    #[test]
     fn a_cache_of_n_holds_exactly_n_however_the_sessions_hash() {
         for capacity in [1, 7, 100, 1000] {
             let cache = Cache::new(capacity, None);
