@@ -205,14 +205,18 @@ impl Shard {
         &mut self,
         id: Uuid,
         now: DateTime<Utc>,
+        lag: chrono::Duration,
         idle: Option<chrono::Duration>,
         proof: Proof<'_>,
         min_version: i64,
     ) -> Option<Record> {
         let entry = self.lru.get_mut(&id)?;
-        if now >= entry.stale_after
+        // The latest the time may be: `now` may lag it (see `Clock::coarse_now`).
+        let latest = now + lag;
+        if latest >= entry.stale_after
             || entry.session.version < min_version
-            || entry.session.is_expired(now, idle)
+            || entry.session.is_expired(latest, idle)
+            || (!lag.is_zero() && !entry.session.attribute_expiry.is_empty())
         {
             return None;
         }
@@ -354,7 +358,9 @@ impl Cache {
             shard.misses += 1;
             return Lookup::Miss(None);
         }
-        if let Some(session) = shard.serve(id, now, idle, proof, min_version) {
+        if let Some(session) =
+            shard.serve(id, now, chrono::Duration::zero(), idle, proof, min_version)
+        {
             return Lookup::Hit(session);
         }
         shard.misses += 1;
@@ -371,6 +377,7 @@ impl Cache {
         &self,
         id: Uuid,
         now: DateTime<Utc>,
+        lag: chrono::Duration,
         idle: Option<chrono::Duration>,
         proof: Proof<'_>,
         min_version: i64,
@@ -382,7 +389,7 @@ impl Cache {
         if !self.is_trusted() {
             return None;
         }
-        shard.serve(id, now, idle, proof, min_version)
+        shard.serve(id, now, lag, idle, proof, min_version)
     }
 
     /// A ticket for a read or write this node is about to send.
@@ -811,7 +818,11 @@ mod tests {
             };
             assert_eq!(r.reads, k + 1, "the copy counts this node's hits on it");
         }
-        assert!(cache.serve(b, t0, None, Proof::Any, 0).is_some());
+        assert!(
+            cache
+                .serve(b, t0, chrono::Duration::zero(), None, Proof::Any, 0)
+                .is_some()
+        );
         assert_eq!(
             cache.served(a),
             Some(Served {
@@ -835,6 +846,50 @@ mod tests {
         assert_eq!(served[&b].reads, 1);
         assert!(served_of(&cache).is_empty(), "taken once");
         assert_eq!(cache.served(a), None);
+    }
+
+    #[test]
+    fn a_hit_on_a_lagging_clock_decides_at_the_latest_time_it_may_be() {
+        let cache = trusted_cache();
+        let lag = chrono::Duration::milliseconds(4);
+        let now = Utc::now();
+        let mut s = session(1);
+        s.expires_at = now + chrono::Duration::milliseconds(3);
+        let t = ticket(&cache, s.id);
+        assert!(cache.fill(t, &s, now, None));
+        assert!(
+            cache.serve(s.id, now, lag, None, Proof::Any, 0).is_none(),
+            "it may have expired by now"
+        );
+        assert!(
+            cache
+                .serve(s.id, now, chrono::Duration::zero(), None, Proof::Any, 0)
+                .is_some(),
+            "the exact time says it has not"
+        );
+        // Idle expiry likewise.
+        let idle = Some(chrono::Duration::milliseconds(2));
+        let mut t2 = session(1);
+        t2.last_accessed_at = now;
+        let ticket2 = ticket(&cache, t2.id);
+        assert!(cache.fill(ticket2, &t2, now, None));
+        assert!(cache.serve(t2.id, now, lag, idle, Proof::Any, 0).is_none());
+        // Attributes that expire on their own are left to the exact path.
+        let mut e = session(1);
+        e.attribute_expiry
+            .make_mut()
+            .insert("otp".into(), now + chrono::Duration::hours(1));
+        let t3 = ticket(&cache, e.id);
+        assert!(cache.fill(t3, &e, now, None));
+        assert!(cache.serve(e.id, now, lag, None, Proof::Any, 0).is_none());
+        assert!(
+            cache
+                .serve(e.id, now, chrono::Duration::zero(), None, Proof::Any, 0)
+                .is_some()
+        );
+        // Far from any expiry, a lagging clock serves.
+        let far = fill_new(&cache, 1);
+        assert!(cache.serve(far, now, lag, None, Proof::Any, 0).is_some());
     }
 
     #[test]

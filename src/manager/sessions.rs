@@ -250,19 +250,25 @@ impl SessionManager {
         };
         let inner = self.open()?;
         let id = token.id().as_uuid();
-        let now = inner.clock.now();
-        let (ticket, tag, _timer) = {
+        // A hit reads the coarse clock and decides at the latest time it may be; what is not
+        // a hit reads the exact time.
+        let (coarse, lag) = inner.clock.coarse_now();
+        let (ticket, tag, now, _timer) = {
             let _entered = span.enter();
-            let check = inner.precheck(token, now);
+            let check = inner.precheck(token, coarse + lag);
             let proof = match &check {
                 Precheck::Refused => return Ok(inner.forged()),
                 Precheck::Accepted => Proof::Any,
                 Precheck::IfSigned(tag) => Proof::Tag(tag),
             };
             let idle = inner.policy.idle;
-            if let Some(record) = inner.storage.serve(id, now, idle, proof, min_version) {
-                return Ok(Some(inner.hand_out_hit(record, now)));
+            if let Some(record) = inner
+                .storage
+                .serve(id, coarse, lag, idle, proof, min_version)
+            {
+                return Ok(Some(inner.hand_out_hit(record, coarse)));
             }
+            let now = inner.clock.now();
             let timer = Timer::start("get");
             let (proof, tag) = match check {
                 Precheck::IfSigned(tag) if !token.signed_by(&inner.config.signing_keys, &tag) => {
@@ -273,7 +279,7 @@ impl SessionManager {
             };
             match inner.storage.lookup(id, now, idle, proof, min_version) {
                 Lookup::Hit(record) => return Ok(Some(inner.hand_out_hit(record, now))),
-                Lookup::Miss(ticket) => (ticket, tag, timer),
+                Lookup::Miss(ticket) => (ticket, tag, now, timer),
             }
         };
         // A read from the database: shutdown waits for it.

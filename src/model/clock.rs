@@ -54,6 +54,19 @@ impl Clock {
         }
     }
 
+    /// Now as the kernel's coarse clock reads it, and how far behind the true time that may
+    /// be (one scheduler tick; zero on a manual clock). Reading it costs a load from the vDSO
+    /// page instead of a timestamp-counter read and its conversion (about 35 ns here), so the
+    /// cache-hit path reads it and decides expiry at `now + lag`, the latest the time may be:
+    /// a session is never served past its expiry, and one within a tick of it is left to the
+    /// exact path.
+    pub(crate) fn coarse_now(&self) -> (DateTime<Utc>, chrono::Duration) {
+        match &self.0 {
+            None => coarse::now(),
+            Some(_) => (self.now(), chrono::Duration::zero()),
+        }
+    }
+
     /// Move a manual clock forward by `by`.
     ///
     /// # Panics
@@ -81,6 +94,39 @@ impl Clock {
     }
 }
 
+#[cfg(target_os = "linux")]
+mod coarse {
+    use chrono::{DateTime, Utc};
+    use rustix::time::{ClockId, clock_getres, clock_gettime};
+    use std::sync::OnceLock;
+
+    pub(super) fn now() -> (DateTime<Utc>, chrono::Duration) {
+        static LAG: OnceLock<chrono::Duration> = OnceLock::new();
+        let lag = *LAG.get_or_init(|| {
+            let res = clock_getres(ClockId::RealtimeCoarse);
+            // Plus the microsecond lost truncating the coarse reading.
+            chrono::Duration::seconds(res.tv_sec)
+                + chrono::Duration::nanoseconds(res.tv_nsec)
+                + chrono::Duration::microseconds(1)
+        });
+        let t = clock_gettime(ClockId::RealtimeCoarse);
+        let micros = u32::try_from(t.tv_nsec / 1000).unwrap_or(0);
+        match DateTime::from_timestamp(t.tv_sec, micros * 1000) {
+            Some(now) => (now, lag),
+            None => (super::Clock::system().now(), chrono::Duration::zero()),
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod coarse {
+    use chrono::{DateTime, Utc};
+
+    pub(super) fn now() -> (DateTime<Utc>, chrono::Duration) {
+        (super::Clock::system().now(), chrono::Duration::zero())
+    }
+}
+
 /// `t` truncated to microseconds.
 pub(crate) fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
@@ -103,5 +149,23 @@ mod tests {
         assert!(before <= now && now <= after, "{before} {now} {after}");
         assert_eq!(now.timestamp_subsec_nanos() % 1000, 0);
         assert_eq!(to_micros(now), now);
+    }
+
+    #[test]
+    fn the_coarse_clock_is_behind_the_true_time_by_at_most_its_lag() {
+        let clock = Clock::system();
+        for _ in 0..1000 {
+            let (coarse, lag) = clock.coarse_now();
+            let precise = clock.now();
+            assert!(lag <= chrono::Duration::milliseconds(11), "{lag}");
+            assert!(coarse <= precise, "{coarse} ahead of {precise}");
+            assert!(precise <= coarse + lag, "{precise} past {coarse} + {lag}");
+            assert_eq!(to_micros(coarse), coarse);
+        }
+        let manual = Clock::manual(Utc::now());
+        assert_eq!(
+            manual.coarse_now(),
+            (manual.now(), chrono::Duration::zero())
+        );
     }
 }

@@ -18,8 +18,8 @@
 use std::io::{self, Write};
 
 use serde::Serialize;
+use serde_json::Value;
 use serde_json::ser::{CharEscape, CompactFormatter, Formatter};
-use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
@@ -267,7 +267,7 @@ pub(crate) fn check(key: &str, value: &Value, max_size: usize) -> Result<()> {
 /// compact JSON text with a space after every `:` and `,`.
 ///
 /// [`Config::max_session_size`]: crate::Config::max_session_size
-pub(crate) fn stored_size(attributes: &Map<String, Value>) -> usize {
+pub(crate) fn stored_size(attributes: &impl Serialize) -> usize {
     let mut counter = Counter(0);
     let mut ser = serde_json::Serializer::with_formatter(&mut counter, Spaced);
     // Writing a map of values to a counter cannot fail.
@@ -333,6 +333,7 @@ fn plain_decimal(text: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Map;
     use serde_json::json;
 
     #[test]

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::model::attributes::Attributes;
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::model::ids::UserId;
@@ -23,7 +23,7 @@ pub(crate) struct Record {
     pub last_accessed_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     /// Shared between copies until one of them changes.
-    pub attributes: Arc<Map<String, Value>>,
+    pub attributes: Arc<Attributes>,
     /// When attributes expire on their own (keys absent here never do).
     pub attribute_expiry: Lean<BTreeMap<String, DateTime<Utc>>>,
     /// The tenant it belongs to, if any.
@@ -157,7 +157,7 @@ impl Record {
             updated_at: now,
             last_accessed_at: now,
             expires_at: now + chrono::Duration::hours(1),
-            attributes: Arc::new(Map::new()),
+            attributes: Arc::default(),
             attribute_expiry: Lean::default(),
             group_id: None,
             client: Lean::default(),

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::model::attributes::Attributes;
 use crate::model::clock::Clock;
 use crate::model::ids::{SessionId, UserId};
 use crate::model::record::Record;
@@ -34,6 +35,9 @@ pub struct Session {
     pub(crate) clock: Clock,
     /// The version the attributes were read at (before local changes).
     pub(crate) base_version: i64,
+    /// The attributes as a map, once [`attributes`](Self::attributes) asked for them; emptied
+    /// by every change.
+    pub(crate) map: std::sync::OnceLock<Map<String, Value>>,
 }
 
 /// Keys set or removed, and a new expiry, since the value was loaded or last saved.
@@ -159,6 +163,7 @@ impl Session {
         let key = key.into();
         let value = crate::model::json::encode(&key, value, self.max_attribute_size)?;
         Arc::make_mut(&mut self.record.attributes).insert(key.clone(), value);
+        self.map.take();
         self.record.forget_expiry(&key);
         self.changes.expiry.remove(&key);
         self.changes.keys.insert(key);
@@ -196,6 +201,7 @@ impl Session {
         self.changes.expiry.remove(key);
         self.record.forget_expiry(key);
         if self.record.attributes.contains_key(key) {
+            self.map.take();
             Arc::make_mut(&mut self.record.attributes).remove(key)
         } else {
             None
@@ -203,8 +209,17 @@ impl Session {
     }
 
     /// All attributes (without those that had expired when the value was read).
+    ///
+    /// Built on first call from the form a cached session keeps (see `docs/design.md`);
+    /// [`get`](Self::get) and [`attribute_entries`](Self::attribute_entries) need no map.
     pub fn attributes(&self) -> &Map<String, Value> {
-        &self.record.attributes
+        self.map.get_or_init(|| self.record.attributes.to_map())
+    }
+
+    /// Every attribute, in key order (without those that had expired when the value was
+    /// read), without building a map.
+    pub fn attribute_entries(&self) -> impl ExactSizeIterator<Item = (&str, &Value)> {
+        self.record.attributes.iter()
     }
 
     /// Move the absolute expiry (earlier or later); persisted by the next `update_session`.
@@ -253,6 +268,7 @@ impl Session {
             fresh.record.expires_at = at;
         }
         fresh.changes = self.changes.clone();
+        fresh.map.take();
         fresh
     }
 
@@ -273,22 +289,23 @@ impl Session {
             max_attribute_size,
             idle_timeout,
             clock,
+            map: std::sync::OnceLock::new(),
         }
     }
 }
 
-/// Validate every attribute of a new session and build the map; rejects before any SQL runs.
+/// Validate every attribute of a new session and build them; rejects before any SQL runs.
 pub(crate) fn build_attributes<K: Into<String>, V: Serialize>(
     attributes: impl IntoIterator<Item = (K, V)>,
     max_size: usize,
-) -> Result<Map<String, Value>> {
-    let mut map = Map::new();
+) -> Result<Attributes> {
+    let mut pairs = Vec::new();
     for (key, value) in attributes {
         let key = key.into();
         let value = crate::model::json::encode(&key, value, max_size)?;
-        map.insert(key, value);
+        pairs.push((key, value));
     }
-    Ok(map)
+    Ok(pairs.into_iter().collect())
 }
 
 /// `expires_at` as stored (to the microsecond), or [`Error::InvalidExpiry`] outside the years

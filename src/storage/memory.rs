@@ -320,9 +320,11 @@ fn stored(row: &Record, d: &Delta<'_>) -> Stored {
     } else {
         let mut merged = (*row.attributes).clone();
         for key in &d.removed {
-            merged.remove(*key);
+            merged.remove(key);
         }
-        merged.extend(d.set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for (k, v) in &d.set {
+            merged.insert(k.clone(), v.clone());
+        }
         (stored_size(&merged), stored_size(&row.attributes))
     };
     Stored {
@@ -338,7 +340,7 @@ fn stored(row: &Record, d: &Delta<'_>) -> Stored {
 fn apply(row: &mut Record, d: &Delta<'_>) {
     let attributes = Arc::make_mut(&mut row.attributes);
     for key in &d.removed {
-        attributes.remove(*key);
+        attributes.remove(key);
     }
     for (key, value) in &d.set {
         attributes.insert(key.clone(), value.clone());

@@ -25,6 +25,7 @@ use crate::coherence::Figures;
 use crate::coherence::cache::{FillTicket, Lookup, Proof, Tag};
 use crate::error::Result;
 use crate::manager::Status;
+use crate::model::attributes::Attributes;
 use crate::model::expiry::ExpiryPolicy;
 use crate::model::ids::UserId;
 use crate::model::record::{Client, Lean, Record};
@@ -42,13 +43,16 @@ pub(crate) trait Storage: Send + Sync + 'static {
     // answers `lookup` from memory and fills its cache with what a `fetch` found.
 
     /// The copy of `id` this node may hand out at `now` without I/O, counting nothing when
-    /// there is none: the hit path, tried before the caller looks further. A hit notes the
+    /// there is none: the hit path, tried before the caller looks further. `now` may be up to
+    /// `lag` behind the true time (a coarse clock): expiry is decided at `now + lag`, and a copy
+    /// whose attributes expire on their own is left to `lookup`. A hit notes the
     /// access (at `now`, one read) in the copy, whose `reads` count it: the caller hands it
     /// out as is, and the last-access flush collects it with [`take_served`](Self::take_served).
     fn serve(
         &self,
         _id: Uuid,
         _now: DateTime<Utc>,
+        _lag: chrono::Duration,
         _idle: Option<chrono::Duration>,
         _proof: Proof<'_>,
         _min_version: i64,
@@ -239,7 +243,7 @@ pub(crate) struct NewSession<'a> {
     pub id: Uuid,
     /// `None` before login (never capped).
     pub user_id: Option<&'a UserId>,
-    pub attributes: &'a Map<String, Value>,
+    pub attributes: &'a Attributes,
     pub now: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     /// The user's sessions idle before this do not count against the cap.

@@ -129,10 +129,10 @@ fn store_error(error: Error) -> session_store::Error {
 /// Make `session`'s attributes and expiry those of `record` (changed keys only).
 fn apply(session: &mut Session, record: &Record, expires_at: DateTime<Utc>) -> Result<(), Error> {
     let gone: Vec<String> = session
-        .attributes()
-        .keys()
+        .attribute_entries()
+        .map(|(key, _)| key)
         .filter(|key| !record.data.contains_key(*key))
-        .cloned()
+        .map(str::to_owned)
         .collect();
     for key in gone {
         session.remove(&key);
@@ -209,9 +209,8 @@ impl SessionStore for PgSessionStore {
         Ok(Some(Record {
             id: *id,
             data: session
-                .attributes()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .attribute_entries()
+                .map(|(k, v)| (k.to_owned(), v.clone()))
                 .collect(),
             expiry_date: to_offset(session.expires_at())?,
         }))

@@ -10,13 +10,14 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::error::Result;
+use crate::model::attributes::Attributes;
 use crate::model::ids::UserId;
 use crate::model::record::{Client, Lean, Record};
 use crate::storage::AttributeExpiry;
 
 /// A whole session row (the columns of `{{cols}}`).
 pub(super) fn record(row: &PgRow) -> Result<Record> {
-    let Json(attributes): Json<Map<String, Value>> = row.try_get("attributes")?;
+    let Json(attributes): Json<Attributes> = row.try_get("attributes")?;
     let Json(expiry): Json<Map<String, Value>> = row.try_get("attribute_expiry")?;
     let mut record = without_attributes(row, row.try_get("id")?)?;
     record.attributes = Arc::new(attributes);
@@ -28,7 +29,7 @@ pub(super) fn record(row: &PgRow) -> Result<Record> {
 /// expiry) back only when someone else wrote since the caller read them; otherwise they are
 /// `base`'s, the caller's copy with its own changes applied.
 pub(super) fn written(row: &PgRow, id: Uuid, base: &Record) -> Result<Record> {
-    let attributes: Option<Json<Map<String, Value>>> = row.try_get("attributes")?;
+    let attributes: Option<Json<Attributes>> = row.try_get("attributes")?;
     let expiry: Option<Json<Map<String, Value>>> = row.try_get("attribute_expiry")?;
     let mut record = without_attributes(row, id)?;
     match attributes {

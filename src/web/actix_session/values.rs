@@ -45,9 +45,8 @@ pub(super) fn wrapped_text(value: &Value) -> Option<&str> {
 /// Every attribute of `session` as its text.
 pub(super) fn texts(session: &Session) -> HashMap<String, String> {
     session
-        .attributes()
-        .iter()
-        .map(|(name, value)| (name.clone(), text_of(value)))
+        .attribute_entries()
+        .map(|(name, value)| (name.to_owned(), text_of(value)))
         .collect()
 }
 
