@@ -205,18 +205,17 @@ impl Shard {
         &mut self,
         id: Uuid,
         now: DateTime<Utc>,
-        lag: chrono::Duration,
+        latest: DateTime<Utc>,
         idle: Option<chrono::Duration>,
         proof: Proof<'_>,
         min_version: i64,
     ) -> Option<Record> {
         let entry = self.lru.get_mut(&id)?;
-        // The latest the time may be: `now` may lag it (see `Clock::coarse_now`).
-        let latest = now + lag;
+        // `now` may lag the true time, which is at most `latest` (see `Clock::coarse_now`).
         if latest >= entry.stale_after
             || entry.session.version < min_version
             || entry.session.is_expired(latest, idle)
-            || (!lag.is_zero() && !entry.session.attribute_expiry.is_empty())
+            || (latest != now && !entry.session.attribute_expiry.is_empty())
         {
             return None;
         }
@@ -358,9 +357,7 @@ impl Cache {
             shard.misses += 1;
             return Lookup::Miss(None);
         }
-        if let Some(session) =
-            shard.serve(id, now, chrono::Duration::zero(), idle, proof, min_version)
-        {
+        if let Some(session) = shard.serve(id, now, now, idle, proof, min_version) {
             return Lookup::Hit(session);
         }
         shard.misses += 1;
@@ -377,7 +374,7 @@ impl Cache {
         &self,
         id: Uuid,
         now: DateTime<Utc>,
-        lag: chrono::Duration,
+        latest: DateTime<Utc>,
         idle: Option<chrono::Duration>,
         proof: Proof<'_>,
         min_version: i64,
@@ -389,7 +386,7 @@ impl Cache {
         if !self.is_trusted() {
             return None;
         }
-        shard.serve(id, now, lag, idle, proof, min_version)
+        shard.serve(id, now, latest, idle, proof, min_version)
     }
 
     /// A ticket for a read or write this node is about to send.
@@ -818,11 +815,7 @@ mod tests {
             };
             assert_eq!(r.reads, k + 1, "the copy counts this node's hits on it");
         }
-        assert!(
-            cache
-                .serve(b, t0, chrono::Duration::zero(), None, Proof::Any, 0)
-                .is_some()
-        );
+        assert!(cache.serve(b, t0, t0, None, Proof::Any, 0).is_some());
         assert_eq!(
             cache.served(a),
             Some(Served {
@@ -858,13 +851,13 @@ mod tests {
         let t = ticket(&cache, s.id);
         assert!(cache.fill(t, &s, now, None));
         assert!(
-            cache.serve(s.id, now, lag, None, Proof::Any, 0).is_none(),
+            cache
+                .serve(s.id, now, now + lag, None, Proof::Any, 0)
+                .is_none(),
             "it may have expired by now"
         );
         assert!(
-            cache
-                .serve(s.id, now, chrono::Duration::zero(), None, Proof::Any, 0)
-                .is_some(),
+            cache.serve(s.id, now, now, None, Proof::Any, 0).is_some(),
             "the exact time says it has not"
         );
         // Idle expiry likewise.
@@ -873,7 +866,11 @@ mod tests {
         t2.last_accessed_at = now;
         let ticket2 = ticket(&cache, t2.id);
         assert!(cache.fill(ticket2, &t2, now, None));
-        assert!(cache.serve(t2.id, now, lag, idle, Proof::Any, 0).is_none());
+        assert!(
+            cache
+                .serve(t2.id, now, now + lag, idle, Proof::Any, 0)
+                .is_none()
+        );
         // Attributes that expire on their own are left to the exact path.
         let mut e = session(1);
         e.attribute_expiry
@@ -881,15 +878,19 @@ mod tests {
             .insert("otp".into(), now + chrono::Duration::hours(1));
         let t3 = ticket(&cache, e.id);
         assert!(cache.fill(t3, &e, now, None));
-        assert!(cache.serve(e.id, now, lag, None, Proof::Any, 0).is_none());
         assert!(
             cache
-                .serve(e.id, now, chrono::Duration::zero(), None, Proof::Any, 0)
-                .is_some()
+                .serve(e.id, now, now + lag, None, Proof::Any, 0)
+                .is_none()
         );
+        assert!(cache.serve(e.id, now, now, None, Proof::Any, 0).is_some());
         // Far from any expiry, a lagging clock serves.
         let far = fill_new(&cache, 1);
-        assert!(cache.serve(far, now, lag, None, Proof::Any, 0).is_some());
+        assert!(
+            cache
+                .serve(far, now, now + lag, None, Proof::Any, 0)
+                .is_some()
+        );
     }
 
     #[test]

@@ -161,12 +161,12 @@ impl Storage for Coherent {
         &self,
         id: Uuid,
         now: DateTime<Utc>,
-        lag: chrono::Duration,
+        latest: DateTime<Utc>,
         idle: Option<chrono::Duration>,
         proof: Proof<'_>,
         min_version: i64,
     ) -> Option<Record> {
-        self.cache.serve(id, now, lag, idle, proof, min_version)
+        self.cache.serve(id, now, latest, idle, proof, min_version)
     }
 
     fn lookup(

@@ -252,10 +252,10 @@ impl SessionManager {
         let id = token.id().as_uuid();
         // A hit reads the coarse clock and decides at the latest time it may be; what is not
         // a hit reads the exact time.
-        let (coarse, lag) = inner.clock.coarse_now();
+        let (coarse, latest) = inner.clock.coarse_now();
         let (ticket, tag, now, _timer) = {
             let _entered = span.enter();
-            let check = inner.precheck(token, coarse + lag);
+            let check = inner.precheck(token, latest);
             let proof = match &check {
                 Precheck::Refused => return Ok(inner.forged()),
                 Precheck::Accepted => Proof::Any,
@@ -264,7 +264,7 @@ impl SessionManager {
             let idle = inner.policy.idle;
             if let Some(record) = inner
                 .storage
-                .serve(id, coarse, lag, idle, proof, min_version)
+                .serve(id, coarse, latest, idle, proof, min_version)
             {
                 return Ok(Some(inner.hand_out_hit(record, coarse)));
             }

@@ -42,16 +42,41 @@ pub struct Session {
 
 /// Keys set or removed, and a new expiry, since the value was loaded or last saved.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Changes {
+pub(crate) struct ChangeSet {
     pub keys: BTreeSet<String>,
     pub expires_at: Option<DateTime<Utc>>,
     /// Of the set keys, those that expire on their own, and when.
     pub expiry: BTreeMap<String, DateTime<Utc>>,
 }
 
-impl Changes {
+impl ChangeSet {
     pub(crate) fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.expires_at.is_none()
+    }
+}
+
+/// A [`ChangeSet`] allocated on the first change: most sessions handed out are only read,
+/// and a smaller `Session` is cheaper to hand out.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Changes(Option<Box<ChangeSet>>);
+
+impl Changes {
+    /// The changes, to make more.
+    pub(crate) fn edit(&mut self) -> &mut ChangeSet {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+impl std::ops::Deref for Changes {
+    type Target = ChangeSet;
+
+    fn deref(&self) -> &ChangeSet {
+        static NONE: ChangeSet = ChangeSet {
+            keys: BTreeSet::new(),
+            expires_at: None,
+            expiry: BTreeMap::new(),
+        };
+        self.0.as_deref().unwrap_or(&NONE)
     }
 }
 
@@ -165,8 +190,8 @@ impl Session {
         Arc::make_mut(&mut self.record.attributes).insert(key.clone(), value);
         self.map.take();
         self.record.forget_expiry(&key);
-        self.changes.expiry.remove(&key);
-        self.changes.keys.insert(key);
+        self.changes.edit().expiry.remove(&key);
+        self.changes.edit().keys.insert(key);
         Ok(())
     }
 
@@ -188,7 +213,7 @@ impl Session {
             .attribute_expiry
             .make_mut()
             .insert(key.clone(), expires_at);
-        self.changes.expiry.insert(key, expires_at);
+        self.changes.edit().expiry.insert(key, expires_at);
         Ok(())
     }
 
@@ -197,8 +222,8 @@ impl Session {
     /// may have set it). A key PostgreSQL cannot store (containing `\u0000`) makes that
     /// `update_session` fail with [`Error::InvalidAttribute`].
     pub fn remove(&mut self, key: &str) -> Option<Value> {
-        self.changes.keys.insert(key.to_owned());
-        self.changes.expiry.remove(key);
+        self.changes.edit().keys.insert(key.to_owned());
+        self.changes.edit().expiry.remove(key);
         self.record.forget_expiry(key);
         if self.record.attributes.contains_key(key) {
             self.map.take();
@@ -230,7 +255,7 @@ impl Session {
     pub fn set_expires_at(&mut self, expires_at: DateTime<Utc>) -> Result<()> {
         let expires_at = storable_expiry(expires_at)?;
         self.record.expires_at = expires_at;
-        self.changes.expires_at = Some(expires_at);
+        self.changes.edit().expires_at = Some(expires_at);
         Ok(())
     }
 

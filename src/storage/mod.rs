@@ -43,16 +43,16 @@ pub(crate) trait Storage: Send + Sync + 'static {
     // answers `lookup` from memory and fills its cache with what a `fetch` found.
 
     /// The copy of `id` this node may hand out at `now` without I/O, counting nothing when
-    /// there is none: the hit path, tried before the caller looks further. `now` may be up to
-    /// `lag` behind the true time (a coarse clock): expiry is decided at `now + lag`, and a copy
-    /// whose attributes expire on their own is left to `lookup`. A hit notes the
+    /// there is none: the hit path, tried before the caller looks further. `now` may be behind
+    /// the true time, up to `latest` (a coarse clock): expiry is decided at `latest`, and when
+    /// they differ a copy whose attributes expire on their own is left to `lookup`. A hit notes the
     /// access (at `now`, one read) in the copy, whose `reads` count it: the caller hands it
     /// out as is, and the last-access flush collects it with [`take_served`](Self::take_served).
     fn serve(
         &self,
         _id: Uuid,
         _now: DateTime<Utc>,
-        _lag: chrono::Duration,
+        _latest: DateTime<Utc>,
         _idle: Option<chrono::Duration>,
         _proof: Proof<'_>,
         _min_version: i64,
