@@ -93,6 +93,21 @@ impl Touches {
         self.add(id, at, 0);
     }
 
+    /// Accesses handed over by the cache: never dropped (see `flush_all`).
+    fn merge(&self, id: Uuid, at: DateTime<Utc>, reads: i64) {
+        let mut shard = self.lock(self.picker.pick(&id));
+        match shard.get_mut(&id) {
+            Some(t) => {
+                t.at = t.at.max(at);
+                t.reads += reads;
+            }
+            None => {
+                shard.insert(id, Recorded { at, reads });
+                self.len.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn add(&self, id: Uuid, at: DateTime<Utc>, reads: i64) -> i64 {
         let mut shard = self.lock(self.picker.pick(&id));
         if let Some(t) = shard.get_mut(&id) {
@@ -186,10 +201,10 @@ impl Touches {
 
     async fn flush_all(&self, store: &dyn Storage, batch: usize) -> Result<u64> {
         let _one_at_a_time = self.flushing.lock().await;
-        // Hits note their accesses in the cache; from here on they stay until written.
-        for served in store.take_served() {
-            self.add(served.id, served.at, served.reads);
-        }
+        // Hits note their accesses in the cache; from here on they stay until written. Taken
+        // whatever `max` says: they were held in memory already, and dropping them would let
+        // a session in use idle-expire.
+        store.take_served(&mut |served| self.merge(served.id, served.at, served.reads));
         let items = self.snapshot();
         let mut written = 0;
         for chunk in items.chunks(batch) {

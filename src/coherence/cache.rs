@@ -177,14 +177,16 @@ impl Shard {
         }
     }
 
-    /// Every served access not yet handed over, into `out`.
-    fn take_served(&mut self, out: &mut Vec<(Uuid, Served)>) {
+    /// Hand every served access not yet handed over to `into`.
+    fn take_served(&mut self, into: &mut dyn FnMut(Uuid, Served)) {
         for id in std::mem::take(&mut self.served) {
             if let Some(served) = self.lru.peek_mut(&id).and_then(|e| e.served.take()) {
-                out.push((id, served));
+                into(id, served);
             }
         }
-        out.extend(self.served_elsewhere.drain());
+        for (id, served) in self.served_elsewhere.drain() {
+            into(id, served);
+        }
     }
 
     /// This node has seen (handed out, or learnt the deletion of, with `i64::MAX`) version
@@ -689,12 +691,13 @@ impl Cache {
 
     /// Hand over every access served from the cache since the last call: to be written by
     /// the last-access flush.
-    pub(crate) fn take_served(&self) -> Vec<(Uuid, Served)> {
-        let mut out = Vec::new();
+    ///
+    /// `into` runs under each shard's lock, so that an access is always in one place or the
+    /// other for a reader that looks here first and there second.
+    pub(crate) fn take_served(&self, into: &mut dyn FnMut(Uuid, Served)) {
         for i in 0..self.shards.len() {
-            self.lock(i).take_served(&mut out);
+            self.lock(i).take_served(into);
         }
-        out
     }
 
     #[cfg(test)]
@@ -795,7 +798,8 @@ mod tests {
     }
 
     fn served_of(cache: &Cache) -> HashMap<Uuid, Served> {
-        let taken = cache.take_served();
+        let mut taken = Vec::new();
+        cache.take_served(&mut |id, s| taken.push((id, s)));
         let n = taken.len();
         let map: HashMap<Uuid, Served> = taken.into_iter().collect();
         assert_eq!(map.len(), n, "each session handed over once");

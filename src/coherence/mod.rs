@@ -184,16 +184,14 @@ impl Storage for Coherent {
         self.cache.ticket(id)
     }
 
-    fn take_served(&self) -> Vec<Access> {
-        self.cache
-            .take_served()
-            .into_iter()
-            .map(|(id, s)| Access {
+    fn take_served(&self, into: &mut dyn FnMut(Access)) {
+        self.cache.take_served(&mut |id, s| {
+            into(Access {
                 id,
                 at: s.at,
                 reads: s.reads,
             })
-            .collect()
+        });
     }
 
     fn served_sessions(&self) -> Vec<Uuid> {

@@ -176,16 +176,18 @@ impl Inner {
     /// A stored session handed to a caller: with the reads this node has not flushed, without
     /// the attributes expired at `now`.
     fn hand_out(&self, record: Record, now: DateTime<Utc>) -> Session {
-        let pending = self.touches.pending_reads(record.id)
-            + self.storage.served(record.id).map_or(0, |s| s.reads);
+        // The cache first: the flush moves accesses from there to the buffer, never back.
+        let served = self.storage.served(record.id).map_or(0, |s| s.reads);
+        let pending = served + self.touches.pending_reads(record.id);
         self.hand_out_read(record, now, pending)
     }
 
     /// The latest access of `id` this node has not written yet: recorded for the flush, or
     /// noted by cache hits.
     fn pending_access(&self, id: uuid::Uuid) -> Option<DateTime<Utc>> {
-        let recorded = self.touches.pending(id);
+        // The cache first: the flush moves accesses from there to the buffer, never back.
         let served = self.storage.served(id).map(|s| s.at);
+        let recorded = self.touches.pending(id);
         recorded.max(served)
     }
 

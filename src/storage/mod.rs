@@ -73,10 +73,11 @@ pub(crate) trait Storage: Send + Sync + 'static {
         Lookup::Miss(None)
     }
 
-    /// The accesses hits noted since the last call, for the last-access flush to write.
-    fn take_served(&self) -> Vec<Access> {
-        Vec::new()
-    }
+    /// Hand the accesses hits noted since the last call to `into`, for the last-access flush
+    /// to write. `into` runs while the access is still held (under the cache's lock), so a
+    /// reader that asks [`served`](Self::served) first and the access buffer second always
+    /// finds it in one of the two.
+    fn take_served(&self, _into: &mut dyn FnMut(Access)) {}
 
     /// The sessions with accesses hits noted and not yet taken.
     fn served_sessions(&self) -> Vec<Uuid> {
