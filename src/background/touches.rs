@@ -85,30 +85,17 @@ impl Touches {
     /// Record a read at `at` (merged with any pending access to the same session); the reads
     /// now pending for it, this one included (0 when the buffer is full).
     pub(crate) fn record(&self, id: Uuid, at: DateTime<Utc>) -> i64 {
-        self.add(id, at, 1)
+        self.add(id, at, 1, true)
     }
 
     /// Record an access at `at` that is not a read (`touch_session`).
     pub(crate) fn keep_alive(&self, id: Uuid, at: DateTime<Utc>) {
-        self.add(id, at, 0);
+        self.add(id, at, 0, true);
     }
 
-    /// Accesses handed over by the cache: never dropped (see `flush_all`).
-    fn merge(&self, id: Uuid, at: DateTime<Utc>, reads: i64) {
-        let mut shard = self.lock(self.picker.pick(&id));
-        match shard.get_mut(&id) {
-            Some(t) => {
-                t.at = t.at.max(at);
-                t.reads += reads;
-            }
-            None => {
-                shard.insert(id, Recorded { at, reads });
-                self.len.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn add(&self, id: Uuid, at: DateTime<Utc>, reads: i64) -> i64 {
+    /// Merge an access into the buffer; the reads now pending for it. A new entry past `max`
+    /// is dropped (0) when `bounded`; accesses the cache hands over are not (see `flush_all`).
+    fn add(&self, id: Uuid, at: DateTime<Utc>, reads: i64, bounded: bool) -> i64 {
         let mut shard = self.lock(self.picker.pick(&id));
         if let Some(t) = shard.get_mut(&id) {
             if t.at < at {
@@ -118,13 +105,14 @@ impl Touches {
             return t.reads;
         }
         let before = self.len.fetch_add(1, Ordering::Relaxed);
-        if before >= self.max {
+        if bounded && before >= self.max {
             self.len.fetch_sub(1, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return 0;
         }
         shard.insert(id, Recorded { at, reads });
-        if before + 1 == self.flush_at {
+        // A hand-over comes from the flush itself, which needs no waking.
+        if bounded && before + 1 == self.flush_at {
             self.wake.notify_one();
         }
         reads
@@ -204,7 +192,9 @@ impl Touches {
         // Hits note their accesses in the cache; from here on they stay until written. Taken
         // whatever `max` says: they were held in memory already, and dropping them would let
         // a session in use idle-expire.
-        store.take_served(&mut |served| self.merge(served.id, served.at, served.reads));
+        store.take_served(&mut |served| {
+            self.add(served.id, served.at, served.reads, false);
+        });
         let items = self.snapshot();
         let mut written = 0;
         for chunk in items.chunks(batch) {

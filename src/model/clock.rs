@@ -55,10 +55,10 @@ impl Clock {
     }
 
     /// Now as the kernel's coarse clock reads it, and the latest the true time may be (five
-    /// scheduler ticks later, 20 ms here; the same on a manual clock). Reading it costs a load from the
-    /// vDSO page instead of a timestamp-counter read and its conversion (about 35 ns here),
-    /// so the cache-hit path reads it and decides expiry at the latest time: a session is
-    /// never served past its expiry, and one within a tick of it is left to the exact path.
+    /// scheduler ticks later, 20 ms here; the same on a manual clock). Reading it costs a load
+    /// from the vDSO page instead of a timestamp-counter read and its conversion (about 35 ns
+    /// here), so the cache-hit path reads it and decides expiry at the latest time: a session
+    /// is never served past its expiry, and one within the margin of it takes the exact path.
     pub(crate) fn coarse_now(&self) -> (DateTime<Utc>, DateTime<Utc>) {
         match &self.0 {
             None => coarse::now(),
